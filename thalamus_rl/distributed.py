@@ -1,0 +1,367 @@
+"""DistributedMamba: parallel Mamba-2 streams with their own time scales competing for a workspace.
+
+Each feedback iteration ``i`` runs every stream over the whole sequence (a parallel scan),
+lets the streams' votes compete by softmax, and writes the workspace ``w^(i)``. Iteration
+``i + 1`` reads ``w^(i)_{t-1}`` (fed back into every stream) and a fatigue that is an EMA of
+``α^(i)`` up to ``t - 1``. Nothing flows nonlinearly from ``t - 1`` to ``t`` within one
+iteration (DESIGN.md rule 3), so the sequence pass and the step pass compute the same
+function, and with ``I`` iterations information crosses streams ``I - 1`` times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from thalamus_rl.mamba2 import Mamba2Block, Mamba2State, RMSNormGated
+from thalamus_rl.ssd import ssd_scan_chunked
+from thalamus_rl.state import ThalamusState
+
+__all__ = ["StreamConfig", "MambaStream", "DistributedMamba", "default_streams"]
+
+
+@dataclass
+class StreamConfig:
+    """One named stream: a stack of Mamba-2 blocks with its own time scale.
+
+    The state half-life of a head is ``ln 2 / (dt * A)`` steps, so ``dt_min/dt_max`` and
+    ``A_init_min/A_init_max`` set the range of time scales at initialisation.
+    """
+
+    name: str = "visual"
+    n_layers: int = 1
+    d_state: int = 16
+    expand: int = 2
+    headdim: int = 32
+    d_conv: int = 4
+    dt_min: float = 0.1
+    dt_max: float = 0.5
+    A_init_min: float = 1.0
+    A_init_max: float = 2.0
+
+
+def default_streams() -> list[StreamConfig]:
+    """A fast visual stream (half-lives ~1-7 steps) and a slow semantic one (~14-280 steps)."""
+    return [
+        StreamConfig(name="visual", dt_min=0.1, dt_max=0.5, A_init_min=1.0, A_init_max=2.0),
+        StreamConfig(name="semantic", dt_min=0.005, dt_max=0.05, A_init_min=0.5, A_init_max=1.0),
+    ]
+
+
+class MambaStream(nn.Module):
+    """Pre-norm residual stack of :class:`Mamba2Block` s: ``h <- h + block(norm(h))``.
+
+    :param d_model: stream width.
+    :param config: the stream's sizes and time scale.
+    """
+
+    def __init__(
+        self, d_model: int, config: StreamConfig, chunk_size: int = 64, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        if config.n_layers < 1:
+            raise ValueError(
+                f"stream {config.name!r}: n_layers must be >= 1, got {config.n_layers}"
+            )
+        self.name = config.name
+        self.norms = nn.ModuleList(RMSNormGated(d_model) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            Mamba2Block(
+                d_model,
+                d_state=config.d_state,
+                d_conv=config.d_conv,
+                expand=config.expand,
+                headdim=config.headdim,
+                A_init_range=(config.A_init_min, config.A_init_max),
+                dt_min=config.dt_min,
+                dt_max=config.dt_max,
+                chunk_size=chunk_size,
+                backend=backend,
+            )
+            for _ in range(config.n_layers)
+        )
+        self.norm_out = RMSNormGated(d_model)
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[Mamba2State, ...]:
+        return tuple(b.initial_state(batch_size, device, dtype) for b in self.blocks)
+
+    def half_lives(self) -> Tensor:
+        """Half-lives in steps of every head of every layer at the current parameters."""
+        return torch.cat([b.half_lives() for b in self.blocks])
+
+    def forward(
+        self, x: Tensor, state: tuple[Mamba2State, ...], episode_starts: Tensor | None
+    ) -> tuple[Tensor, tuple[Mamba2State, ...]]:
+        """:param x: ``[B, T, d]``. :return: ``[B, T, d]`` and the new per-layer states."""
+        new_state = []
+        for norm, block, s in zip(self.norms, self.blocks, state, strict=True):
+            y, s = block(norm(x), s, episode_starts)
+            x = x + y
+            new_state.append(s)
+        return self.norm_out(x), tuple(new_state)
+
+    def step(
+        self, x: Tensor, state: tuple[Mamba2State, ...], episode_starts: Tensor | None
+    ) -> tuple[Tensor, tuple[Mamba2State, ...]]:
+        """:param x: ``[B, d]``. :return: ``[B, d]`` and the new per-layer states."""
+        new_state = []
+        for norm, block, s in zip(self.norms, self.blocks, state, strict=True):
+            y, s = block.step(norm(x), s, episode_starts)
+            x = x + y
+            new_state.append(s)
+        return self.norm_out(x), tuple(new_state)
+
+
+class DistributedMamba(nn.Module):
+    """Named Mamba-2 streams competing for a global workspace, with workspace feedback.
+
+    Per iteration ``i`` and step ``t``::
+
+        u_m   = x_m + F_m w^(i-1)_{t-1}                   (no feedback term when i = 1)
+        v_m   = V_m stream_m(u_m)                          votes, [d_workspace]
+        α     = softmax((score(v_m) - fatigue_m) / τ)      τ = τ_min + softplus(ρ), learnable
+        w^(i) = LayerNorm(Σ_m α_m v_m)
+        fatigue^(i+1)_t = β fatigue^(i+1)_{t-1} + (1 - β) α^(i)_{t-1}
+
+    :param d_model: width of each stream's input and of the streams.
+    :param streams: stream configs (names must be unique).
+    :param d_workspace: workspace width (the output features).
+    :param n_iterations: feedback iterations ``I`` (1 = no feedback, no fatigue).
+    :param fatigue_decay: EMA factor ``β`` of the fatigue, in [0, 1).
+    :param min_temperature: lower bound of τ (keeps the softmax away from argmax).
+
+    >>> dm = DistributedMamba(d_model=16, streams=default_streams(), d_workspace=8)
+    >>> w, alpha, state = dm(torch.randn(2, 5, 2, 16))
+    >>> w.shape, alpha.shape
+    (torch.Size([2, 5, 8]), torch.Size([2, 5, 2]))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        streams: list[StreamConfig] | None = None,
+        d_workspace: int = 64,
+        n_iterations: int = 2,
+        fatigue_decay: float = 0.9,
+        min_temperature: float = 0.05,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        streams = list(streams) if streams is not None else default_streams()
+        if not streams:
+            raise ValueError("DistributedMamba needs at least one stream")
+        names = [s.name for s in streams]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stream names must be unique, got {names}")
+        if n_iterations < 1:
+            raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+        if not 0.0 <= fatigue_decay < 1.0:
+            raise ValueError(f"fatigue_decay must be in [0, 1), got {fatigue_decay}")
+        if min_temperature <= 0:
+            raise ValueError(f"min_temperature must be > 0, got {min_temperature}")
+        self.d_model = d_model
+        self.d_workspace = d_workspace
+        self.n_iterations = n_iterations
+        self.n_streams = len(streams)
+        self.stream_names = tuple(names)
+        self.fatigue_decay = fatigue_decay
+        self.min_temperature = min_temperature
+        self.streams = nn.ModuleList(MambaStream(d_model, s, chunk_size, backend) for s in streams)
+        # Votes: each stream projects its output into the workspace.
+        self.vote = nn.ModuleList(nn.Linear(d_model, d_workspace) for _ in streams)
+        self.score = nn.Linear(d_workspace, 1)
+        # Workspace feedback into each stream (iterations >= 2); small init so that the
+        # feedback starts as a perturbation of the feed-forward streams.
+        self.feedback = nn.ModuleList(nn.Linear(d_workspace, d_model, bias=False) for _ in streams)
+        for lin in self.feedback:
+            nn.init.normal_(lin.weight, std=0.1 / math.sqrt(d_workspace))
+        # τ = min_temperature + softplus(ρ), initialised to τ = 1.
+        self.temperature_raw = nn.Parameter(
+            torch.tensor(math.log(math.expm1(1.0 - min_temperature)))
+        )
+        self.norm = nn.LayerNorm(d_workspace)
+
+    @property
+    def temperature(self) -> Tensor:
+        """The competition temperature τ (scalar, > min_temperature)."""
+        return self.min_temperature + F.softplus(self.temperature_raw)
+
+    def half_lives(self) -> dict[str, Tensor]:
+        """Per stream, the state half-lives (steps) of all its heads at the current parameters."""
+        return {s.name: s.half_lives() for s in self.streams}
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ThalamusState:
+        """Zero state for ``batch_size`` sequences."""
+        device = device if device is not None else self.score.weight.device
+        dtype = dtype or self.score.weight.dtype
+        n_prev = self.n_iterations - 1
+        return ThalamusState(
+            mamba=tuple(
+                tuple(s.initial_state(batch_size, device, dtype) for s in self.streams)
+                for _ in range(self.n_iterations)
+            ),
+            prev_workspace=torch.zeros(
+                batch_size, n_prev, self.d_workspace, device=device, dtype=dtype
+            ),
+            prev_weights=torch.zeros(
+                batch_size, n_prev, self.n_streams, device=device, dtype=dtype
+            ),
+            fatigue=torch.zeros(batch_size, n_prev, self.n_streams, device=device, dtype=dtype),
+        )
+
+    def _compete(self, outputs: list[Tensor], fatigue: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Votes compete: ``outputs[m]: [..., d_model]``, ``fatigue: [..., M]`` ->
+        (workspace ``[..., d_workspace]``, weights ``[..., M]``)."""
+        votes = torch.stack([v(o) for v, o in zip(self.vote, outputs, strict=True)], dim=-2)
+        scores = self.score(votes).squeeze(-1)  # [..., M]
+        if fatigue is not None:
+            scores = scores - fatigue
+        alpha = torch.softmax(scores / self.temperature, dim=-1)
+        workspace = self.norm((alpha[..., None] * votes).sum(-2))
+        return workspace, alpha
+
+    def _check(self, x: Tensor, ndim: int, state: ThalamusState | None) -> None:
+        want = "[B, T, M, d_model]" if ndim == 4 else "[B, M, d_model]"
+        if x.ndim != ndim or x.shape[-2] != self.n_streams or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"DistributedMamba expects x of shape {want} with M={self.n_streams} streams "
+                f"{self.stream_names} and d_model={self.d_model}, got {tuple(x.shape)}"
+            )
+        if state is not None and state.batch_size != x.shape[0]:
+            raise ValueError(
+                f"state batch size {state.batch_size} != input batch size {x.shape[0]}"
+            )
+
+    def forward(
+        self,
+        x: Tensor,
+        state: ThalamusState | None = None,
+        episode_starts: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, ThalamusState]:
+        """Run a whole sequence.
+
+        :param x: ``[B, T, M, d_model]`` one input per stream and step.
+        :param state: state before step 0, or None (zeros).
+        :param episode_starts: ``[B, T]`` bool, True where observation t starts an episode.
+        :return: workspace ``[B, T, d_workspace]``, stream weights ``α [B, T, M]`` of the
+            last iteration, and the state after the last step.
+        """
+        self._check(x, 4, state)
+        batch, length = x.shape[:2]
+        if state is None:
+            state = self.initial_state(batch, x.device, x.dtype)
+        starts = None if episode_starts is None else episode_starts.to(torch.bool)
+        keep = None if starts is None else (~starts).to(x.dtype)[..., None]  # [B, T, 1]
+        new_mamba, new_prev_w, new_prev_a, new_fatigue = [], [], [], []
+        workspace = alpha = None
+        for it in range(self.n_iterations):
+            inputs = [x[:, :, m] for m in range(self.n_streams)]
+            fatigue = None
+            if it > 0:
+                j = it - 1
+                # w^(it-1)_{t-1} and α^(it-1)_{t-1}: shift right by one, zero across resets.
+                w_prev = torch.cat([state.prev_workspace[:, None, j], workspace[:, :-1]], dim=1)
+                a_prev = torch.cat([state.prev_weights[:, None, j], alpha[:, :-1]], dim=1)
+                if keep is not None:
+                    w_prev = w_prev * keep
+                    a_prev = a_prev * keep
+                inputs = [u + fb(w_prev) for u, fb in zip(inputs, self.feedback, strict=True)]
+                fatigue = self._fatigue_scan(a_prev, state.fatigue[:, j], starts)
+                new_prev_w.append(workspace[:, -1])
+                new_prev_a.append(alpha[:, -1])
+                new_fatigue.append(fatigue[:, -1])
+            outputs, stream_states = [], []
+            for stream, u, s in zip(self.streams, inputs, state.mamba[it], strict=True):
+                y, s = stream(u, s, starts)
+                outputs.append(y)
+                stream_states.append(s)
+            new_mamba.append(tuple(stream_states))
+            workspace, alpha = self._compete(outputs, fatigue)
+        return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)
+
+    def _fatigue_scan(self, a_prev: Tensor, fatigue0: Tensor, starts: Tensor | None) -> Tensor:
+        """``g_t = β g_{t-1} + (1 - β) a_prev_t`` with ``g`` zeroed at episode starts.
+
+        A linear recurrence, run as a one-head SSD scan. :param a_prev: ``[B, T, M]``
+        (``α_{t-1}``, already zero at starts); :param fatigue0: ``[B, M]`` (``g_{-1}``).
+        :return: ``[B, T, M]``.
+        """
+        batch, length, n = a_prev.shape
+        beta = self.fatigue_decay
+        if beta == 0.0:
+            return a_prev
+        log_beta = torch.full(
+            (batch, length, 1), math.log(beta), device=a_prev.device, dtype=a_prev.dtype
+        )
+        ones = a_prev.new_ones(batch, length, 1, 1)
+        g, _ = ssd_scan_chunked(
+            ((1.0 - beta) * a_prev)[:, :, None, :],
+            log_beta,
+            ones,
+            ones,
+            initial_state=fatigue0[:, None, :, None],
+            resets=starts,
+        )
+        return g[:, :, 0]
+
+    def _pack(self, mamba, prev_w, prev_a, fatigue, like: ThalamusState) -> ThalamusState:
+        if self.n_iterations == 1:
+            return ThalamusState(tuple(mamba), like.prev_workspace, like.prev_weights, like.fatigue)
+        return ThalamusState(
+            mamba=tuple(mamba),
+            prev_workspace=torch.stack(prev_w, dim=1),
+            prev_weights=torch.stack(prev_a, dim=1),
+            fatigue=torch.stack(fatigue, dim=1),
+        )
+
+    def step(
+        self,
+        x: Tensor,
+        state: ThalamusState | None = None,
+        episode_starts: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, ThalamusState]:
+        """One time step; ``step`` T times equals :meth:`forward` once.
+
+        :param x: ``[B, M, d_model]``.
+        :param episode_starts: ``[B]`` bool.
+        :return: workspace ``[B, d_workspace]``, weights ``[B, M]``, new state.
+        """
+        self._check(x, 3, state)
+        batch = x.shape[0]
+        if state is None:
+            state = self.initial_state(batch, x.device, x.dtype)
+        if episode_starts is not None:
+            state = state.mask(episode_starts)
+        beta = self.fatigue_decay
+        new_mamba, new_prev_w, new_prev_a, new_fatigue = [], [], [], []
+        workspace = alpha = None
+        for it in range(self.n_iterations):
+            inputs = [x[:, m] for m in range(self.n_streams)]
+            fatigue = None
+            if it > 0:
+                j = it - 1
+                w_prev = state.prev_workspace[:, j]
+                inputs = [u + fb(w_prev) for u, fb in zip(inputs, self.feedback, strict=True)]
+                fatigue = beta * state.fatigue[:, j] + (1.0 - beta) * state.prev_weights[:, j]
+                new_prev_w.append(workspace)
+                new_prev_a.append(alpha)
+                new_fatigue.append(fatigue)
+            outputs, stream_states = [], []
+            # The state is already masked; the blocks need no episode_starts.
+            for stream, u, s in zip(self.streams, inputs, state.mamba[it], strict=True):
+                y, s = stream.step(u, s, None)
+                outputs.append(y)
+                stream_states.append(s)
+            new_mamba.append(tuple(stream_states))
+            workspace, alpha = self._compete(outputs, fatigue)
+        return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)

@@ -1,0 +1,398 @@
+"""A Mamba-2 (SSD) block with exact episode resets, in pure PyTorch, with an optional kernel path.
+
+:class:`Mamba2Block` has mamba-ssm's ``Mamba2`` constructor arguments that matter for RL
+and exactly its parameter names and shapes (``in_proj``, ``conv1d``, ``dt_bias``,
+``A_log``, ``D``, ``norm.weight``, ``out_proj``), so a ``state_dict`` moves between the two
+with ``strict=True``. The pure-PyTorch path (:mod:`thalamus_rl.ssd`) is the reference and
+runs anywhere; on CUDA with mamba-ssm and causal-conv1d installed, ``backend="kernel"``
+runs the same weights through ``causal_conv1d_fn`` and ``mamba_chunk_scan_combined``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from thalamus_rl.ssd import segment_ids, ssd_scan_chunked
+
+__all__ = ["Mamba2Block", "Mamba2State", "RMSNormGated", "kernels_available", "BACKENDS"]
+
+BACKENDS = ("auto", "pure", "kernel")
+
+
+def kernels_available() -> bool:
+    """True when mamba-ssm's and causal-conv1d's CUDA kernels can be imported and CUDA is up."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import causal_conv1d  # noqa: F401
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Mamba2State(NamedTuple):
+    """Recurrent state of one :class:`Mamba2Block`, batch first.
+
+    :param conv: ``[B, conv_dim, d_conv - 1]`` the last ``d_conv - 1`` inputs of the causal
+        conv (oldest first), zeros where they belong to an earlier episode.
+    :param ssm: ``[B, nheads, headdim, d_state]`` the SSD state.
+    """
+
+    conv: Tensor
+    ssm: Tensor
+
+
+class RMSNormGated(nn.Module):
+    """``RMSNorm(x * silu(z)) * weight``, normalised per group (mamba-ssm's ``RMSNormGated``
+    with ``norm_before_gate=False``).
+
+    :param d: feature width.
+    :param group_size: width of each normalisation group (``d`` = one group).
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: int | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size or d
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        """:param x: ``[..., d]``; :param z: ``[..., d]`` gate or None. :return: ``[..., d]``."""
+        if z is not None:
+            x = x * F.silu(z)
+        shape = x.shape
+        xg = x.reshape(*shape[:-1], -1, self.group_size)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xg.reshape(shape) * self.weight
+
+
+class Mamba2Block(nn.Module):
+    """Mamba-2 mixer: ``in_proj -> causal depthwise conv -> SSD scan -> gated RMSNorm -> out_proj``.
+
+    Parameter names and shapes equal mamba-ssm's ``Mamba2`` (with ``rmsnorm=True``,
+    ``norm_before_gate=False``, ``D_has_hdim=False``, ``bias=False``, ``conv_bias=True``,
+    ``d_ssm=None``), so their state dicts are interchangeable.
+
+    :param d_model: input and output width.
+    :param d_state: SSM state size N per head.
+    :param d_conv: causal conv kernel width.
+    :param expand: ``d_inner = expand * d_model``.
+    :param headdim: channels per head; ``nheads = d_inner // headdim``.
+    :param ngroups: groups sharing B and C (``nheads`` must be divisible by it).
+    :param A_init_range: ``A = -uniform(A_init_range)`` per head at init.
+    :param dt_min: smallest initial step size.
+    :param dt_max: largest initial step size (initial ``dt`` is log-uniform in between).
+    :param dt_init_floor: lower clamp of the initial ``dt``.
+    :param chunk_size: chunk length of the chunked scan.
+    :param backend: ``"pure"`` (PyTorch), ``"kernel"`` (mamba-ssm, CUDA only) or ``"auto"``
+        (kernel when the inputs are on CUDA and the kernels import, else pure).
+
+    >>> block = Mamba2Block(d_model=16, d_state=8, headdim=8)
+    >>> y, state = block(torch.randn(2, 5, 16))
+    >>> y.shape, state.ssm.shape
+    (torch.Size([2, 5, 16]), torch.Size([2, 4, 8, 8]))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 32,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.headdim = headdim
+        self.ngroups = ngroups
+        self.chunk_size = chunk_size
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(
+                f"expand * d_model = {self.d_inner} must be divisible by headdim={headdim}; "
+                f"choose headdim among the divisors of {self.d_inner}"
+            )
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads = {self.nheads} must be divisible by ngroups={ngroups}")
+        if d_conv < 1:
+            raise ValueError(f"d_conv must be >= 1, got {d_conv}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not 0 < A_init_range[0] <= A_init_range[1]:
+            raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {A_init_range}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.backend = _check_backend(backend)
+        self.A_init_range = tuple(A_init_range)
+        self.dt_range = (dt_min, dt_max)
+
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=d_conv,
+            groups=self.conv_dim,
+            padding=d_conv - 1,
+            bias=True,
+        )
+        # dt initialised log-uniformly in [dt_min, dt_max]; dt_bias = softplus^-1(dt).
+        dt = torch.exp(
+            torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
+        A = torch.empty(self.nheads).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self.norm = RMSNormGated(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    # ------------------------------------------------------------------ state
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Mamba2State:
+        """Zero state for ``batch_size`` sequences."""
+        device = device if device is not None else self.A_log.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return Mamba2State(
+            conv=torch.zeros(
+                batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype
+            ),
+            ssm=torch.zeros(
+                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype
+            ),
+        )
+
+    def half_lives(self) -> Tensor:
+        """State half-life of each head in steps at the current ``dt_bias`` and ``A`` (``[nheads]``),
+        for a zero ``dt`` input: ``ln 2 / (softplus(dt_bias) * exp(A_log))``."""
+        with torch.no_grad():
+            rate = F.softplus(self.dt_bias) * torch.exp(self.A_log)
+            return math.log(2.0) / rate
+
+    # ------------------------------------------------------------------ helpers
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        return z, xBC, dt
+
+    def _ssm_inputs(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Split the conv output into ``x [..., H, P]``, ``B``, ``C [..., G, N]``."""
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        lead = x.shape[:-1]
+        return (
+            x.reshape(*lead, self.nheads, self.headdim),
+            B.reshape(*lead, self.ngroups, self.d_state),
+            C.reshape(*lead, self.ngroups, self.d_state),
+        )
+
+    def _use_kernel(self, x: Tensor) -> bool:
+        if self.backend == "pure":
+            return False
+        available = x.is_cuda and kernels_available()
+        if self.backend == "kernel" and not available:
+            raise RuntimeError(
+                "backend='kernel' needs CUDA inputs and the mamba-ssm + causal-conv1d kernels "
+                f"(inputs on {x.device}, CUDA available: {torch.cuda.is_available()}); install "
+                "them with `pip install -e .[cuda]` on a GPU machine, or use backend='pure'/'auto'"
+            )
+        return available
+
+    def _check_input(self, x: Tensor, state: Mamba2State | None, ndim: int) -> None:
+        if x.ndim != ndim or x.shape[-1] != self.d_model:
+            want = "[B, T, d_model]" if ndim == 3 else "[B, d_model]"
+            raise ValueError(
+                f"Mamba2Block expects x of shape {want} with d_model={self.d_model}, "
+                f"got {tuple(x.shape)}"
+            )
+        if state is not None and state.ssm.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"state batch size {state.ssm.shape[0]} != input batch size {x.shape[0]}; "
+                "pass initial_state(batch_size) or the state returned for this batch"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: Tensor,
+        state: Mamba2State | None = None,
+        episode_starts: Tensor | None = None,
+    ) -> tuple[Tensor, Mamba2State]:
+        """Run a whole sequence.
+
+        :param x: ``[B, T, d_model]``.
+        :param state: state before step 0, or None (zeros).
+        :param episode_starts: ``[B, T]`` bool, True where observation t starts an episode
+            (the state is zeroed before t, in the conv and in the scan), or None.
+        :return: ``y [B, T, d_model]`` and the state after the last step.
+        """
+        self._check_input(x, state, 3)
+        batch, length, _ = x.shape
+        if episode_starts is not None and episode_starts.shape != (batch, length):
+            raise ValueError(
+                f"episode_starts must have shape [B, T] = {(batch, length)}, "
+                f"got {tuple(episode_starts.shape)}"
+            )
+        if state is None:
+            state = self.initial_state(batch, x.device, x.dtype)
+        z, xBC_raw, dt_raw = self._split(self.in_proj(x))
+        seg = segment_ids(episode_starts, batch, length, x.device)
+        if self._use_kernel(x):
+            y, ssm_state, xBC = self._scan_kernel(xBC_raw, dt_raw, state, seg)
+        else:
+            xBC = F.silu(self._causal_conv(xBC_raw, state.conv, seg))
+            xs, B, C = self._ssm_inputs(xBC)
+            A = -torch.exp(self.A_log)
+            dt = F.softplus(dt_raw + self.dt_bias)  # [b, t, h]
+            y, ssm_state = ssd_scan_chunked(
+                xs * dt[..., None],
+                dt * A,
+                B,
+                C,
+                initial_state=state.ssm,
+                resets=episode_starts,
+                chunk_size=self.chunk_size,
+            )
+            y = y + xs * self.D[:, None]
+            y = y.reshape(batch, length, self.d_inner)
+        y = self.out_proj(self.norm(y, z))
+        return y, Mamba2State(conv=self._final_conv_state(xBC_raw, state.conv, seg), ssm=ssm_state)
+
+    def _causal_conv(self, xBC: Tensor, conv_state: Tensor, seg: Tensor) -> Tensor:
+        """Depthwise causal conv over ``[state ; xBC]`` that sees no input from earlier episodes.
+
+        :param xBC: ``[B, T, conv_dim]``; :param conv_state: ``[B, conv_dim, d_conv - 1]``;
+        :param seg: ``[B, T]`` segment ids (0 = the state's). :return: ``[B, T, conv_dim]``.
+        """
+        length = xBC.shape[1]
+        k = self.d_conv - 1
+        full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)  # [b, k + T, c]
+        seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)
+        weight = self.conv1d.weight[:, 0, :]  # [c, d_conv]; tap d_conv-1 is the current step
+        out = xBC * weight[:, -1] + self.conv1d.bias
+        for lag in range(1, self.d_conv):
+            past = full[:, k - lag : k - lag + length]
+            same = (seg_full[:, k - lag : k - lag + length] == seg)[..., None]
+            out = out + past * same * weight[:, -1 - lag]
+        return out
+
+    def _final_conv_state(self, xBC: Tensor, conv_state: Tensor, seg: Tensor) -> Tensor:
+        """The last ``d_conv - 1`` conv inputs, zeroed where they precede the last reset."""
+        k = self.d_conv - 1
+        if k == 0:
+            return conv_state
+        full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)[:, -k:]
+        seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)[:, -k:]
+        same = (seg_full == seg[:, -1:])[..., None]
+        return (full * same).transpose(1, 2).contiguous()
+
+    def _scan_kernel(
+        self, xBC_raw: Tensor, dt_raw: Tensor, state: Mamba2State, seg: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """mamba-ssm kernel path: same function as the pure path (tested against it on CUDA).
+
+        causal_conv1d_fn accepts ``seq_idx`` but not together with ``initial_states``, so the
+        conv state is prepended as ``d_conv - 1`` extra positions of segment 0.
+        """
+        from causal_conv1d import causal_conv1d_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        batch, length, _ = xBC_raw.shape
+        k = self.d_conv - 1
+        seq_idx = seg.to(torch.int32)
+        full = torch.cat([state.conv.transpose(1, 2).to(xBC_raw.dtype), xBC_raw], dim=1)
+        seq_full = torch.cat([seq_idx.new_zeros(batch, k), seq_idx], dim=1).contiguous()
+        # causal_conv1d wants channel-last memory for seq_idx: [b, c, t] view of [b, t, c].
+        xBC = causal_conv1d_fn(
+            full.transpose(1, 2),
+            self.conv1d.weight[:, 0, :],
+            self.conv1d.bias,
+            seq_idx=seq_full,
+            activation="silu",
+        ).transpose(1, 2)[:, k:]
+        xs, B, C = self._ssm_inputs(xBC)
+        y, final = mamba_chunk_scan_combined(
+            xs.contiguous(),
+            dt_raw.contiguous(),
+            -torch.exp(self.A_log.float()),
+            B.contiguous(),
+            C.contiguous(),
+            chunk_size=self.chunk_size,
+            D=self.D,
+            z=None,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            seq_idx=seq_idx.contiguous(),
+            initial_states=state.ssm.contiguous(),
+            return_final_states=True,
+        )
+        return y.reshape(batch, length, self.d_inner), final.to(xBC_raw.dtype), xBC
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self,
+        x: Tensor,
+        state: Mamba2State | None = None,
+        episode_starts: Tensor | None = None,
+    ) -> tuple[Tensor, Mamba2State]:
+        """One time step (rollouts); ``step`` T times equals :meth:`forward` once.
+
+        :param x: ``[B, d_model]``.
+        :param state: state before this step, or None (zeros).
+        :param episode_starts: ``[B]`` bool, True where this observation starts an episode.
+        :return: ``y [B, d_model]`` and the new state.
+        """
+        self._check_input(x, state, 2)
+        batch = x.shape[0]
+        if state is None:
+            state = self.initial_state(batch, x.device, x.dtype)
+        conv_state, ssm_state = state
+        if episode_starts is not None:
+            keep = (~episode_starts.bool()).to(x.dtype)
+            conv_state = conv_state * keep[:, None, None]
+            ssm_state = ssm_state * keep[:, None, None, None]
+        z, xBC_raw, dt_raw = self._split(self.in_proj(x))
+        window = torch.cat([conv_state, xBC_raw[:, :, None]], dim=2)  # [b, c, d_conv]
+        xBC = F.silu((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
+        xs, B, C = self._ssm_inputs(xBC)  # [b, h, p], [b, g, n]
+        heads_per_group = self.nheads // self.ngroups
+        B = B.repeat_interleave(heads_per_group, dim=1) if heads_per_group > 1 else B
+        C = C.repeat_interleave(heads_per_group, dim=1) if heads_per_group > 1 else C
+        dt = F.softplus(dt_raw + self.dt_bias)  # [b, h]
+        decay = torch.exp(dt * -torch.exp(self.A_log))
+        ssm_state = (
+            decay[:, :, None, None] * ssm_state + (xs * dt[..., None])[..., None] * B[:, :, None, :]
+        )
+        y = torch.einsum("bhpn,bhn->bhp", ssm_state, C) + xs * self.D[:, None]
+        y = self.out_proj(self.norm(y.reshape(batch, self.d_inner), z))
+        return y, Mamba2State(conv=window[:, :, 1:], ssm=ssm_state)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+    return backend
