@@ -246,7 +246,8 @@ class ThalamusCore(nn.Module):
         prefix = tokens.shape[:-2]
         if token_mask.shape != tokens.shape[:-1]:
             raise ValueError(
-                f"token_mask must be {lead}, N] = {tuple(tokens.shape[:-1])}, got {tuple(token_mask.shape)}"
+                f"token_mask must be {lead}, N] = {tuple(tokens.shape[:-1])}, "
+                f"got {tuple(token_mask.shape)}"
             )
         if task.shape != (*prefix, c.d_task):
             raise ValueError(f"task must be {lead}, d_task={c.d_task}], got {tuple(task.shape)}")

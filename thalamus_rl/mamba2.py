@@ -188,8 +188,8 @@ class Mamba2Block(nn.Module):
         )
 
     def half_lives(self) -> Tensor:
-        """State half-life of each head in steps at the current ``dt_bias`` and ``A`` (``[nheads]``),
-        for a zero ``dt`` input: ``ln 2 / (softplus(dt_bias) * exp(A_log))``."""
+        """State half-life in steps of each head (``[nheads]``) for a zero ``dt`` input:
+        ``ln 2 / (softplus(dt_bias) * exp(A_log))``."""
         with torch.no_grad():
             rate = F.softplus(self.dt_bias) * torch.exp(self.A_log)
             return math.log(2.0) / rate
