@@ -1,0 +1,220 @@
+"""ThalamusCore: step == sequence, exact resets, gradients to the gate and the feedback layer,
+ablation switches, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_mamba2 import random_resets
+from thalamus_rl import StreamConfig, ThalamusConfig, ThalamusCore
+
+ATOL = 1e-5
+D, D_TASK, N, F = 32, 16, 20, 3
+
+
+def make(**overrides) -> ThalamusCore:
+    torch.manual_seed(0)
+    args = dict(d_model=D, d_task=D_TASK, top_k=6, d_workspace=16, chunk_size=8, backend="pure")
+    args.update(overrides)
+    return ThalamusCore(ThalamusConfig(**args))
+
+
+def inputs(batch: int, length: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, length, N, D, generator=g)
+    mask = torch.rand(batch, length, N, generator=g) < 0.7
+    mask[..., 0] = True
+    task = torch.randn(batch, length, D_TASK, generator=g)
+    feedback = torch.randn(batch, length, F, generator=g)
+    positions = torch.rand(batch, length, N, 2, generator=g)
+    return tokens, mask, task, feedback, positions
+
+
+def random_state(core: ThalamusCore, batch: int):
+    g = torch.Generator().manual_seed(3)
+    return core.initial_state(batch).map(lambda t: torch.randn(t.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"n_iterations": 1},
+        {"n_iterations": 3},
+        {"use_feedback": False},
+        {"gate_enabled": False},
+        {"streams": [StreamConfig(name="only", n_layers=2)]},
+        {"workspace_layers": 0},
+    ],
+    ids=[
+        "default",
+        "one-iteration",
+        "three-iterations",
+        "no-feedback",
+        "gate-off",
+        "one-stream",
+        "no-workspace",
+    ],
+)
+def test_step_equals_forward_with_resets(overrides):
+    core = make(**overrides)
+    batch, length = 3, 17
+    tokens, mask, task, feedback, positions = inputs(batch, length)
+    resets = random_resets(batch, length)
+    state0 = random_state(core, batch)
+    out, state = core(tokens, mask, task, feedback, positions, state0, resets)
+    s = state0
+    steps = []
+    for t in range(length):
+        o, s = core.step(
+            tokens[:, t], mask[:, t], task[:, t], feedback[:, t], positions[:, t], s, resets[:, t]
+        )
+        steps.append(o)
+    torch.testing.assert_close(
+        torch.stack([o.features for o in steps], 1), out.features, atol=ATOL, rtol=ATOL
+    )
+    torch.testing.assert_close(
+        torch.stack([o.stream_weights for o in steps], 1), out.stream_weights, atol=ATOL, rtol=ATOL
+    )
+    assert torch.equal(torch.stack([o.indices for o in steps], 1), out.indices)
+    torch.testing.assert_close(s.flatten(), state.flatten(), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("t_reset", [0, 6])
+def test_reset_equals_fresh_sequence(t_reset):
+    core = make()
+    tokens, mask, task, feedback, positions = inputs(2, 15)
+    resets = torch.zeros(2, 15, dtype=torch.bool)
+    resets[:, t_reset] = True
+    out, state = core(tokens, mask, task, feedback, positions, random_state(core, 2), resets)
+    fresh, state_fresh = core(*(t[:, t_reset:] for t in (tokens, mask, task, feedback, positions)))
+    torch.testing.assert_close(out.features[:, t_reset:], fresh.features, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(state.flatten(), state_fresh.flatten(), atol=ATOL, rtol=ATOL)
+
+
+def test_carrying_state_equals_one_call():
+    core = make()
+    tokens, mask, task, feedback, positions = inputs(2, 20)
+    resets = random_resets(2, 20, seed=4)
+    state0 = random_state(core, 2)
+    out, state = core(tokens, mask, task, feedback, positions, state0, resets)
+    first = [t[:, :9] for t in (tokens, mask, task, feedback, positions)]
+    second = [t[:, 9:] for t in (tokens, mask, task, feedback, positions)]
+    o1, s1 = core(*first, state0, resets[:, :9])
+    o2, s2 = core(*second, s1, resets[:, 9:])
+    torch.testing.assert_close(
+        torch.cat([o1.features, o2.features], 1), out.features, atol=ATOL, rtol=ATOL
+    )
+    torch.testing.assert_close(s2.flatten(), state.flatten(), atol=ATOL, rtol=ATOL)
+
+
+def test_gate_scoring_and_feedback_layer_get_gradient_from_the_features():
+    """The bug of the prototypes: a top-K that could not learn, a feedback layer off the graph."""
+    core = make()
+    out, _ = core(*inputs(2, 8))
+    out.features.square().mean().backward()
+    gate = core.gate
+    for name in ("query_proj.weight", "key_proj.weight"):
+        grad = dict(gate.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    for name, p in gate.feedback_layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"feedback_layer.{name}"
+    for name, p in core.streams.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_feedback_off_removes_the_feedback_layer_and_ignores_reward():
+    core = make(use_feedback=False)
+    assert core.gate.feedback_layer is None
+    tokens, mask, task, feedback, positions = inputs(2, 6)
+    a, _ = core(tokens, mask, task, feedback, positions)
+    b, _ = core(tokens, mask, task, feedback * 10 + 3, positions)
+    torch.testing.assert_close(a.features, b.features)
+    assert "feedback_gain" not in a.stats
+
+
+def test_task_changes_selection_and_masked_tokens_never_win():
+    core = make()
+    tokens, mask, task, feedback, positions = inputs(4, 10)
+    out, _ = core(tokens, mask, task, feedback, positions)
+    out2, _ = core(tokens, mask, -task, feedback, positions)
+    assert not torch.equal(out.indices, out2.indices)
+    picked_valid = mask.gather(-1, out.indices)
+    kept = out.gate_weights > 0
+    assert picked_valid[kept].all()
+
+
+def test_k_larger_than_valid_tokens():
+    core = make(top_k=12)
+    tokens, mask, task, feedback, positions = inputs(2, 5)
+    mask[:] = False
+    mask[..., :3] = True  # 3 valid tokens, K = 12
+    out, _ = core(tokens, mask, task, feedback, positions)
+    assert torch.isfinite(out.features).all()
+    assert ((out.gate_weights > 0).sum(-1) == 3).all()
+
+
+def test_outputs_and_stats():
+    core = make()
+    out, state = core(*inputs(2, 7))
+    assert out.features.shape == (2, 7, core.features_dim)
+    assert out.salience.shape == (2, 7, N)
+    assert out.indices.shape == out.gate_weights.shape == (2, 7, 6)
+    assert out.phase.shape == (2, 7, 6, 2 * core.config.phase_dim)
+    assert out.stream_weights.shape == (2, 7, 2)
+    expected = {
+        "gate_entropy",
+        "selected_salience",
+        "temperature",
+        "phase_scale",
+        "feedback_gain",
+        "stream_weight/visual",
+        "stream_weight/semantic",
+    }
+    assert set(out.stats) == expected
+    assert all(
+        v.ndim == 0 and torch.isfinite(v) and not v.requires_grad for v in out.stats.values()
+    )
+
+
+def test_config_from_dicts_and_validation():
+    cfg = ThalamusConfig(streams=[{"name": "a"}, {"name": "b", "dt_min": 0.01, "dt_max": 0.02}])
+    assert [s.name for s in cfg.streams] == ["a", "b"]
+    assert ThalamusConfig(**cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="top_k"):
+        ThalamusConfig(top_k=0)
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        ThalamusConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="backend"):
+        ThalamusConfig(backend="triton")
+
+
+def test_bad_input_raises_with_the_shape():
+    core = make()
+    tokens, mask, task, feedback, positions = inputs(2, 4)
+    with pytest.raises(ValueError, match="tokens must be"):
+        core(tokens[..., :-1], mask, task, feedback)
+    with pytest.raises(ValueError, match="token_mask"):
+        core(tokens, mask[..., :-1], task, feedback)
+    with pytest.raises(ValueError, match="d_task"):
+        core(tokens, mask, task[..., :-1], feedback)
+    with pytest.raises(ValueError, match="n_feedback_signals"):
+        core(tokens, mask, task, feedback[..., :-1])
+    no_valid = mask.clone()
+    no_valid[0, 0] = False
+    with pytest.raises(ValueError, match="valid"):
+        core(tokens, no_valid, task, feedback)
+    bad = tokens.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        core(bad, mask, task, feedback)
+
+
+def test_long_sequence_is_finite():
+    core = make(chunk_size=64)
+    tokens, mask, task, feedback, positions = inputs(1, 1024)
+    out, _ = core(tokens, mask, task, feedback, positions, None, random_resets(1, 1024, p=0.01))
+    out.features.mean().backward()
+    assert torch.isfinite(out.features).all()
+    assert all(torch.isfinite(p.grad).all() for p in core.parameters() if p.grad is not None)
