@@ -1,0 +1,155 @@
+"""One way to build every agent we compare, on the same wrapped envs.
+
+``make_agent("thalamus" | "ppo" | "lstm", env, seed=..., device=..., **hyperparams)`` builds
+:class:`agents.ThalamusPPO`, SB3's ``PPO`` (memoryless, ``MultiInputPolicy``) or sb3-contrib's
+``RecurrentPPO`` (LSTM, ``MultiInputLstmPolicy``) from one set of shared PPO hyperparameters
+(:data:`SHARED_HYPERPARAMETERS`), so a comparison differs only in the agent.
+
+The baselines read a Dict observation through :class:`FlatDictExtractor` (every entry flattened
+after SB3's preprocessing: images scaled to ``[0, 1]``, ``Discrete`` one-hot): SB3's default
+``CombinedExtractor`` would put a NatureCNN on MiniGrid's 7x7 view, which is too small for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch as th
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import GymEnv, TensorDict
+from torch import nn
+
+from agents.ppo import ThalamusPPO
+
+__all__ = ["AGENT_KINDS", "SHARED_HYPERPARAMETERS", "FlatDictExtractor", "make_agent"]
+
+AgentKind = Literal["thalamus", "ppo", "lstm"]
+
+#: The agents :func:`make_agent` builds.
+AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
+
+#: PPO hyperparameters every agent accepts with the same meaning.
+SHARED_HYPERPARAMETERS: tuple[str, ...] = (
+    "learning_rate",
+    "n_steps",
+    "batch_size",
+    "n_epochs",
+    "gamma",
+    "gae_lambda",
+    "clip_range",
+    "ent_coef",
+    "vf_coef",
+    "max_grad_norm",
+)
+
+#: ``policy_kwargs`` keys that only the thalamus policy understands.
+THALAMUS_POLICY_KWARGS: tuple[str, ...] = ("thalamus", "tokenizer")
+
+
+class FlatDictExtractor(BaseFeaturesExtractor):
+    """Concatenate every entry of a Dict observation, flattened (after SB3's preprocessing).
+
+    :param observation_space: a ``gymnasium.spaces.Dict`` without nested spaces.
+    """
+
+    def __init__(self, observation_space: spaces.Dict) -> None:
+        if not isinstance(observation_space, spaces.Dict):
+            raise TypeError(
+                f"FlatDictExtractor needs a Dict observation space, got {observation_space}."
+            )
+        features_dim = sum(get_flattened_obs_dim(s) for s in observation_space.spaces.values())
+        super().__init__(observation_space, features_dim=features_dim)
+        self.keys = tuple(observation_space.spaces)
+        self.flatten = nn.Flatten()
+
+    def forward(self, observations: TensorDict) -> th.Tensor:
+        """``[B, features_dim]`` from a dict of preprocessed ``[B, ...]`` tensors."""
+        return th.cat([self.flatten(observations[k].float()) for k in self.keys], dim=1)
+
+
+def _baseline_policy_kwargs(
+    kind: str, env_space: spaces.Space, policy_kwargs: dict[str, Any] | None
+) -> dict[str, Any]:
+    kwargs = dict(policy_kwargs or {})
+    wrong = sorted(set(kwargs) & set(THALAMUS_POLICY_KWARGS))
+    if wrong:
+        raise ValueError(
+            f"policy_kwargs {wrong} only apply to kind='thalamus', not kind={kind!r}. Drop them "
+            "from the baseline's policy_kwargs."
+        )
+    if isinstance(env_space, spaces.Dict):
+        kwargs.setdefault("features_extractor_class", FlatDictExtractor)
+    return kwargs
+
+
+def make_agent(
+    kind: AgentKind,
+    env: GymEnv,
+    seed: int | None = None,
+    device: th.device | str = "auto",
+    policy_kwargs: dict[str, Any] | None = None,
+    **hyperparams: Any,
+) -> BaseAlgorithm:
+    """Build an agent of ``kind`` on ``env`` with shared PPO hyperparameters.
+
+    :param kind: ``"thalamus"`` (:class:`agents.ThalamusPPO`), ``"ppo"`` (SB3 ``PPO``,
+        memoryless) or ``"lstm"`` (sb3-contrib ``RecurrentPPO``).
+    :param env: the (vectorised) env, e.g. ``envs.make_vec_env(...)``.
+    :param seed: random seed.
+    :param device: torch device.
+    :param policy_kwargs: policy arguments; ``thalamus=dict(...)`` (``ThalamusConfig`` fields)
+        and ``tokenizer=dict(...)`` are for ``kind="thalamus"`` only.
+    :param hyperparams: algorithm arguments: :data:`SHARED_HYPERPARAMETERS` mean the same for
+        every kind; anything else (``verbose``, ``tensorboard_log``, ``clip_range_vf``,
+        ``target_kl``, ...) is passed through to the algorithm's constructor.
+    :return: the untrained algorithm.
+
+    >>> import gymnasium as gym
+    >>> agent = make_agent("ppo", gym.make("CartPole-v1"), seed=0, device="cpu", n_steps=64,
+    ...                    batch_size=64)
+    >>> type(agent).__name__, agent.n_steps
+    ('PPO', 64)
+    """
+    space = _observation_space(env)
+    if kind == "thalamus":
+        return ThalamusPPO(
+            "ThalamusPolicy",
+            env,
+            seed=seed,
+            device=device,
+            policy_kwargs=policy_kwargs,
+            **hyperparams,
+        )
+    if kind == "ppo":
+        return PPO(
+            "MultiInputPolicy" if isinstance(space, spaces.Dict) else "MlpPolicy",
+            env,
+            seed=seed,
+            device=device,
+            policy_kwargs=_baseline_policy_kwargs(kind, space, policy_kwargs),
+            **hyperparams,
+        )
+    if kind == "lstm":
+        return RecurrentPPO(
+            "MultiInputLstmPolicy" if isinstance(space, spaces.Dict) else "MlpLstmPolicy",
+            env,
+            seed=seed,
+            device=device,
+            policy_kwargs=_baseline_policy_kwargs(kind, space, policy_kwargs),
+            **hyperparams,
+        )
+    raise ValueError(f"Unknown agent kind {kind!r}; choose one of {list(AGENT_KINDS)}.")
+
+
+def _observation_space(env: GymEnv) -> spaces.Space:
+    if isinstance(env, str):
+        raise TypeError(
+            "make_agent needs an env object (e.g. envs.make_vec_env(...)), not an id string, "
+            "so that every agent runs on the same wrapped envs."
+        )
+    return env.observation_space

@@ -1,0 +1,444 @@
+"""ThalamusPolicy: tokenizer -> ThalamusCore -> actor and critic heads over one shared core.
+
+The policy reuses SB3's ``ActorCriticPolicy`` for what is not recurrent (action distributions,
+the MLP heads, the optimizer, ``obs_to_tensor``, save/load of the policy alone) and replaces the
+forward passes by recurrent ones that carry one :class:`thalamus_rl.ThalamusState`:
+
+* :meth:`ThalamusPolicy.act` — one step of ``B`` envs (rollouts, evaluation, videos), returns a
+  :class:`PolicyStep` with the step's :class:`thalamus_rl.ThalamusOutput`;
+* :meth:`ThalamusPolicy.evaluate_actions` — whole sequences ``[B, T]`` from a stored state with
+  episode starts inside the scan (PPO's update); everything above the core runs once on all
+  ``B*T`` steps;
+* :meth:`ThalamusPolicy.predict` — sb3-contrib's recurrent contract
+  ``predict(obs, state=None, episode_start=None, deterministic=False) -> (actions, state)``, so
+  ``stable_baselines3.common.evaluation.evaluate_policy`` works unchanged (the state is opaque to
+  it; ``None`` means zeros).
+
+``episode_starts`` always means "this observation is the first of a new episode": the core zeroes
+the state before processing it, so callers never mask by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
+from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
+
+__all__ = [
+    "PolicyStep",
+    "SequenceEvaluation",
+    "ThalamusExtractor",
+    "ThalamusPolicy",
+    "make_thalamus_config",
+]
+
+
+class PolicyStep(NamedTuple):
+    """One policy step of ``B`` envs.
+
+    :param actions: ``[B, *action_shape]`` sampled (or deterministic) actions.
+    :param values: ``[B]`` value estimates.
+    :param log_probs: ``[B]`` log-probabilities of ``actions``.
+    :param state: the state after this step (to feed to the next one).
+    :param thalamus: the core's output for this step (leading dim ``[B]``).
+    """
+
+    actions: th.Tensor
+    values: th.Tensor
+    log_probs: th.Tensor
+    state: ThalamusState
+    thalamus: ThalamusOutput
+
+
+class SequenceEvaluation(NamedTuple):
+    """The policy's evaluation of stored actions over ``[B, T]`` sequences.
+
+    :param values: ``[B, T]`` value estimates.
+    :param log_prob: ``[B, T]`` log-probabilities of the given actions.
+    :param entropy: ``[B, T]`` entropies of the action distributions (``None`` where the
+        distribution has no closed form).
+    :param thalamus: the core's output (leading dims ``[B, T]``).
+    """
+
+    values: th.Tensor
+    log_prob: th.Tensor
+    entropy: th.Tensor | None
+    thalamus: ThalamusOutput
+
+
+def make_thalamus_config(
+    thalamus: Mapping[str, Any] | ThalamusConfig | None, n_feedback_signals: int
+) -> ThalamusConfig:
+    """Build the core's config from user settings plus what the observation space dictates.
+
+    :param thalamus: ``ThalamusConfig`` fields (a dict, as stored in ``policy_kwargs``) or a
+        config; ``None`` for the defaults.
+    :param n_feedback_signals: width of the tokenizer's feedback vector.
+    :return: the config with ``n_feedback_signals`` filled in.
+    """
+    if isinstance(thalamus, ThalamusConfig):
+        settings = dataclasses.asdict(thalamus)
+    else:
+        settings = dict(thalamus or {})
+    field_names = {f.name for f in dataclasses.fields(ThalamusConfig)}
+    unknown = sorted(set(settings) - field_names)
+    if unknown:
+        raise ValueError(
+            f"Unknown thalamus setting(s) {unknown} in policy_kwargs['thalamus']; valid fields "
+            f"of ThalamusConfig: {sorted(field_names)}."
+        )
+    given = settings.get("n_feedback_signals")
+    if given is not None and given != n_feedback_signals:
+        raise ValueError(
+            f"policy_kwargs['thalamus']['n_feedback_signals']={given} disagrees with the "
+            f"observation space, which has {n_feedback_signals} float feedback signal(s). "
+            "Leave it out: the policy sets it from the space."
+        )
+    settings["n_feedback_signals"] = n_feedback_signals
+    return ThalamusConfig(**settings)
+
+
+class ThalamusExtractor(BaseFeaturesExtractor):
+    """The recurrent feature extractor: :class:`Tokenizer` followed by ``ThalamusCore``.
+
+    Unlike SB3's extractors it carries a state, so it has no stateless ``forward``; use
+    :meth:`step` (one step) or :meth:`sequence` (``[B, T]`` sequences).
+
+    :param observation_space: the Dict observation space.
+    :param thalamus: ``ThalamusConfig`` fields (``n_feedback_signals`` comes from the space).
+    :param tokenizer: extra :class:`Tokenizer` arguments (e.g. ``mission_key``); its widths
+        are the core's ``d_model`` and ``d_task``.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        thalamus: Mapping[str, Any] | None = None,
+        tokenizer: Mapping[str, Any] | None = None,
+    ) -> None:
+        keys = classify_observation_space(observation_space, **(tokenizer or {}))
+        config = make_thalamus_config(thalamus, max(keys.feedback_dim, 1))
+        core = ThalamusCore(config)
+        super().__init__(observation_space, features_dim=core.features_dim)
+        self.config = config
+        self.tokenizer = Tokenizer(
+            observation_space, d_model=config.d_model, d_task=config.d_task, **(tokenizer or {})
+        )
+        self.core = core
+
+    def forward(self, observations: PyTorchObs) -> th.Tensor:
+        raise TypeError(
+            "ThalamusExtractor is recurrent: call step(obs, state, episode_starts) or "
+            "sequence(obs, state, episode_starts) (ThalamusPolicy does)."
+        )
+
+    def step(
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None,
+        episode_starts: th.Tensor | None,
+    ) -> tuple[ThalamusOutput, ThalamusState]:
+        """One step: ``obs`` entries ``[B, ...]``, ``episode_starts`` ``[B]`` bool."""
+        t: TokenizedObs = self.tokenizer(obs)
+        return self.core.step(
+            t.tokens,
+            t.token_mask,
+            t.task,
+            t.feedback,
+            positions=t.positions,
+            state=state,
+            episode_starts=episode_starts,
+        )
+
+    def sequence(
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None,
+        episode_starts: th.Tensor | None,
+    ) -> tuple[ThalamusOutput, ThalamusState]:
+        """Whole sequences: ``obs`` entries ``[B, T, ...]``, ``episode_starts`` ``[B, T]`` bool."""
+        t: TokenizedObs = self.tokenizer(obs)
+        return self.core(
+            t.tokens,
+            t.token_mask,
+            t.task,
+            t.feedback,
+            positions=t.positions,
+            state=state,
+            episode_starts=episode_starts,
+        )
+
+
+class ThalamusPolicy(ActorCriticPolicy):
+    """Actor-critic policy whose shared feature extractor is the thalamus (recurrent).
+
+    :param observation_space: a ``gymnasium.spaces.Dict`` observation space.
+    :param action_space: the action space.
+    :param lr_schedule: learning-rate schedule.
+    :param thalamus: ``ThalamusConfig`` fields as a dict (``d_model``, ``d_task``, ``top_k``,
+        ``use_feedback``, ``gate_enabled``, ``streams``, ``n_iterations``, ...);
+        ``n_feedback_signals`` is set from the observation space.
+    :param tokenizer: extra :class:`agents.tokenizer.Tokenizer` arguments (``mission_key``).
+    :param net_arch: hidden layers of the actor and critic heads on top of the core's
+        features, SB3 style (``dict(pi=[64], vf=[64])`` by default; ``[]`` for linear heads).
+    :param activation_fn: activation of the heads.
+    :param ortho_init: orthogonal initialisation of the heads (SB3's gains); the tokenizer and
+        core keep their own initialisation.
+    :param use_sde: gSDE exploration (continuous actions only), as in SB3.
+    :param log_std_init: initial log standard deviation (continuous actions).
+    :param full_std: gSDE option, as in SB3.
+    :param use_expln: gSDE option, as in SB3.
+    :param squash_output: gSDE option, as in SB3.
+    :param normalize_images: unused (images are embedded as categories); kept for SB3's API.
+    :param optimizer_class: optimizer class.
+    :param optimizer_kwargs: optimizer arguments besides the learning rate.
+    """
+
+    features_extractor: ThalamusExtractor
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        thalamus: Mapping[str, Any] | None = None,
+        tokenizer: Mapping[str, Any] | None = None,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.Tanh,
+        ortho_init: bool = True,
+        use_sde: bool = False,
+        log_std_init: float = 0.0,
+        full_std: bool = True,
+        use_expln: bool = False,
+        squash_output: bool = False,
+        normalize_images: bool = False,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(observation_space, spaces.Dict):
+            raise TypeError(
+                f"ThalamusPolicy needs a gymnasium.spaces.Dict observation space, got "
+                f"{observation_space}. Build the env with envs.make_env / envs.make_vec_env."
+            )
+        self.thalamus_kwargs = dict(thalamus or {})
+        self.tokenizer_kwargs = dict(tokenizer or {})
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch=dict(pi=[64], vf=[64]) if net_arch is None else net_arch,
+            activation_fn=activation_fn,
+            ortho_init=ortho_init,
+            use_sde=use_sde,
+            log_std_init=log_std_init,
+            full_std=full_std,
+            use_expln=use_expln,
+            squash_output=squash_output,
+            features_extractor_class=ThalamusExtractor,
+            features_extractor_kwargs=dict(
+                thalamus=self.thalamus_kwargs, tokenizer=self.tokenizer_kwargs
+            ),
+            share_features_extractor=True,
+            normalize_images=normalize_images,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+        )
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, lr_schedule: Schedule) -> None:
+        """Heads and optimizer; orthogonal init touches the heads only, never the core."""
+        ortho_init = self.ortho_init
+        self.ortho_init = False
+        try:
+            super()._build(lr_schedule)
+        finally:
+            self.ortho_init = ortho_init
+        if ortho_init:
+            for module, gain in (
+                (self.mlp_extractor, np.sqrt(2)),
+                (self.action_net, 0.01),
+                (self.value_net, 1.0),
+            ):
+                module.apply(lambda m, g=gain: self.init_weights(m, gain=g))
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.pop("features_extractor_class", None)
+        data.pop("features_extractor_kwargs", None)
+        data.update(thalamus=self.thalamus_kwargs, tokenizer=self.tokenizer_kwargs)
+        return data
+
+    # ------------------------------------------------------------------ state helpers
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The observation tokenizer (``tokenizer.token_layout`` maps token ids to cells)."""
+        return self.features_extractor.tokenizer
+
+    @property
+    def core(self) -> ThalamusCore:
+        """The thalamus core."""
+        return self.features_extractor.core
+
+    def initial_state(self, batch_size: int) -> ThalamusState:
+        """The all-zero state of ``batch_size`` envs on the policy's device."""
+        return self.core.initial_state(batch_size, device=self.device)
+
+    # ------------------------------------------------------------------ heads
+    def _heads(self, features: th.Tensor) -> tuple[Distribution, th.Tensor]:
+        """Action distribution and values from flat features ``[M, features_dim]``."""
+        latent_pi, latent_vf = self.mlp_extractor(features)
+        return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf).squeeze(-1)
+
+    # ------------------------------------------------------------------ recurrent API
+    def act(
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None,
+        episode_starts: th.Tensor | None,
+        deterministic: bool = False,
+    ) -> PolicyStep:
+        """One step for ``B`` envs; the function used by rollouts, evaluation and videos.
+
+        :param obs: one tensor per key, ``[B, *space.shape]``.
+        :param state: the state after the previous step (``None``: zeros).
+        :param episode_starts: ``[B]`` bool, True where ``obs`` starts a new episode.
+        :param deterministic: take the distribution's mode instead of sampling.
+        :return: a :class:`PolicyStep`.
+        """
+        out, state = self.features_extractor.step(obs, state, episode_starts)
+        distribution, values = self._heads(out.features)
+        actions = distribution.get_actions(deterministic=deterministic)
+        log_probs = distribution.log_prob(actions)
+        actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        return PolicyStep(actions, values, log_probs, state, out)
+
+    def forward(  # type: ignore[override]
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None = None,
+        episode_starts: th.Tensor | None = None,
+        deterministic: bool = False,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, ThalamusState]:
+        """sb3-contrib's recurrent ``forward``: ``(actions, values [B], log_probs [B], state)``."""
+        step = self.act(obs, state, episode_starts, deterministic)
+        return step.actions, step.values, step.log_probs, step.state
+
+    def predict_values(  # type: ignore[override]
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None = None,
+        episode_starts: th.Tensor | None = None,
+    ) -> th.Tensor:
+        """Values ``[B]`` of one step of ``B`` envs from ``state`` (``None``: zeros)."""
+        out, _ = self.features_extractor.step(obs, state, episode_starts)
+        latent_vf = self.mlp_extractor.forward_critic(out.features)
+        return self.value_net(latent_vf).squeeze(-1)
+
+    def get_distribution(  # type: ignore[override]
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None = None,
+        episode_starts: th.Tensor | None = None,
+    ) -> tuple[Distribution, ThalamusState]:
+        """The action distribution of one step of ``B`` envs, and the next state."""
+        out, state = self.features_extractor.step(obs, state, episode_starts)
+        latent_pi = self.mlp_extractor.forward_actor(out.features)
+        return self._get_action_dist_from_latent(latent_pi), state
+
+    def evaluate_actions(  # type: ignore[override]
+        self,
+        obs: Mapping[str, th.Tensor],
+        actions: th.Tensor,
+        state: ThalamusState | None,
+        episode_starts: th.Tensor,
+    ) -> SequenceEvaluation:
+        """Re-run whole sequences and evaluate the actions taken (PPO's update).
+
+        :param obs: one tensor per key, ``[B, T, *space.shape]``.
+        :param actions: ``[B, T]`` (discrete) or ``[B, T, action_dim]`` actions.
+        :param state: the state of the ``B`` envs before step 0 (``None``: zeros).
+        :param episode_starts: ``[B, T]`` bool; the core resets inside the scan.
+        :return: a :class:`SequenceEvaluation` with ``[B, T]`` values, log-probs, entropies.
+        """
+        out, _ = self.features_extractor.sequence(obs, state, episode_starts)
+        batch, steps = episode_starts.shape
+        distribution, values = self._heads(out.features.reshape(batch * steps, -1))
+        log_prob = distribution.log_prob(actions.reshape(batch * steps, *actions.shape[2:]))
+        entropy = distribution.entropy()
+        return SequenceEvaluation(
+            values=values.view(batch, steps),
+            log_prob=log_prob.view(batch, steps),
+            entropy=None if entropy is None else entropy.view(batch, steps),
+            thalamus=out,
+        )
+
+    def _predict(  # type: ignore[override]
+        self,
+        observation: Mapping[str, th.Tensor],
+        state: ThalamusState | None = None,
+        episode_starts: th.Tensor | None = None,
+        deterministic: bool = False,
+    ) -> tuple[th.Tensor, ThalamusState]:
+        distribution, state = self.get_distribution(observation, state, episode_starts)
+        return distribution.get_actions(deterministic=deterministic), state
+
+    def predict(  # type: ignore[override]
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: ThalamusState | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, ThalamusState]:
+        """sb3-contrib's recurrent ``predict``.
+
+        :param observation: one observation or a batch of ``n_envs`` (a VecEnv's).
+        :param state: what the previous call returned (``None``: zeros).
+        :param episode_start: ``[n_envs]`` True where the observation starts an episode (the
+            state is reset before it); ``None``: no resets.
+        :param deterministic: take the distribution's mode.
+        :return: ``(actions, state)``; pass ``state`` back in with the next observation.
+        """
+        self.set_training_mode(False)
+        if (
+            isinstance(observation, tuple)
+            and len(observation) == 2
+            and isinstance(observation[1], dict)
+        ):
+            raise ValueError(
+                "predict() got a tuple (obs, info): you are mixing the Gymnasium API "
+                "(`obs, info = env.reset()`) with SB3's VecEnv API (`obs = vec_env.reset()`)."
+            )
+        obs_tensor, vectorized_env = self.obs_to_tensor(observation)
+        n_envs = next(iter(obs_tensor.values())).shape[0]  # type: ignore[union-attr]
+        starts = None
+        if episode_start is not None:
+            starts = th.as_tensor(np.asarray(episode_start), device=self.device).reshape(n_envs)
+            starts = starts.bool()
+        if state is not None and state.batch_size != n_envs:
+            raise ValueError(
+                f"predict() got a state of {state.batch_size} envs for a batch of "
+                f"{n_envs} observations; pass state=None to start from zeros."
+            )
+        with th.no_grad():
+            actions, state = self._predict(obs_tensor, state, starts, deterministic)  # type: ignore[arg-type]
+        actions = actions.cpu().numpy().reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        if isinstance(self.action_space, spaces.Box):
+            if self.squash_output:
+                actions = self.unscale_action(actions)
+            else:
+                actions = np.clip(actions, self.action_space.low, self.action_space.high)
+        if not vectorized_env:
+            actions = actions.squeeze(axis=0)
+        return actions, state

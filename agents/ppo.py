@@ -1,0 +1,467 @@
+"""ThalamusPPO: recurrent PPO (clip) whose policy carries a ``ThalamusState``.
+
+An SB3 :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm`: ``learn`` with
+SB3 callbacks, logger and progress bar, ``save`` / ``load``, ``get_env`` / ``set_env`` all come
+from SB3. What differs from SB3's PPO:
+
+* the rollout carries the recurrent state and stores the state of every env at rollout start;
+* a truncated episode (``TimeLimit.truncated``) is bootstrapped with the value of its terminal
+  observation under the *pre-reset* state, i.e. the state after the last step of that episode;
+* minibatches are whole env columns (``batch_size`` env steps = ``batch_size // n_steps`` envs
+  with their full ``n_steps`` sequence), re-run from the stored state with the resets inside the
+  core's scan (DESIGN rule 6);
+* the core's own signals are logged under ``thalamus/*`` (averaged over the rollout).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import is_wrapped
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env.patch_gym import _patch_env
+
+from agents.buffer import ThalamusRolloutBuffer, check_batch_size
+from agents.policy import ThalamusPolicy
+from thalamus_rl import ThalamusState
+
+__all__ = ["ThalamusPPO"]
+
+SelfThalamusPPO = TypeVar("SelfThalamusPPO", bound="ThalamusPPO")
+
+
+class ThalamusPPO(OnPolicyAlgorithm):
+    """Proximal Policy Optimization (clip) with the recurrent :class:`ThalamusPolicy`.
+
+    :param policy: ``"ThalamusPolicy"`` or a subclass of :class:`ThalamusPolicy`.
+    :param env: the env (a Dict observation space, e.g. from ``envs.make_vec_env``) or its id.
+    :param learning_rate: learning rate, or a schedule of the progress remaining (1 -> 0).
+    :param n_steps: steps per env per rollout (the length of every training sequence).
+    :param batch_size: env steps per minibatch; a multiple of ``n_steps`` (each minibatch is
+        ``batch_size // n_steps`` whole env columns), at most ``n_steps * n_envs``.
+    :param n_epochs: passes over the rollout per update.
+    :param gamma: discount factor.
+    :param gae_lambda: GAE lambda.
+    :param clip_range: PPO clip range, or a schedule.
+    :param clip_range_vf: value clip range (``None``: no value clipping), or a schedule.
+    :param normalize_advantage: normalise advantages per minibatch.
+    :param ent_coef: entropy bonus coefficient.
+    :param vf_coef: value loss coefficient.
+    :param max_grad_norm: gradient clipping norm.
+    :param target_kl: stop an update early when the approximate KL exceeds ``1.5 * target_kl``.
+    :param stats_window_size: episodes averaged in ``rollout/*`` logs.
+    :param tensorboard_log: tensorboard log folder (``None``: no tensorboard).
+    :param policy_kwargs: :class:`ThalamusPolicy` arguments, e.g.
+        ``dict(thalamus=dict(d_model=64, top_k=16), net_arch=dict(pi=[64], vf=[64]))``.
+    :param verbose: 0 silent, 1 info, 2 debug.
+    :param seed: random seed.
+    :param device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    :param _init_setup_model: build the networks now (SB3 internal, used by ``load``).
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"ThalamusPolicy": ThalamusPolicy}
+    policy: ThalamusPolicy
+    rollout_buffer: ThalamusRolloutBuffer
+
+    def __init__(
+        self,
+        policy: str | type[ThalamusPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        n_steps: int = 128,
+        batch_size: int = 256,
+        n_epochs: int = 4,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: float | Schedule = 0.2,
+        clip_range_vf: float | Schedule | None = None,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        target_kl: float | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=False,
+            sde_sample_freq=-1,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            supported_action_spaces=(
+                spaces.Box,
+                spaces.Discrete,
+                spaces.MultiDiscrete,
+                spaces.MultiBinary,
+            ),
+        )
+        if normalize_advantage and batch_size <= 1:
+            raise ValueError(
+                f"batch_size={batch_size} must be > 1 with normalize_advantage=True "
+                "(advantages are normalised per minibatch)."
+            )
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.clip_range = clip_range
+        self.clip_range_vf = clip_range_vf
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self._last_state: ThalamusState | None = None
+        if _init_setup_model and self.env is not None:
+            envs_per_batch = check_batch_size(batch_size, n_steps, self.n_envs)
+            if self.n_envs % envs_per_batch != 0:
+                warnings.warn(
+                    f"batch_size={batch_size} gives {envs_per_batch} env columns per minibatch, "
+                    f"which does not divide n_envs={self.n_envs}: every epoch ends with a "
+                    f"truncated minibatch of {self.n_envs % envs_per_batch} env(s).",
+                    stacklevel=2,
+                )
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
+        """SB3's wrapping (Monitor, DummyVecEnv) *without* ``VecTransposeImage``.
+
+        The tokenizer reads images channels-last (``[H, W, C]``, one token per cell), so the
+        channel-first transpose SB3 applies to CNN inputs would scramble the cells.
+        """
+        if not isinstance(env, VecEnv):
+            env = _patch_env(env)
+            if monitor_wrapper and not is_wrapped(env, Monitor):
+                if verbose >= 1:
+                    print("Wrapping the env with a `Monitor` wrapper")
+                env = Monitor(env)
+            if verbose >= 1:
+                print("Wrapping the env in a DummyVecEnv.")
+            env = DummyVecEnv([lambda: env])  # type: ignore[list-item, return-value]
+        return env
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        )
+        if not isinstance(self.policy, ThalamusPolicy):
+            raise TypeError(
+                f"ThalamusPPO needs a ThalamusPolicy (or subclass), got {self.policy_class}."
+            )
+        self.policy = self.policy.to(self.device)
+        self.rollout_buffer = ThalamusRolloutBuffer(
+            self.n_steps,
+            self.observation_space,
+            self.action_space,
+            device=self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+        )
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ValueError(
+                    f"clip_range_vf={self.clip_range_vf} must be positive; pass None to "
+                    "disable value clipping."
+                )
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_last_state"]
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        """Set a new env (same spaces and number of envs); the state restarts from zeros.
+
+        To continue with another number of envs, use ``ThalamusPPO.load(path, env=...)``.
+
+        :param env: the new env.
+        :param force_reset: reset the env before the next ``learn`` (SB3's default).
+        """
+        super().set_env(env, force_reset=force_reset)
+        self._last_state = None
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        check_batch_size(self.batch_size, self.n_steps, self.n_envs)
+        result = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        if self._last_state is None or self._last_state.batch_size != self.n_envs:
+            self._last_state = self.policy.initial_state(self.n_envs)
+        return result
+
+    # ------------------------------------------------------------------ rollout
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: ThalamusRolloutBuffer,  # type: ignore[override]
+        n_rollout_steps: int,
+    ) -> bool:
+        """Run the policy for ``n_rollout_steps`` steps in every env and fill the buffer.
+
+        :param env: the training env.
+        :param callback: called at every step (and at rollout start and end).
+        :param rollout_buffer: the buffer to fill.
+        :param n_rollout_steps: steps per env.
+        :return: False if a callback stopped training.
+        """
+        assert self._last_obs is not None, "No previous observation was provided"
+        assert self._last_state is not None, "No previous state: call learn(), not this"
+        self.policy.set_training_mode(False)
+        policy = self.policy
+        device = self.device
+        state = self._last_state
+        rollout_buffer.reset(initial_state=state)
+        callback.on_rollout_start()
+
+        obs = obs_as_tensor(self._last_obs, device)  # type: ignore[arg-type]
+        starts_np = np.asarray(self._last_episode_starts, dtype=bool)
+        stats_sum: dict[str, th.Tensor] = {}
+        n_steps = 0
+        while n_steps < n_rollout_steps:
+            with th.no_grad():
+                starts = th.as_tensor(starts_np, device=device)
+                step = policy.act(obs, state, starts)  # type: ignore[arg-type]
+            for name, value in step.thalamus.stats.items():
+                stats_sum[name] = stats_sum[name] + value if name in stats_sum else value
+            actions = step.actions.cpu().numpy()
+            clipped_actions = actions
+            if isinstance(self.action_space, spaces.Box):
+                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+
+            rewards = self._bootstrap_truncated(rewards, dones, infos, step.state)
+            rollout_buffer.add(obs, actions, rewards, starts_np, step.values, step.log_probs)  # type: ignore[arg-type]
+
+            obs = obs_as_tensor(new_obs, device)  # type: ignore[arg-type]
+            starts_np = np.asarray(dones, dtype=bool)
+            state = step.state
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+            self._last_state = state
+
+        with th.no_grad():
+            last_values = policy.predict_values(
+                obs,
+                state,
+                th.as_tensor(starts_np, device=device),  # type: ignore[arg-type]
+            )
+        rollout_buffer.compute_returns_and_advantage(last_values=last_values, dones=dones)
+        for name, total in stats_sum.items():
+            self.logger.record(f"thalamus/{name}", (total / n_steps).item())
+
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _bootstrap_truncated(
+        self,
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+        state: ThalamusState,
+    ) -> np.ndarray:
+        """Add ``gamma * V(terminal_obs)`` to the rewards of truncated episodes.
+
+        The value is computed from ``state``, the state after the episode's last step, i.e.
+        before the env's automatic reset (the next step's ``episode_starts`` would zero it).
+
+        :param rewards: ``[n_envs]`` rewards of this step.
+        :param dones: ``[n_envs]`` done flags of this step.
+        :param infos: the VecEnv's infos (``terminal_observation``, ``TimeLimit.truncated``).
+        :param state: the state after this step, before any reset.
+        :return: the rewards with the bootstrap added.
+        """
+        truncated = [
+            i
+            for i, done in enumerate(dones)
+            if done
+            and infos[i].get("terminal_observation") is not None
+            and infos[i].get("TimeLimit.truncated", False)
+        ]
+        if not truncated:
+            return rewards
+        keys = infos[truncated[0]]["terminal_observation"].keys()
+        terminal_obs = {
+            key: th.as_tensor(
+                np.stack([infos[i]["terminal_observation"][key] for i in truncated]),
+                device=self.device,
+            )
+            for key in keys
+        }
+        index = th.as_tensor(truncated, dtype=th.long, device=self.device)
+        with th.no_grad():
+            values = self.policy.predict_values(terminal_obs, state.index(index), None)
+        rewards = rewards.copy()
+        rewards[truncated] += self.gamma * values.cpu().numpy()
+        return rewards
+
+    # ------------------------------------------------------------------ update
+    def train(self) -> None:
+        """Update the policy on the current rollout (``n_epochs`` passes of env-column
+        minibatches, each re-run from the stored start state with resets inside the scan)."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = None
+        if self.clip_range_vf is not None:
+            clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
+
+        entropy_losses: list[float] = []
+        pg_losses: list[float] = []
+        value_losses: list[float] = []
+        clip_fractions: list[float] = []
+        approx_kl_divs: list[float] = []
+        continue_training = True
+        loss = th.zeros(())
+        for epoch in range(self.n_epochs):
+            approx_kl_divs = []
+            for batch in self.rollout_buffer.get(self.batch_size):
+                evaluation = self.policy.evaluate_actions(
+                    batch.observations, batch.actions, batch.state, batch.episode_starts
+                )
+                values = evaluation.values.flatten()
+                log_prob = evaluation.log_prob.flatten()
+                old_log_prob = batch.old_log_prob.flatten()
+                advantages = batch.advantages.flatten()
+                if self.normalize_advantage and advantages.numel() > 1:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+                ratio = th.exp(log_prob - old_log_prob)
+                policy_loss_1 = advantages * ratio
+                policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
+
+                old_values = batch.old_values.flatten()
+                if clip_range_vf is None:
+                    values_pred = values
+                else:
+                    values_pred = old_values + th.clamp(
+                        values - old_values, -clip_range_vf, clip_range_vf
+                    )
+                value_loss = th.mean((batch.returns.flatten() - values_pred) ** 2)
+
+                if evaluation.entropy is None:
+                    entropy_loss = th.mean(log_prob)
+                else:
+                    entropy_loss = -th.mean(evaluation.entropy)
+
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+
+                with th.no_grad():
+                    log_ratio = log_prob - old_log_prob
+                    approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio).item()
+                    clip_fraction = th.mean((th.abs(ratio - 1) > clip_range).float()).item()
+                pg_losses.append(policy_loss.item())
+                value_losses.append(value_loss.item())
+                entropy_losses.append(entropy_loss.item())
+                clip_fractions.append(clip_fraction)
+                approx_kl_divs.append(approx_kl_div)
+
+                if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(
+                            f"Early stopping at step {epoch} due to reaching max kl: "
+                            f"{approx_kl_div:.2f}"
+                        )
+                    break
+
+                self.policy.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        explained_var = explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        )
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+        self.logger.record("train/value_loss", np.mean(value_losses))
+        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def learn(
+        self: SelfThalamusPPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "ThalamusPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfThalamusPPO:
+        """Train for ``total_timesteps`` env steps (SB3's ``learn``).
+
+        :param total_timesteps: env steps to train for.
+        :param callback: SB3 callback(s).
+        :param log_interval: dump logs every this many rollouts.
+        :param tb_log_name: tensorboard run name.
+        :param reset_num_timesteps: start counting from 0 (and reset the env and state).
+        :param progress_bar: show a progress bar (needs tqdm and rich).
+        :return: the trained model.
+        """
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

@@ -1,0 +1,173 @@
+"""ThalamusPolicy: one step == whole sequence, predict's recurrent contract, configs, ablations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+
+import envs
+from agents.policy import ThalamusPolicy, make_thalamus_config
+from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusState
+
+SMALL = dict(d_model=32, d_task=16, n_heads=4, top_k=8, phase_dim=4, d_workspace=32)
+
+
+@pytest.fixture(scope="module")
+def observation_space() -> spaces.Dict:
+    return envs.make_env("MiniGrid-DoorKey-5x5-v0").observation_space
+
+
+def make_policy(space: spaces.Dict, seed: int = 0, **thalamus: Any) -> ThalamusPolicy:
+    th.manual_seed(seed)
+    return ThalamusPolicy(
+        space, spaces.Discrete(7), lambda _: 1e-3, thalamus={**SMALL, **thalamus}
+    ).eval()
+
+
+def random_obs(space: spaces.Dict, shape: tuple[int, ...], seed: int = 0) -> dict[str, th.Tensor]:
+    """Observations with leading ``shape``; images hold MiniGrid-like small ids."""
+    space.seed(seed)
+    n = int(np.prod(shape))
+    samples = [space.sample() for _ in range(n)]
+    out = {}
+    for key, sub in space.spaces.items():
+        x = np.stack([np.asarray(s[key]) for s in samples])
+        if key == "image":
+            x = x % 11
+        out[key] = th.as_tensor(x).reshape(*shape, *sub.shape)
+    return out
+
+
+def warm_state(policy: ThalamusPolicy, space: spaces.Dict, batch: int) -> ThalamusState:
+    """A non-zero state: a few steps from zeros."""
+    state = None
+    with th.no_grad():
+        for t in range(3):
+            state = policy.act(random_obs(space, (batch,), seed=100 + t), state, None).state
+    return state
+
+
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        {},
+        {"use_feedback": False},
+        {"gate_enabled": False},
+        {"n_iterations": 1},
+        {"streams": [dict(name="only", dt_min=0.01, dt_max=0.1)]},
+    ],
+    ids=["full", "no_feedback", "no_gate", "one_iteration", "one_stream"],
+)
+def test_act_step_by_step_equals_evaluate_actions(
+    observation_space: spaces.Dict, ablation: dict[str, Any]
+) -> None:
+    """Rollout (act, one step at a time) and training (evaluate_actions, one scan) compute the
+    same function from a stored state, with episode starts inside the sequence."""
+    policy = make_policy(observation_space, **ablation)
+    batch, steps = 3, 12
+    obs = random_obs(observation_space, (batch, steps))
+    starts = th.zeros(batch, steps, dtype=th.bool)
+    starts[0, 0] = True
+    starts[1, 5] = True
+    starts[2, 3] = starts[2, 4] = True
+    state0 = warm_state(policy, observation_space, batch)
+
+    state = state0
+    values, log_probs, actions = [], [], []
+    with th.no_grad():
+        for t in range(steps):
+            step = policy.act({k: v[:, t] for k, v in obs.items()}, state, starts[:, t])
+            state = step.state
+            values.append(step.values)
+            log_probs.append(step.log_probs)
+            actions.append(step.actions)
+        seq = policy.evaluate_actions(obs, th.stack(actions, 1), state0, starts)
+    th.testing.assert_close(seq.values, th.stack(values, 1), atol=1e-5, rtol=0)
+    th.testing.assert_close(seq.log_prob, th.stack(log_probs, 1), atol=1e-5, rtol=0)
+    assert seq.entropy is not None and seq.entropy.shape == (batch, steps)
+    assert seq.thalamus.features.shape[:2] == (batch, steps)
+
+
+def test_episode_start_forgets_the_past(observation_space: spaces.Dict) -> None:
+    policy = make_policy(observation_space)
+    obs = random_obs(observation_space, (2,))
+    state = warm_state(policy, observation_space, 2)
+    with th.no_grad():
+        fresh = policy.act(obs, None, None, deterministic=True)
+        reset = policy.act(obs, state, th.ones(2, dtype=th.bool), deterministic=True)
+        carried = policy.act(obs, state, th.zeros(2, dtype=th.bool), deterministic=True)
+    th.testing.assert_close(reset.values, fresh.values)
+    assert not th.allclose(carried.values, fresh.values)
+
+
+def test_predict_follows_the_recurrent_contract(observation_space: spaces.Dict) -> None:
+    policy = make_policy(observation_space)
+    obs = {k: v.numpy() for k, v in random_obs(observation_space, (3,)).items()}
+
+    actions, state = policy.predict(obs, deterministic=True)
+    assert actions.shape == (3,) and isinstance(state, ThalamusState)
+    assert state.batch_size == 3
+    # state=None means zeros; an episode start resets whatever state is passed.
+    zeros = policy.initial_state(3)
+    same, _ = policy.predict(obs, state=zeros, episode_start=np.zeros(3, bool), deterministic=True)
+    np.testing.assert_array_equal(same, actions)
+    reset, _ = policy.predict(obs, state=state, episode_start=np.ones(3, bool), deterministic=True)
+    np.testing.assert_array_equal(reset, actions)
+
+    single = {k: v[0] for k, v in obs.items()}  # one unbatched observation
+    action, state1 = policy.predict(single, deterministic=True)
+    assert action.shape == () and state1.batch_size == 1
+    assert int(action) == int(actions[0])
+
+    with pytest.raises(ValueError, match="state of 3 envs"):
+        policy.predict(single, state=state)
+
+
+def test_policy_save_load(observation_space: spaces.Dict, tmp_path: Path) -> None:
+    policy = make_policy(observation_space, top_k=5)
+    path = tmp_path / "policy.pt"
+    policy.save(str(path))
+    loaded = ThalamusPolicy.load(str(path), device="cpu")
+    assert loaded.core.config.top_k == 5
+    obs = {k: v.numpy() for k, v in random_obs(observation_space, (4,)).items()}
+    a, s = policy.predict(obs, deterministic=True)
+    b, t = loaded.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(a, b)
+    th.testing.assert_close(s.flatten(), t.flatten())
+
+
+def test_orthogonal_init_leaves_the_core_alone(observation_space: spaces.Dict) -> None:
+    """The heads get SB3's orthogonal init; the core keeps its own (built first, same seed)."""
+    policy = make_policy(observation_space, seed=3)
+    th.manual_seed(3)
+    reference = ThalamusCore(policy.core.config)
+    for (name, a), (_, b) in zip(
+        policy.core.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        th.testing.assert_close(a, b, msg=name)
+
+
+def test_thalamus_config_from_policy_kwargs(observation_space: spaces.Dict) -> None:
+    config = make_thalamus_config({"top_k": 3, "streams": [dict(name="s")]}, 3)
+    assert isinstance(config, ThalamusConfig) and config.top_k == 3
+    assert config.n_feedback_signals == 3 and len(config.streams) == 1
+    with pytest.raises(ValueError, match="top_kk"):
+        make_thalamus_config({"top_kk": 3}, 3)
+    with pytest.raises(ValueError, match="n_feedback_signals"):
+        make_policy(observation_space, n_feedback_signals=5)
+
+
+def test_non_dict_space_is_rejected() -> None:
+    with pytest.raises(TypeError, match="Dict observation space"):
+        ThalamusPolicy(spaces.Box(0, 1, (4,)), spaces.Discrete(2), lambda _: 1e-3)
+
+
+def test_stateless_extractor_call_explains_itself(observation_space: spaces.Dict) -> None:
+    policy = make_policy(observation_space)
+    with pytest.raises(TypeError, match="recurrent"):
+        policy.features_extractor(random_obs(observation_space, (1,)))
