@@ -1,0 +1,634 @@
+"""Experiment configuration: OmegaConf structured configs, YAML files and dotted overrides.
+
+One config system for every entry point. A config is built in layers, each merged over the
+previous one and type-checked against the dataclass schema below as it is merged:
+
+1. the schema defaults (the dataclasses in this module),
+2. ``configs/defaults.yaml`` (the project's shared settings),
+3. one per-env file, e.g. ``configs/doorkey_5x5.yaml``,
+4. dotted ``key=value`` overrides from the command line (``ppo.n_steps=64``).
+
+:func:`load_config` then checks ranges, choices and cross-field rules and returns a plain
+:class:`ExperimentConfig` of dataclasses. Every problem (an unknown key, a wrong type, a
+value out of range, an env id that is not registered) raises :class:`ConfigError` naming the
+key, the value and what would be valid, before anything is built.
+
+>>> cfg = load_config(overrides=["train.seed=3", "ppo.n_steps=64"])
+>>> cfg.train.seed, cfg.ppo.n_steps
+(3, 64)
+>>> load_config(overrides=["ppo.n_step=64"])  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+agents.config.ConfigError: unknown key 'ppo.n_step' (from the command line). Did you mean ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import math
+import operator
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from thalamus_rl import ThalamusConfig
+
+__all__ = [
+    "AGENT_KINDS",
+    "CONFIG_DIR",
+    "DEFAULT_CONFIG",
+    "DEFAULTS_FILE",
+    "AgentConfig",
+    "ConfigError",
+    "EnvConfig",
+    "ExperimentConfig",
+    "LSTMConfig",
+    "PPOConfig",
+    "TrainConfig",
+    "config_reference",
+    "config_to_yaml",
+    "find_config_for_env",
+    "load_config",
+    "parse_overrides",
+    "resolve_config_path",
+    "to_dataclass",
+    "save_config",
+    "validate_config",
+]
+
+CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+"""The repository's ``configs/`` folder."""
+DEFAULTS_FILE: Path = CONFIG_DIR / "defaults.yaml"
+"""Shared settings, merged under every per-env file."""
+DEFAULT_CONFIG: Path = CONFIG_DIR / "doorkey_5x5.yaml"
+"""The config ``scripts/train_agent.py`` trains when given no arguments."""
+AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
+"""``agent.kind`` choices: ThalamusPPO, feed-forward PPO, LSTM RecurrentPPO."""
+
+
+class ConfigError(ValueError):
+    """A config value, key or file is invalid; the message says which and what is valid."""
+
+
+def _param(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Sequence[Any] | None = None,
+) -> Any:
+    """A dataclass field carrying its documentation and its valid range or choices.
+
+    OmegaConf reads only the type and the default; :func:`validate_config` reads the bounds
+    from the field metadata and :func:`config_reference` the help text.
+    """
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if isinstance(default, dict | list):
+        factory = default.copy
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class EnvConfig:
+    """Which environment to train on and how to vectorise it."""
+
+    id: str = _param("MiniGrid-DoorKey-5x5-v0", "Gymnasium env id (MiniGrid-* or BabyAI-*).")
+    n_envs: int = _param(8, "Parallel training envs.", ge=1)
+    vec_env: str = _param(
+        "dummy",
+        "Vectorisation: 'dummy' steps envs in this process, 'subproc' in worker processes.",
+        choices=("dummy", "subproc"),
+    )
+    trial_episodes: int = _param(
+        1,
+        "Episodes per trial: the reward-feedback signals (return of the previous episode) "
+        "carry across this many episodes of the same layout.",
+        ge=1,
+    )
+    env_kwargs: dict[str, Any] = _param({}, "Extra keyword arguments for gymnasium.make.")
+
+
+@dataclass
+class AgentConfig:
+    """Which agent to train."""
+
+    kind: str = _param(
+        "thalamus",
+        "thalamus: ThalamusPPO (the thalamus policy); ppo: feed-forward PPO baseline; "
+        "lstm: sb3-contrib RecurrentPPO baseline.",
+        choices=AGENT_KINDS,
+    )
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters, shared by all three agents (stable-baselines3 names)."""
+
+    n_steps: int = _param(128, "Rollout length per env between updates.", ge=1)
+    batch_size: int = _param(256, "Minibatch size in env steps.", ge=1)
+    n_epochs: int = _param(4, "Passes over each rollout.", ge=1)
+    learning_rate: float = _param(3e-4, "Adam learning rate.", gt=0.0)
+    gamma: float = _param(0.99, "Discount factor.", ge=0.0, le=1.0)
+    gae_lambda: float = _param(0.95, "GAE lambda.", ge=0.0, le=1.0)
+    clip_range: float = _param(0.2, "PPO ratio clip.", gt=0.0)
+    ent_coef: float = _param(0.01, "Entropy bonus coefficient.", ge=0.0)
+    vf_coef: float = _param(0.5, "Value loss coefficient.", ge=0.0)
+    max_grad_norm: float = _param(0.5, "Gradient norm clip.", gt=0.0)
+    normalize_advantage: bool = _param(True, "Normalise advantages per minibatch.")
+    target_kl: float | None = _param(
+        None, "Stop an update's epochs early when the approximate KL exceeds this.", gt=0.0
+    )
+
+
+@dataclass
+class LSTMConfig:
+    """Policy settings of the LSTM baseline (sb3-contrib RecurrentPPO)."""
+
+    lstm_hidden_size: int = _param(128, "LSTM hidden units.", ge=1)
+    n_lstm_layers: int = _param(1, "Stacked LSTM layers.", ge=1)
+    shared_lstm: bool = _param(False, "Actor and critic share one LSTM.")
+    enable_critic_lstm: bool = _param(True, "The critic has its own LSTM (if not shared).")
+
+
+@dataclass
+class TrainConfig:
+    """Budget, seeding, device, and what the run writes while it trains."""
+
+    total_timesteps: int = _param(200_000, "Env steps to train for, over all envs.", ge=1)
+    seed: int = _param(0, "Seed of the policy, the training envs and (offset) the eval envs.", ge=0)
+    device: str = _param("auto", "Torch device: auto, cpu, cuda, cuda:N or mps.")
+    checkpoint_freq: int = _param(
+        50_000, "Checkpoint every this many env steps (0: only at the end).", ge=0
+    )
+    keep_checkpoints: int = _param(3, "Periodic checkpoints kept; older ones are deleted.", ge=1)
+    eval_freq: int = _param(25_000, "Evaluate every this many env steps (0: never).", ge=0)
+    eval_episodes: int = _param(20, "Episodes per evaluation.", ge=1)
+    eval_n_envs: int = _param(4, "Parallel eval envs (seeded apart from the training envs).", ge=1)
+    eval_deterministic: bool = _param(True, "Evaluate with the most likely action.")
+    video: bool = _param(
+        False,
+        "At each evaluation, record one episode with the thalamus overlay to videos/ and "
+        "log it to tensorboard.",
+    )
+    video_fps: int = _param(4, "Frames per second of recorded videos.", ge=1)
+    progress: str = _param(
+        "auto",
+        "auto: a progress bar on a terminal, log lines otherwise; bar; log; none.",
+        choices=("auto", "bar", "log", "none"),
+    )
+    log_every_s: float = _param(30.0, "Seconds between plain progress log lines.", gt=0.0)
+    runs_dir: str = _param("runs", "Where run directories are created.")
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run: env, agent, PPO, thalamus and LSTM settings, and the train loop."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    thalamus: ThalamusConfig = field(default_factory=ThalamusConfig)
+    lstm: LSTMConfig = field(default_factory=LSTMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """Find a config file given a path or a bare name in ``configs/``.
+
+    >>> resolve_config_path("doorkey_5x5").name
+    'doorkey_5x5.yaml'
+
+    :raises ConfigError: no such file; the message lists the configs that exist.
+    """
+    path = Path(name_or_path)
+    candidates = [path]
+    if not path.is_absolute() and len(path.parts) == 1:
+        candidates += [CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(
+        f"config file '{name_or_path}' not found. Give a path, or one of the names in "
+        f"{CONFIG_DIR}: {available}"
+    )
+
+
+def find_config_for_env(env_id: str) -> Path | None:
+    """The per-env file in ``configs/`` whose ``env.id`` is ``env_id``, if there is one.
+
+    >>> find_config_for_env("MiniGrid-MemoryS7-v0").name
+    'memory_s7.yaml'
+    >>> find_config_for_env("MiniGrid-Empty-5x5-v0") is None
+    True
+    """
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if path == DEFAULTS_FILE:
+            continue
+        data = OmegaConf.load(path)
+        if OmegaConf.select(data, "env.id", default=None) == env_id:
+            return path
+    return None
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """Split dotted ``key=value`` overrides and parse each value as YAML.
+
+    >>> parse_overrides(["ppo.n_steps=64", "ppo.learning_rate=1e-3", "env.env_kwargs.size=6"])
+    [('ppo.n_steps', 64), ('ppo.learning_rate', 0.001), ('env.env_kwargs.size', 6)]
+
+    ``null`` is None and ``[1, 2]`` a list; list items are addressed by index.
+
+    :raises ConfigError: an override without ``=`` or with an empty key.
+    """
+    parsed: list[tuple[str, Any]] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"override '{item}' must look like key=value, e.g. ppo.n_steps=64 or "
+                "train.seed=3 (scripts/train_agent.py --help-config lists the keys)"
+            )
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+        parsed.append((key, value))
+    return parsed
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    defaults_file: str | os.PathLike[str] | None = DEFAULTS_FILE,
+    check_env_id: bool = True,
+) -> ExperimentConfig:
+    """Build, type-check and validate an experiment config.
+
+    :param config_file: a per-env YAML (path or name in ``configs/``); ``None`` uses only the
+        schema and the defaults file.
+    :param overrides: dotted ``key=value`` strings, applied last, in order.
+    :param defaults_file: shared settings merged under ``config_file``; ``None`` skips them.
+    :param check_env_id: check that ``env.id`` is a registered MiniGrid/BabyAI id.
+    :return: the validated config as dataclasses.
+    :raises ConfigError: unknown key, wrong type, out-of-range value or unknown env id.
+    """
+    merged: DictConfig = OmegaConf.structured(ExperimentConfig)
+    files = [] if defaults_file is None else [Path(defaults_file)]
+    if config_file is not None:
+        files.append(resolve_config_path(config_file))
+    for path in files:
+        layer = _load_yaml(path)
+        with _omegaconf_errors(f"file {path}", layer):
+            merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
+    for key, value in parse_overrides(overrides):
+        with _omegaconf_errors("the command line", {key: value}):
+            OmegaConf.update(merged, key, value, merge=True)
+    return to_dataclass(merged, check_env_id=check_env_id)
+
+
+def to_dataclass(config: DictConfig, *, check_env_id: bool = True) -> ExperimentConfig:
+    """Convert a merged structured config to :class:`ExperimentConfig` and validate it."""
+    try:
+        result = OmegaConf.to_object(config)
+    except OmegaConfBaseException as exc:  # e.g. a mandatory value left missing
+        raise ConfigError(f"{exc.full_key}: {exc.msg.splitlines()[0]}") from None
+    except (ValueError, TypeError) as exc:  # the __post_init__ checks of ThalamusConfig
+        raise ConfigError(str(exc).replace("ThalamusConfig.", "thalamus.")) from None
+    assert isinstance(result, ExperimentConfig)
+    validate_config(result, check_env_id=check_env_id)
+    return result
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        data = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found") from None
+    except Exception as exc:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not a list")
+    return data
+
+
+@contextlib.contextmanager
+def _omegaconf_errors(source: str, layer: Any) -> Iterator[None]:
+    """Turn OmegaConf's merge errors into a ConfigError naming the key, value and source."""
+    try:
+        yield
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        raise ConfigError(_unknown_key_message(exc.full_key or str(exc.key), source)) from None
+    except ValidationError as exc:
+        full_key = _normalise_key(exc.full_key or str(exc.key))
+        first_line = exc.msg.splitlines()[0]
+        if not first_line.startswith("Value '"):  # e.g. a list index out of range
+            raise ConfigError(f"{full_key} (from {source}): {first_line}") from None
+        value = _select(layer, full_key)
+        raise ConfigError(
+            f"{full_key} = {value!r} (from {source}) has the wrong type: expected "
+            f"{_type_name(_field_at(full_key))}"
+        ) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{exc.full_key} (from {source}): {exc.msg.splitlines()[0]}") from None
+    except TypeError as exc:  # e.g. a mapping given where the schema has a list
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _normalise_key(full_key: str) -> str:
+    """``thalamus.streams[0].foo`` -> ``thalamus.streams.0.foo`` (the override syntax)."""
+    return re.sub(r"\[(\d+)\]", r".\1", full_key)
+
+
+def _select(layer: Any, full_key: str) -> Any:
+    """The value a layer gives ``full_key`` (a flat override or a nested mapping)."""
+    if isinstance(layer, dict) and full_key in layer:
+        return layer[full_key]
+    return OmegaConf.select(OmegaConf.create(layer), full_key, default=None)
+
+
+def _unknown_key_message(full_key: str, source: str) -> str:
+    full_key = _normalise_key(full_key)
+    parent_key, _, leaf = full_key.rpartition(".")
+    valid = _keys_at(parent_key)
+    where = f"in '{parent_key}'" if parent_key else "at the top level (sections)"
+    message = f"unknown key '{full_key}' (from {source})."
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    if close:
+        suggestion = f"{parent_key}.{close[0]}" if parent_key else close[0]
+        message += f" Did you mean '{suggestion}'?"
+    return f"{message} Valid keys {where}: {', '.join(valid)}"
+
+
+def _schema_at(dotted: str) -> Any:
+    """The schema type at a dotted path ('' is ExperimentConfig; digits index into lists)."""
+    cls: Any = ExperimentConfig
+    for part in filter(None, dotted.split(".")):
+        if part.isdigit() and typing.get_origin(cls) is list:
+            cls = typing.get_args(cls)[0]
+        elif dataclasses.is_dataclass(cls):
+            cls = typing.get_type_hints(cls).get(part)
+        else:
+            return None
+    return cls
+
+
+def _keys_at(dotted: str) -> list[str]:
+    cls = _schema_at(dotted)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _field_at(full_key: str) -> Any:
+    return _schema_at(full_key)
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is None:
+        return "a value of the documented type"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{origin.__name__}[{args}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> None:
+    """Check ranges, choices and cross-field rules of a config built from the schema.
+
+    Types are already enforced by OmegaConf while merging; this checks the bounds and
+    choices declared with each field, the device, the env id, and that the settings fit
+    together (e.g. a minibatch no larger than a rollout).
+
+    :raises ConfigError: naming the key, the value and the valid range or choices.
+    """
+    _validate_fields(config, prefix="")
+    _validate_device(config.train.device)
+    rollout = config.ppo.n_steps * config.env.n_envs
+    if config.ppo.batch_size > rollout:
+        raise ConfigError(
+            f"ppo.batch_size = {config.ppo.batch_size} is larger than one rollout "
+            f"(ppo.n_steps * env.n_envs = {config.ppo.n_steps} * {config.env.n_envs} = "
+            f"{rollout}); lower ppo.batch_size or raise ppo.n_steps / env.n_envs"
+        )
+    if config.ppo.normalize_advantage and config.ppo.batch_size < 2:
+        raise ConfigError(
+            f"ppo.batch_size = {config.ppo.batch_size} must be >= 2 with "
+            "ppo.normalize_advantage = true (advantages are normalised per minibatch)"
+        )
+    if config.agent.kind == "thalamus":
+        from agents.buffer import check_batch_size
+
+        try:
+            check_batch_size(config.ppo.batch_size, config.ppo.n_steps, config.env.n_envs)
+        except ValueError as exc:
+            raise ConfigError(f"ppo.batch_size / ppo.n_steps / env.n_envs: {exc}") from None
+    if check_env_id:
+        _validate_env_id(config.env.id)
+
+
+def _validate_fields(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _validate_fields(value, prefix=f"{key}.")
+            continue
+        meta = f.metadata
+        if not meta or value is None:
+            continue
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"{key} = {value!r} is not a valid choice; choose one of: "
+                + ", ".join(str(c) for c in choices)
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r} must be a finite number")
+        if not all(op(value, meta[name]) for name, _, op in _BOUNDS if meta.get(name) is not None):
+            raise ConfigError(f"{key} = {value!r} is out of range: must be {_limits(meta)}")
+
+
+_BOUNDS = (
+    ("ge", ">=", operator.ge),
+    ("gt", ">", operator.gt),
+    ("le", "<=", operator.le),
+    ("lt", "<", operator.lt),
+)
+
+
+def _limits(meta: Any) -> str:
+    """``'>= 0.0 and <= 1.0'`` from a field's bounds metadata."""
+    return " and ".join(
+        f"{sym} {meta[name]}" for name, sym, _ in _BOUNDS if meta.get(name) is not None
+    )
+
+
+def _validate_device(device: str) -> None:
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"train.device = {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device = {device!r} but no CUDA device is available; use cpu or auto"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device = {device!r} but only {torch.cuda.device_count()} CUDA "
+                f"device(s) exist (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device = {device!r} but MPS is not available; use cpu or auto")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(
+            f"train.device = {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps"
+        )
+
+
+def _validate_env_id(env_id: str) -> None:
+    from envs.registry import check_env_id
+
+    try:
+        check_env_id(env_id)
+    except ValueError as exc:
+        raise ConfigError(f"env.id = {env_id!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Saving and documenting
+# --------------------------------------------------------------------------------------
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    """The resolved config as YAML, loadable again with :func:`load_config`.
+
+    >>> "kind: thalamus" in config_to_yaml(ExperimentConfig())
+    True
+    """
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
+    """Write :func:`config_to_yaml` to ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(config_to_yaml(config))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_reference() -> list[tuple[str, str, str, str]]:
+    """One row per config key: ``(key, type, default, help with valid range)``.
+
+    This is the table ``--help-config`` prints and the README's config reference. List items
+    (``thalamus.streams``) get one row per field, with each item's default joined by ``/``.
+
+    >>> rows = {key: rest for key, *rest in config_reference()}
+    >>> rows["ppo.n_steps"]
+    ['int', '128', 'Rollout length per env between updates. (>= 1)']
+    >>> rows["thalamus.streams.<i>.name"][:2]
+    ['str', 'visual / semantic']
+    """
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls: Any, defaults: list[Any], prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        param_docs = _param_docs(cls)
+        for f in dataclasses.fields(cls):
+            key, annotation = f"{prefix}{f.name}", hints[f.name]
+            values = [getattr(d, f.name) for d in defaults]
+            if dataclasses.is_dataclass(annotation):
+                walk(annotation, values, f"{key}.")
+                continue
+            help_text = f.metadata.get("help") or param_docs.get(f.name, "")
+            limits = [_limits(f.metadata)] if _limits(f.metadata) else []
+            if f.metadata.get("choices"):
+                limits.append("one of " + ", ".join(str(c) for c in f.metadata["choices"]))
+            if limits:
+                help_text = f"{help_text} ({'; '.join(limits)})".strip()
+            list_of = (
+                typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else None
+            )
+            if list_of is not None and dataclasses.is_dataclass(list_of):
+                names = [str(getattr(v, "name", i)) for i, v in enumerate(values[0])]
+                rows.append((key, f"list[{list_of.__name__}]", ", ".join(names), help_text))
+                walk(list_of, list(values[0]), f"{key}.<i>.")
+                continue
+            shown = " / ".join(dict.fromkeys(_format_default(v) for v in values))
+            rows.append((key, _type_name(annotation), shown, help_text))
+
+    walk(ExperimentConfig, [ExperimentConfig()], "")
+    return rows
+
+
+def _param_docs(cls: Any) -> dict[str, str]:
+    """``{name: text}`` from the ``:param name: text`` lines of a class docstring."""
+    docs: dict[str, str] = {}
+    current = None
+    for line in (cls.__doc__ or "").splitlines():
+        match = re.match(r"\s*:param (\w+):\s*(.*)", line)
+        if match:
+            current = match.group(1)
+            docs[current] = match.group(2).strip()
+        elif current is not None and line.strip() and not line.strip().startswith(":"):
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def _format_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    return str(value)
