@@ -1,0 +1,511 @@
+"""Evaluation rollouts rendered to frames, the thalamus overlay, and MP4 writing.
+
+The overlay makes the agent's attention visible. On MiniGrid's full-grid render
+(``render_mode="rgb_array"``) each frame marks the grid cells whose tokens the gate selected
+at that step, tinted and outlined with an intensity given by their salience, and a panel
+under the grid shows the mission, the step, the reward so far, the streams' competition
+weights and which non-cell tokens (mission words, the proprio token) were selected.
+
+Cells are placed with MiniGrid's own view geometry: token ``j < H*W`` of the tokenizer is
+cell ``(j // W, j % W)`` of the egocentric ``image``, i.e. view column ``i`` and view row
+``j`` in MiniGrid's ``gen_obs_grid`` convention (the agent at ``(V // 2, V - 1)`` looking
+"up"), mapped to the world with :func:`view_to_world` exactly as MiniGrid's
+``get_full_render`` highlights the field of view.
+
+Videos are written with imageio + imageio-ffmpeg, which ships its own ffmpeg binary, so
+recording works headless on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from PIL import Image, ImageDraw, ImageFont
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+from agents.policy import ThalamusPolicy
+from agents.tokenizer import TokenLayout
+
+__all__ = [
+    "OVERLAY_COLOR",
+    "EpisodeRecording",
+    "GateView",
+    "SelectedCell",
+    "compose_frame",
+    "draw_selection",
+    "encode_gif",
+    "panel_height",
+    "render_panel",
+    "run_episode",
+    "selected_cells",
+    "view_to_world",
+    "write_mp4",
+]
+
+OVERLAY_COLOR: tuple[int, int, int] = (0, 230, 255)
+"""Colour of selected cells (cyan: not used by any MiniGrid object)."""
+_PANEL_BG = (24, 24, 24)
+_PANEL_TEXT = (235, 235, 235)
+_PANEL_DIM = (150, 150, 150)
+_FONT_SIZE = 11
+_LINE_HEIGHT = 14
+_MISSION_LINES = 2
+
+FrameMode = Literal["none", "plain", "overlay"]
+
+
+# --------------------------------------------------------------------------------------
+# Geometry: view cells -> grid cells
+# --------------------------------------------------------------------------------------
+
+_DIR_TO_VEC = ((1, 0), (0, 1), (-1, 0), (0, -1))  # MiniGrid's DIR_TO_VEC: right, down, left, up
+
+
+def view_to_world(
+    agent_pos: Sequence[int], agent_dir: int, view_size: int, vis_i: int, vis_j: int
+) -> tuple[int, int]:
+    """Grid cell ``(x, y)`` of the egocentric view cell ``(vis_i, vis_j)``.
+
+    The inverse of MiniGrid's ``get_view_coords``: the view's top-left corner lies
+    ``view_size - 1`` cells ahead and ``view_size // 2`` cells left of the agent; view
+    columns run to the agent's right, view rows towards the agent.
+
+    >>> view_to_world((3, 3), agent_dir=3, view_size=7, vis_i=3, vis_j=6)  # the agent's cell
+    (3, 3)
+    >>> view_to_world((3, 3), agent_dir=0, view_size=7, vis_i=3, vis_j=5)  # one step ahead
+    (4, 3)
+    """
+    fx, fy = _DIR_TO_VEC[agent_dir]
+    rx, ry = -fy, fx
+    top_x = agent_pos[0] + fx * (view_size - 1) - rx * (view_size // 2)
+    top_y = agent_pos[1] + fy * (view_size - 1) - ry * (view_size // 2)
+    return int(top_x - fx * vis_j + rx * vis_i), int(top_y - fy * vis_j + ry * vis_i)
+
+
+@dataclass(frozen=True)
+class GateView:
+    """One env's thalamus step, as the overlay needs it (numpy, no batch dim).
+
+    :ivar salience: ``[N]`` gate logits (``-inf`` at masked tokens).
+    :ivar indices: ``[K]`` selected token ids.
+    :ivar stream_weights: ``[M]`` competition weights of the streams.
+    """
+
+    salience: np.ndarray
+    indices: np.ndarray
+    stream_weights: np.ndarray
+
+    @classmethod
+    def from_output(cls, output: Any, env_index: int = 0) -> GateView:
+        """Take env ``env_index`` of a step's ``ThalamusOutput`` (leading dim ``[B]``)."""
+        return cls(
+            salience=output.salience[env_index].detach().float().cpu().numpy(),
+            indices=output.indices[env_index].detach().cpu().numpy().astype(np.int64),
+            stream_weights=output.stream_weights[env_index].detach().float().cpu().numpy(),
+        )
+
+    def intensities(self) -> np.ndarray:
+        """``[K]`` in ``(0, 1]``: ``exp(s_j - max_k s_k)`` over the selected tokens.
+
+        The most salient selected token is 1; a token half as likely under a softmax of
+        the salience is 0.5. Selected tokens with ``-inf`` salience (empty slots) get 0.
+        """
+        selected = self.salience[self.indices].astype(np.float64)
+        finite = np.isfinite(selected)
+        if not finite.any():
+            return np.zeros(len(selected))
+        top = selected[finite].max()
+        return np.where(finite, np.exp(np.where(finite, selected - top, 0.0)), 0.0)
+
+
+@dataclass(frozen=True)
+class SelectedCell:
+    """A grid cell whose token the gate selected: ``(x, y)`` and intensity in ``[0, 1]``."""
+
+    x: int
+    y: int
+    intensity: float
+
+
+def selected_cells(gate: GateView, layout: TokenLayout, env: gym.Env) -> list[SelectedCell]:
+    """The grid cells of the selected image tokens that lie inside the grid.
+
+    :param gate: the step's selection.
+    :param layout: the tokenizer's token layout (image tokens first, row-major).
+    :param env: the MiniGrid env (any wrapper), in the state the selection was made on.
+    """
+    unwrapped = env.unwrapped
+    height, width = layout.grid_shape
+    view_size = int(unwrapped.agent_view_size)
+    if (height, width) != (view_size, view_size):
+        raise ValueError(
+            f"the tokenizer's image grid is {height}x{width} but the env's agent_view_size is "
+            f"{view_size}: the overlay needs the policy's env"
+        )
+    cells = []
+    for token, intensity in zip(gate.indices, gate.intensities(), strict=True):
+        if not layout.image.start <= token < layout.image.stop or intensity <= 0.0:
+            continue
+        vis_i, vis_j = divmod(int(token) - layout.image.start, width)
+        x, y = view_to_world(unwrapped.agent_pos, unwrapped.agent_dir, view_size, vis_i, vis_j)
+        if 0 <= x < unwrapped.width and 0 <= y < unwrapped.height:
+            cells.append(SelectedCell(x, y, float(intensity)))
+    return cells
+
+
+def _selected_extras(gate: GateView, layout: TokenLayout, mission_ids: np.ndarray | None) -> str:
+    """``'words: key, door; proprio'`` for the selected tokens that are not cells."""
+    from envs import default_vocabulary
+
+    words, proprio = [], False
+    for token in gate.indices:
+        token = int(token)
+        if layout.mission.start <= token < layout.mission.stop and mission_ids is not None:
+            word_id = int(mission_ids[token - layout.mission.start])
+            if word_id != 0:
+                words.append(default_vocabulary().decode([word_id]))
+        elif token == layout.proprio:
+            proprio = True
+    parts = []
+    if words:
+        parts.append("words: " + ", ".join(words))
+    if proprio:
+        parts.append("proprio")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------
+
+
+def draw_selection(
+    frame: np.ndarray,
+    cells: Sequence[SelectedCell],
+    tile_size: int,
+    color: tuple[int, int, int] = OVERLAY_COLOR,
+) -> np.ndarray:
+    """Tint and outline the selected cells of a full-grid render; pixels elsewhere unchanged.
+
+    Each cell's tile is blended towards ``color`` with opacity ``0.15 + 0.45 * intensity``
+    and gets a 2-pixel outline of ``color`` at ``0.4 + 0.6 * intensity``.
+
+    :param frame: ``[H*tile, W*tile, 3]`` uint8 render (not modified).
+    :param cells: the cells to mark.
+    :param tile_size: pixels per cell.
+    :return: a new ``[H*tile, W*tile, 3]`` uint8 frame.
+    """
+    out = frame.astype(np.float32)
+    rgb = np.asarray(color, dtype=np.float32)
+    edge = max(1, tile_size // 16)
+    for cell in cells:
+        y0, x0 = cell.y * tile_size, cell.x * tile_size
+        tile = out[y0 : y0 + tile_size, x0 : x0 + tile_size]
+        fill = 0.15 + 0.45 * cell.intensity
+        tile[:] = (1 - fill) * tile + fill * rgb
+        border = np.zeros(tile.shape[:2], dtype=bool)
+        border[:edge, :] = border[-edge:, :] = border[:, :edge] = border[:, -edge:] = True
+        line = 0.4 + 0.6 * cell.intensity
+        tile[border] = (1 - line) * tile[border] + line * rgb
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@cache
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled font (FreeType when available, else its bitmap font): no system fonts."""
+    return ImageFont.load_default(size=_FONT_SIZE)
+
+
+def _wrap(text: str, width: int, max_lines: int) -> list[str]:
+    font, lines, line = _font(), [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if font.getlength(candidate) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and font.getlength(lines[-1] + "...") > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines
+
+
+def panel_height(n_streams: int) -> int:
+    """Height in pixels of the panel for ``n_streams`` streams (a multiple of 16).
+
+    >>> panel_height(2)
+    96
+    """
+    lines = _MISSION_LINES + 1 + n_streams + 1
+    return 16 * math.ceil((lines * _LINE_HEIGHT + 8) / 16)
+
+
+def render_panel(
+    width: int,
+    mission: str,
+    step: int,
+    episode_return: float,
+    stream_names: Sequence[str] = (),
+    stream_weights: np.ndarray | None = None,
+    extras: str = "",
+) -> np.ndarray:
+    """The text panel shown under the grid: ``[panel_height(len(stream_names)), width, 3]``.
+
+    :param mission: the mission string (wrapped to two lines).
+    :param step: steps taken so far in the episode.
+    :param episode_return: reward collected so far.
+    :param stream_names: the streams' names (one bar each).
+    :param stream_weights: ``[M]`` their competition weights (``None``: not a thalamus agent).
+    :param extras: a last line, e.g. the selected mission words.
+    """
+    height = panel_height(len(stream_names))
+    image = Image.new("RGB", (width, height), _PANEL_BG)
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    y = 4
+    for line in _wrap(mission, width - 8, _MISSION_LINES):
+        draw.text((4, y), line, fill=_PANEL_TEXT, font=font)
+        y += _LINE_HEIGHT
+    y = 4 + _MISSION_LINES * _LINE_HEIGHT
+    draw.text((4, y), f"step {step}   reward {episode_return:.2f}", fill=_PANEL_TEXT, font=font)
+    y += _LINE_HEIGHT
+    label_width = max([font.getlength(n) for n in stream_names], default=0) + 8
+    bar_x0, bar_x1 = 4 + label_width, width - 36
+    for m, name in enumerate(stream_names):
+        draw.text((4, y), name, fill=_PANEL_DIM, font=font)
+        if stream_weights is not None and bar_x1 > bar_x0:
+            weight = float(stream_weights[m])
+            draw.rectangle((bar_x0, y + 3, bar_x1, y + _LINE_HEIGHT - 3), outline=_PANEL_DIM)
+            filled = bar_x0 + (bar_x1 - bar_x0) * min(max(weight, 0.0), 1.0)
+            draw.rectangle((bar_x0, y + 3, filled, y + _LINE_HEIGHT - 3), fill=OVERLAY_COLOR)
+            draw.text((bar_x1 + 4, y), f"{weight:.2f}", fill=_PANEL_TEXT, font=font)
+        y += _LINE_HEIGHT
+    if extras:
+        draw.text((4, y), _wrap(extras, width - 8, 1)[0], fill=_PANEL_DIM, font=font)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def compose_frame(
+    frame: np.ndarray,
+    env: gym.Env,
+    step: int,
+    episode_return: float,
+    cells: Sequence[SelectedCell] = (),
+    stream_names: Sequence[str] = (),
+    stream_weights: np.ndarray | None = None,
+    extras: str = "",
+) -> np.ndarray:
+    """One overlay frame: the render with ``cells`` marked, over the text panel.
+
+    :param frame: ``[Hp, Wp, 3]`` the env's full-grid render of the current state.
+    :param env: the env, in the rendered state (for the grid size and the mission).
+    :param cells: the selected cells (:func:`selected_cells`).
+    :return: ``[Hp + panel_height(M), Wp, 3]`` uint8.
+    """
+    unwrapped = env.unwrapped
+    if cells:
+        frame = draw_selection(frame, cells, tile_size=frame.shape[0] // unwrapped.height)
+    panel = render_panel(
+        frame.shape[1],
+        str(unwrapped.mission),
+        step,
+        episode_return,
+        stream_names,
+        stream_weights,
+        extras,
+    )
+    return np.concatenate([frame, panel], axis=0)
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpisodeRecording:
+    """One evaluation episode.
+
+    :ivar episode_return: summed reward.
+    :ivar length: steps taken.
+    :ivar success: ``info["is_success"]`` at the end (False when the env does not say).
+    :ivar frames: ``length + 1`` frames ``[H, W, 3]`` uint8 (reset, then after each step),
+        empty when not recording.
+    :ivar selections: with the overlay, the cells marked on each frame.
+    """
+
+    episode_return: float
+    length: int
+    success: bool
+    frames: list[np.ndarray] = field(default_factory=list)
+    selections: list[list[SelectedCell]] = field(default_factory=list)
+
+
+def run_episode(
+    model: BaseAlgorithm,
+    env: gym.Env,
+    *,
+    deterministic: bool = True,
+    frames: FrameMode = "none",
+    seed: int | None = None,
+    max_steps: int | None = None,
+) -> EpisodeRecording:
+    """Play one episode of ``model`` on a single (unvectorised) env, optionally rendering.
+
+    A thalamus policy steps through :meth:`ThalamusPolicy.act`, so each frame can show that
+    step's gate; other agents step through ``model.predict`` (with their recurrent state).
+
+    :param model: a trained ThalamusPPO, PPO or RecurrentPPO.
+    :param env: an env from ``envs.make_env`` (``render_mode="rgb_array"`` to record).
+    :param deterministic: take the most likely action.
+    :param frames: ``"none"``, ``"plain"`` (the env's render) or ``"overlay"``.
+    :param seed: seed of the reset (``None``: continue the env's RNG).
+    :param max_steps: stop after this many steps even if the episode has not ended.
+    :return: the episode's return, length, success and frames.
+    """
+    if frames != "none" and env.render_mode != "rgb_array":
+        raise ValueError(
+            f"recording frames needs an env made with render_mode='rgb_array', got "
+            f"{env.render_mode!r}"
+        )
+    policy = model.policy
+    policy.set_training_mode(False)
+    thalamus = isinstance(policy, ThalamusPolicy)
+    layout = policy.tokenizer.token_layout if thalamus else None
+    stream_names = [s.name for s in policy.features_extractor.config.streams] if thalamus else []
+
+    obs, info = env.reset(seed=seed)
+    state: Any = None
+    episode_start = True
+    recording = EpisodeRecording(0.0, 0, False)
+
+    def act(observation: dict[str, np.ndarray]) -> tuple[np.ndarray, GateView | None]:
+        nonlocal state
+        starts = np.array([episode_start])
+        if not thalamus:
+            action, state = model.predict(
+                observation, state=state, episode_start=starts, deterministic=deterministic
+            )
+            return np.asarray(action).reshape(env.action_space.shape or ()), None
+        obs_tensor, _ = policy.obs_to_tensor(observation)
+        with th.no_grad():
+            step = policy.act(
+                obs_tensor, state, th.as_tensor(starts, device=policy.device), deterministic
+            )
+        state = step.state
+        action = step.actions[0].cpu().numpy()
+        return action.reshape(env.action_space.shape or ()), GateView.from_output(step.thalamus)
+
+    def record(gate: GateView | None) -> None:
+        if frames == "none":
+            return
+        frame = np.asarray(env.render())
+        if frames == "overlay":
+            cells, extras, weights = [], "", None
+            if gate is not None and layout is not None:
+                cells = selected_cells(gate, layout, env)
+                mission_ids = obs.get(layout.mission_key) if layout.mission_key else None
+                extras = _selected_extras(gate, layout, mission_ids)
+                weights = gate.stream_weights
+            frame = compose_frame(
+                frame,
+                env,
+                recording.length,
+                recording.episode_return,
+                cells,
+                stream_names,
+                weights,
+                extras,
+            )
+            recording.selections.append(cells)
+        recording.frames.append(frame)
+
+    while True:
+        action, gate = act(obs)
+        record(gate)
+        obs, reward, terminated, truncated, info = env.step(action)
+        episode_start = False
+        recording.episode_return += float(reward)
+        recording.length += 1
+        if terminated or truncated or (max_steps is not None and recording.length >= max_steps):
+            break
+    if frames == "overlay" and thalamus:
+        _, gate = act(obs)  # the selection the gate makes on the final observation
+        record(gate)
+    else:
+        record(None)
+    recording.success = bool(info.get("is_success", False))
+    return recording
+
+
+# --------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------
+
+
+def _pad_even(frame: np.ndarray) -> np.ndarray:
+    """Pad with black to even height and width (H.264 with yuv420p needs even sizes)."""
+    pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
+    if pad_h or pad_w:
+        frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)))
+    return frame
+
+
+def write_mp4(path: str | os.PathLike[str], frames: Sequence[np.ndarray], fps: int = 4) -> Path:
+    """Encode ``frames`` (``[H, W, 3]`` uint8, all the same size) as an H.264 MP4.
+
+    Odd sizes are padded by one black row/column; no resizing happens.
+
+    :return: the written path.
+    """
+    import imageio.v2 as imageio
+
+    if not frames:
+        raise ValueError("write_mp4 needs at least one frame")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = imageio.get_writer(
+        path,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+    )
+    try:
+        for frame in frames:
+            writer.append_data(_pad_even(np.asarray(frame, dtype=np.uint8)))
+    finally:
+        writer.close()
+    return path
+
+
+def encode_gif(frames: Sequence[np.ndarray], fps: int = 4) -> bytes:
+    """Encode ``frames`` as an animated GIF (for tensorboard's image tab)."""
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=max(1, round(1000 / fps)),
+        loop=0,
+    )
+    return buffer.getvalue()
