@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Evaluate a trained agent: a results table, a JSON file, and MP4 videos with the overlay.
+
+Examples::
+
+    python scripts/evaluate.py runs/MiniGrid-DoorKey-5x5-v0__thalamus__0__20250101-120000
+    python scripts/evaluate.py RUN_DIR --episodes 50 --stochastic
+    python scripts/evaluate.py RUN_DIR/best_model.zip --video-dir videos/ --video-every 5
+    python scripts/evaluate.py RUN_DIR --video-dir videos/ --no-overlay
+
+With a run directory the model is ``final_model.zip`` (else ``best_model.zip``, else the
+latest checkpoint); a model file needs the run's ``config.yaml`` beside it or one folder up.
+Episode ``i`` is reset with seed ``--seed + i``, so two evaluations with the same seed play
+the same layouts. Videos are recorded headless from ``render_mode="rgb_array"``; the
+overlay marks the cells the thalamus gate selected at each step (brighter = more salient)
+and shows the mission, the reward so far and the stream weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.config import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description=(
+            "Run evaluation episodes of a trained agent, print mean/std reward, success rate "
+            "and episode length, write them as JSON, and optionally record MP4 videos."
+        ),
+    )
+    parser.add_argument("target", metavar="RUN_DIR_OR_MODEL", help="run directory or model .zip")
+    parser.add_argument("--episodes", type=int, default=20, metavar="N", help="episodes (20)")
+    parser.add_argument("--env", metavar="ID", help="env id (default: the run's env.id)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="episode i resets with seed S+i (default: train.seed + 1000000, the eval seeds)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--deterministic",
+        dest="deterministic",
+        action="store_true",
+        default=True,
+        help="take the most likely action (default)",
+    )
+    mode.add_argument(
+        "--stochastic", dest="deterministic", action="store_false", help="sample actions"
+    )
+    parser.add_argument("--video-dir", metavar="DIR", help="write episode_<i>.mp4 files here")
+    parser.add_argument(
+        "--video-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="record every N-th episode (1: all)",
+    )
+    parser.add_argument(
+        "--no-overlay", action="store_true", help="plain renders, without the thalamus overlay"
+    )
+    parser.add_argument("--fps", type=int, metavar="F", help="video frame rate (train.video_fps)")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="results JSON (default: evaluation.json in the run directory)",
+    )
+    parser.add_argument("--device", default="auto", help="torch device (auto)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("episodes", "video_every", "fps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} = {value} must be >= 1", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+
+    import envs
+    from agents.training import EVAL_SEED_OFFSET, load_model
+    from agents.video import run_episode, write_mp4
+
+    try:
+        model, config, model_path, run_dir = load_model(args.target, device=args.device)
+        env_id = args.env or config.env.id
+        envs.check_env_id(env_id)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    seed = args.seed if args.seed is not None else config.train.seed + EVAL_SEED_OFFSET
+    fps = args.fps or config.train.video_fps
+    video_dir = Path(args.video_dir) if args.video_dir else None
+    output = Path(args.output) if args.output else run_dir / "evaluation.json"
+    env = envs.make_env(
+        env_id,
+        render_mode="rgb_array" if video_dir is not None else None,
+        trial_episodes=config.env.trial_episodes,
+        **config.env.env_kwargs,
+    )
+    episodes: list[dict[str, Any]] = []
+    try:
+        for i in range(args.episodes):
+            record = video_dir is not None and i % args.video_every == 0
+            frames = ("plain" if args.no_overlay else "overlay") if record else "none"
+            result = run_episode(
+                model, env, deterministic=args.deterministic, frames=frames, seed=seed + i
+            )
+            video = None
+            if record:
+                video = str(write_mp4(video_dir / f"episode_{i:03d}.mp4", result.frames, fps))
+            episodes.append(
+                {
+                    "seed": seed + i,
+                    "reward": result.episode_return,
+                    "length": result.length,
+                    "success": result.success,
+                    "video": video,
+                }
+            )
+    finally:
+        env.close()
+
+    rewards = np.array([e["reward"] for e in episodes])
+    lengths = np.array([e["length"] for e in episodes])
+    summary = {
+        "model": str(model_path),
+        "env_id": env_id,
+        "agent": config.agent.kind,
+        "episodes": len(episodes),
+        "deterministic": args.deterministic,
+        "seed": seed,
+        "mean_reward": float(rewards.mean()),
+        "std_reward": float(rewards.std()),
+        "success_rate": float(np.mean([e["success"] for e in episodes])),
+        "mean_length": float(lengths.mean()),
+        "std_length": float(lengths.std()),
+        "per_episode": episodes,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2) + "\n")
+
+    policy = "deterministic" if args.deterministic else "stochastic"
+    print(f"model    {model_path}")
+    seeds = f"seeds {seed}..{seed + len(episodes) - 1}"
+    print(f"env      {env_id}, {len(episodes)} episodes ({policy}, {seeds})")
+    print(f"reward   {summary['mean_reward']:.3f} +/- {summary['std_reward']:.3f}")
+    print(f"success  {summary['success_rate']:.3f}")
+    print(f"length   {summary['mean_length']:.1f} +/- {summary['std_length']:.1f}")
+    if video_dir is not None:
+        n_videos = sum(e["video"] is not None for e in episodes)
+        print(f"videos   {n_videos} in {video_dir}")
+    print(f"json     {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
