@@ -1,0 +1,144 @@
+"""Config system: YAML layers, dotted overrides, validation errors, the shipped configs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agents.config import (
+    CONFIG_DIR,
+    DEFAULT_CONFIG,
+    DEFAULTS_FILE,
+    ConfigError,
+    ExperimentConfig,
+    config_reference,
+    config_to_yaml,
+    find_config_for_env,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+
+PER_ENV_FILES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p != DEFAULTS_FILE)
+REQUIRED_ENVS = {
+    "MiniGrid-DoorKey-5x5-v0",
+    "MiniGrid-MemoryS7-v0",
+    "MiniGrid-MemoryS11-v0",
+    "MiniGrid-RedBlueDoors-6x6-v0",
+    "MiniGrid-KeyCorridorS3R1-v0",
+}
+
+
+def test_shipped_configs_cover_the_required_envs_and_a_babyai_task() -> None:
+    env_ids = {load_config(p).env.id for p in PER_ENV_FILES}
+    assert env_ids >= REQUIRED_ENVS
+    assert any(env_id.startswith("BabyAI-") for env_id in env_ids)
+
+
+@pytest.mark.parametrize("path", PER_ENV_FILES, ids=lambda p: p.stem)
+def test_every_per_env_file_validates_and_states_its_budget(path: Path) -> None:
+    config = load_config(path)
+    assert find_config_for_env(config.env.id) == path
+    text = path.read_text()
+    budget = re.search(r"^# Budget: ([\d.]+)([kM]) env steps", text, flags=re.MULTILINE)
+    assert budget is not None, f"{path.name} must state its budget in a '# Budget:' comment"
+    scale = {"k": 1_000, "M": 1_000_000}[budget.group(2)]
+    assert config.train.total_timesteps == round(float(budget.group(1)) * scale)
+
+
+def test_layers_merge_in_order_schema_defaults_file_overrides() -> None:
+    schema = ExperimentConfig()
+    config = load_config(DEFAULT_CONFIG, ["ppo.n_steps=64", "train.seed=7"])
+    assert config.env.id == "MiniGrid-DoorKey-5x5-v0"  # from the per-env file
+    assert config.ppo.n_steps == 64 and config.train.seed == 7  # overrides win
+    assert config.lstm == schema.lstm  # untouched sections keep the schema defaults
+    assert load_config(None).env.id == schema.env.id  # no per-env file: defaults.yaml only
+    assert load_config(None, ["train.seed=1", "train.seed=2"]).train.seed == 2
+
+
+def test_overrides_parse_yaml_values_and_reach_list_items_and_dicts() -> None:
+    config = load_config(
+        None,
+        [
+            "ppo.learning_rate=1e-3",
+            "ppo.target_kl=0.02",
+            "thalamus.streams.1.d_state=8",
+            "env.env_kwargs.max_steps=50",
+            "train.video=true",
+        ],
+    )
+    assert config.ppo.learning_rate == pytest.approx(1e-3)
+    assert config.ppo.target_kl == pytest.approx(0.02)
+    assert [s.d_state for s in config.thalamus.streams] == [16, 8]
+    assert config.env.env_kwargs == {"max_steps": 50}
+    assert config.train.video is True
+    assert parse_overrides(["ppo.target_kl=null"]) == [("ppo.target_kl", None)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["ppo.n_step=64"], r"unknown key 'ppo\.n_step'.*Did you mean 'ppo\.n_steps'.*gamma"),
+        (["ppo.lr=1e-3"], r"unknown key 'ppo\.lr'.*Valid keys in 'ppo': .*learning_rate"),
+        (["optim.lr=1"], r"unknown key 'optim'.*env, agent, ppo, thalamus, lstm, train"),
+        (["thalamus.streams.0.size=3"], r"unknown key 'thalamus\.streams\.0\.size'.*d_state"),
+        (["ppo.n_steps=abc"], r"ppo\.n_steps = 'abc'.*wrong type: expected int"),
+        (["train.video=maybe"], r"train\.video = 'maybe'.*expected bool"),
+        (["ppo.target_kl=high"], r"ppo\.target_kl = 'high'.*expected float or null"),
+        (["ppo.gamma=1.5"], r"ppo\.gamma = 1\.5 is out of range: must be >= 0\.0 and <= 1\.0"),
+        (["env.n_envs=0"], r"env\.n_envs = 0 is out of range: must be >= 1"),
+        (["ppo.learning_rate=0"], r"ppo\.learning_rate = 0\.0 is out of range: must be > 0\.0"),
+        (["ppo.learning_rate=nan"], r"ppo\.learning_rate = nan must be a finite number"),
+        (["agent.kind=rnn"], r"agent\.kind = 'rnn' is not a valid choice.*thalamus, ppo, lstm"),
+        (["env.vec_env=ray"], r"env\.vec_env = 'ray'.*dummy, subproc"),
+        (["thalamus.top_k=0"], r"thalamus\.top_k must be a positive int, got 0"),
+        (["thalamus.d_model=30"], r"thalamus\.d_model=30 must be divisible by n_heads=4"),
+        (["train.device=tpu"], r"train\.device = 'tpu'"),
+        (["ppo.batch_size=4096"], r"ppo\.batch_size = 4096 is larger than one rollout"),
+        (["ppo.batch_size=200"], r"ppo\.batch_size.*multiple of n_steps=128"),
+        (["ppo.n_steps"], r"override 'ppo\.n_steps' must look like key=value"),
+    ],
+)
+def test_bad_values_are_rejected_naming_key_value_and_choices(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(DEFAULT_CONFIG, overrides)
+
+
+def test_unknown_env_id_suggests_close_matches() -> None:
+    with pytest.raises(ConfigError, match=r"env\.id = 'MiniGrid-DoorKey-5x6-v0'.*DoorKey-5x5"):
+        load_config(DEFAULT_CONFIG, ["env.id=MiniGrid-DoorKey-5x6-v0"])
+
+
+def test_errors_in_files_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  n_step: 64\n")
+    with pytest.raises(ConfigError, match=rf"unknown key 'ppo\.n_step' \(from file {bad}\)"):
+        load_config(bad)
+    bad.write_text("train:\n  seed: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"config file 'nope' not found.*doorkey_5x5"):
+        load_config("nope")
+
+
+def test_saved_config_loads_back_identically(tmp_path: Path) -> None:
+    config = load_config(DEFAULT_CONFIG, ["thalamus.top_k=8", "env.env_kwargs.max_steps=40"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", defaults_file=None) == config
+    assert (tmp_path / "config.yaml").read_text() == config_to_yaml(config)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_reference_lists_every_key_once_and_the_readme_documents_them() -> None:
+    rows = config_reference()
+    keys = [row[0] for row in rows]
+    assert len(keys) == len(set(keys))
+    for key in ("env.id", "ppo.clip_range", "thalamus.top_k", "lstm.n_lstm_layers", "train.seed"):
+        assert key in keys
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    missing = [key for key in keys if f"`{key}`" not in readme]
+    assert not missing, f"README's config reference lacks {missing}"

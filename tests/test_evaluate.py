@@ -1,0 +1,219 @@
+"""scripts/evaluate.py, evaluation rollouts, MP4 videos and the thalamus overlay."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from minigrid.core.constants import OBJECT_TO_IDX
+
+import envs
+from agents.config import DEFAULT_CONFIG, ExperimentConfig, load_config, save_config
+from agents.training import build_agent
+from agents.video import (
+    GateView,
+    SelectedCell,
+    draw_selection,
+    panel_height,
+    run_episode,
+    selected_cells,
+    view_to_world,
+    write_mp4,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EVALUATE = REPO / "scripts" / "evaluate.py"
+MAX_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory holding an (untrained) small thalamus agent and its config."""
+    config = load_config(
+        DEFAULT_CONFIG,
+        [
+            "env.n_envs=1",
+            "ppo.n_steps=16",
+            "ppo.batch_size=16",
+            f"env.env_kwargs.max_steps={MAX_STEPS}",
+            "thalamus.d_model=32",
+            "thalamus.d_task=32",
+            "thalamus.d_workspace=32",
+            "train.device=cpu",
+        ],
+    )
+    root = tmp_path_factory.mktemp("run")
+    venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)
+    build_agent(config, venv).save(root / "final_model.zip")
+    venv.close()
+    save_config(config, root / "config.yaml")
+    return root
+
+
+def _config(run_dir: Path) -> ExperimentConfig:
+    return load_config(run_dir / "config.yaml", defaults_file=None)
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-DoorKey-8x8-v0", "MiniGrid-MultiRoom-N2-S4-v0"])
+def test_view_cells_map_to_the_grid_cells_minigrid_observes(env_id: str) -> None:
+    env = envs.make_env(env_id, seed=0)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    u = env.unwrapped
+    size = u.agent_view_size
+    checked = 0
+    for _ in range(40):
+        _, visible = u.gen_obs_grid()
+        for vis_i, vis_j in itertools.product(range(size), range(size)):
+            x, y = view_to_world(u.agent_pos, u.agent_dir, size, vis_i, vis_j)
+            assert u.get_view_coords(x, y) == (vis_i, vis_j)  # inverse of MiniGrid's own map
+            inside = 0 <= x < u.width and 0 <= y < u.height
+            if not inside or not visible[vis_i, vis_j] or (vis_i, vis_j) == (size // 2, size - 1):
+                continue
+            cell = u.grid.get(x, y)
+            expected = cell.encode() if cell is not None else (OBJECT_TO_IDX["empty"], 0, 0)
+            assert tuple(obs["image"][vis_i, vis_j]) == tuple(expected)
+            checked += 1
+        obs, *_ = env.step(int(rng.integers(0, 3)))  # turn left/right, forward
+    assert checked > 100
+
+
+def test_selected_tokens_land_on_their_view_cells(run_dir: Path) -> None:
+    from agents.training import load_model
+
+    policy = load_model(run_dir, device="cpu").model.policy
+    layout = policy.tokenizer.token_layout
+    env = envs.make_env("MiniGrid-DoorKey-8x8-v0", seed=1)
+    env.reset(seed=1)
+    u = env.unwrapped
+    height, width = layout.grid_shape
+    salience = np.zeros(layout.n_tokens)
+    inside = 0
+    for token in range(height * width):
+        x, y = view_to_world(u.agent_pos, u.agent_dir, u.agent_view_size, *divmod(token, width))
+        cells = selected_cells(GateView(salience, np.array([token]), np.ones(2)), layout, env)
+        if 0 <= x < u.width and 0 <= y < u.height:
+            assert cells == [SelectedCell(x, y, 1.0)], f"token {token}"
+            inside += 1
+        else:
+            assert cells == []
+    assert 0 < inside < height * width
+    not_cells = np.array([layout.mission.start, layout.proprio])
+    assert selected_cells(GateView(salience, not_cells, np.ones(2)), layout, env) == []
+
+
+def test_draw_selection_changes_only_the_selected_tiles() -> None:
+    frame = np.full((5 * 8, 6 * 8, 3), 100, dtype=np.uint8)
+    cells = [SelectedCell(1, 2, 1.0), SelectedCell(4, 0, 0.1)]
+    out = draw_selection(frame, cells, tile_size=8)
+    changed = (out != frame).any(-1)
+    expected = np.zeros(changed.shape, dtype=bool)
+    expected[16:24, 8:16] = expected[0:8, 32:40] = True
+    np.testing.assert_array_equal(changed, expected)
+    # More salient cells are drawn more strongly.
+    assert (
+        np.abs(out[16:24, 8:16].astype(int) - 100).sum()
+        > np.abs(out[0:8, 32:40].astype(int) - 100).sum()
+    )
+
+
+def test_overlay_frames_differ_from_plain_frames_exactly_at_the_selected_cells(
+    run_dir: Path,
+) -> None:
+    from agents.training import load_model
+
+    model = load_model(run_dir, device="cpu").model
+    config = _config(run_dir)
+    episodes = {}
+    for mode in ("plain", "overlay"):
+        env = envs.make_env(config.env.id, render_mode="rgb_array", **config.env.env_kwargs)
+        episodes[mode] = run_episode(model, env, deterministic=True, frames=mode, seed=11)
+        env.close()
+    plain, overlay = episodes["plain"], episodes["overlay"]
+    assert plain.length == overlay.length == MAX_STEPS  # an untrained agent times out
+    assert len(plain.frames) == len(overlay.frames) == len(overlay.selections) == MAX_STEPS + 1
+
+    height, width, _ = plain.frames[0].shape
+    tile = height // 5  # DoorKey-5x5
+    assert overlay.frames[0].shape == (height + panel_height(2), width, 3)
+    assert sum(len(cells) for cells in overlay.selections) > 0
+    for plain_frame, overlay_frame, cells in zip(
+        plain.frames, overlay.frames, overlay.selections, strict=True
+    ):
+        changed = (overlay_frame[:height] != plain_frame).any(-1)
+        expected = np.zeros((height, width), dtype=bool)
+        for cell in cells:
+            rows, cols = (
+                slice(cell.y * tile, (cell.y + 1) * tile),
+                slice(cell.x * tile, (cell.x + 1) * tile),
+            )
+            expected[rows, cols] = True
+            assert changed[rows, cols].any(), f"selected cell {cell} is not drawn"
+        assert not (changed & ~expected).any(), "pixels changed outside the selected cells"
+
+
+def _decode(path: Path) -> tuple[int, tuple[int, int, int]]:
+    reader = imageio.get_reader(path, "ffmpeg")
+    try:
+        frames = [frame for frame in reader]
+    finally:
+        reader.close()
+    return len(frames), frames[0].shape
+
+
+def test_write_mp4_keeps_frame_count_and_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (96, 64, 3), dtype=np.uint8) for _ in range(7)]
+    assert _decode(write_mp4(tmp_path / "a.mp4", frames, fps=4)) == (7, (96, 64, 3))
+
+
+@pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "no-overlay"])
+def test_evaluate_script_writes_json_and_decodable_videos(
+    run_dir: Path, tmp_path: Path, overlay: bool
+) -> None:
+    videos, output = tmp_path / "videos", tmp_path / "eval.json"
+    args = [str(run_dir), "--episodes=3", "--seed=7", f"--video-dir={videos}", "--video-every=2"]
+    args += [f"--output={output}", "--device=cpu"] + ([] if overlay else ["--no-overlay"])
+    result = subprocess.run(
+        [sys.executable, str(EVALUATE), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for label in ("reward", "success", "length", "json"):
+        assert label in result.stdout
+
+    summary = json.loads(output.read_text())
+    assert summary["episodes"] == 3 and summary["env_id"] == "MiniGrid-DoorKey-5x5-v0"
+    assert [e["seed"] for e in summary["per_episode"]] == [7, 8, 9]
+    lengths = [e["length"] for e in summary["per_episode"]]
+    assert summary["mean_length"] == pytest.approx(np.mean(lengths))
+    assert summary["success_rate"] == pytest.approx(
+        np.mean([e["success"] for e in summary["per_episode"]])
+    )
+
+    recorded = sorted(videos.glob("*.mp4"))
+    assert [p.name for p in recorded] == ["episode_000.mp4", "episode_002.mp4"]
+    env = envs.make_env(summary["env_id"], render_mode="rgb_array", max_steps=MAX_STEPS)
+    env.reset(seed=0)
+    height, width, _ = env.render().shape
+    expected_height = height + panel_height(2) if overlay else height
+    for path, episode in zip(recorded, summary["per_episode"][::2], strict=True):
+        assert episode["video"] == str(path)
+        assert _decode(path) == (episode["length"] + 1, (expected_height, width, 3))
+
+
+def test_evaluate_script_rejects_a_folder_without_a_model(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EVALUATE), str(tmp_path)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2
+    assert "holds no final_model.zip" in result.stderr

@@ -1,0 +1,276 @@
+"""scripts/train_agent.py end to end, resume, signals, bad configs, checkpoints, the guard."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import envs
+from agents import make_agent
+from agents.callbacks import (
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    PeriodicCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
+from agents.config import load_config
+from agents.training import agent_class
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_agent.py"
+# A few hundred steps on 2 envs with 10-step episodes: every curve gets several points.
+TINY = [
+    "--n-envs=2",
+    "--device=cpu",
+    "ppo.n_steps=16",
+    "ppo.batch_size=32",
+    "ppo.n_epochs=1",
+    "env.env_kwargs.max_steps=10",
+    "thalamus.d_model=32",
+    "thalamus.d_task=32",
+    "thalamus.d_workspace=32",
+    "thalamus.top_k=8",
+    "train.eval_episodes=2",
+    "train.eval_n_envs=1",
+    "train.progress=log",
+    "train.log_every_s=0.2",
+]
+
+
+def run_script(*args: str, runs_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, f"train.runs_dir={runs_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def only_run_dir(runs_dir: Path) -> Path:
+    runs = list(runs_dir.iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve of the run's tensorboard folder, as TensorBoard shows it."""
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def test_default_agent_trains_end_to_end_into_a_run_directory(tmp_path: Path) -> None:
+    result = run_script(
+        *TINY,
+        "--total-timesteps=64",
+        "--seed=3",
+        "train.eval_freq=32",
+        "train.checkpoint_freq=32",
+        "train.video=true",
+        runs_dir=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert re.fullmatch(r"MiniGrid-DoorKey-5x5-v0__thalamus__3__\d{8}-\d{6}", run_dir.name)
+
+    config = load_config(run_dir / "config.yaml", defaults_file=None)
+    assert (config.agent.kind, config.train.seed, config.ppo.n_steps) == ("thalamus", 3, 16)
+
+    curves = scalars(run_dir)
+    for tag in ("rollout/ep_rew_mean", "rollout/success_rate", "eval/mean_reward",
+                "eval/success_rate", "time/fps", "train/loss"):  # fmt: skip
+        assert curves.get(tag), f"no {tag} in {sorted(curves)}"
+    assert any(tag.startswith("thalamus/") for tag in curves)
+    assert [step for step, _ in curves["eval/mean_reward"]] == [32, 64]
+    accumulator = EventAccumulator(str(run_dir / "tb"))
+    accumulator.Reload()
+    assert "config/text_summary" in accumulator.Tags()["tensors"]
+    assert [image.step for image in accumulator.Images("eval/video")] == [32, 64]
+    assert accumulator.Images("eval/video")[0].encoded_image_string.startswith(b"GIF8")
+    videos = sorted(p.name for p in (run_dir / "videos").iterdir())
+    assert videos == ["eval_000000000032.mp4", "eval_000000000064.mp4"]
+
+    assert (run_dir / "best_model.zip").is_file()
+    model = agent_class("thalamus").load(run_dir / "final_model.zip", device="cpu")
+    assert model.num_timesteps == 64
+    obs = envs.make_vec_env(config.env.id, n_envs=1, seed=0).reset()
+    action, _ = model.predict(obs, deterministic=True)
+    assert action.shape == (1,)
+
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert [c.timesteps for c in checkpoints] == [32, 64]
+    meta = checkpoints[-1].load_meta()
+    assert meta["timesteps"] == 64 and {"python", "numpy", "torch"} <= set(meta["rng"])
+
+    assert re.search(r"step 64/64 \| fps \d+ \| reward", result.stdout)  # plain log lines
+
+
+@pytest.mark.parametrize("agent", ["ppo", pytest.param("thalamus", marks=pytest.mark.slow)])
+def test_resume_continues_the_counter_and_the_same_curve(tmp_path: Path, agent: str) -> None:
+    first = run_script(
+        *TINY, f"--agent={agent}", "--total-timesteps=64", "train.eval_freq=32", runs_dir=tmp_path
+    )
+    assert first.returncode == 0, first.stderr
+    run_dir = only_run_dir(tmp_path)
+    before = scalars(run_dir)
+
+    second = subprocess.run(
+        [sys.executable, str(SCRIPT), "--resume", str(run_dir), "--total-timesteps=128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout and "from step 64" in second.stdout
+    assert only_run_dir(tmp_path) == run_dir  # no new run
+    assert all(p.is_file() for p in (run_dir / "tb").iterdir())  # no new logger subfolder
+
+    after = scalars(run_dir)
+    for tag in ("rollout/ep_rew_mean", "time/fps", "eval/mean_reward"):
+        steps = [step for step, _ in after[tag]]
+        assert steps == sorted(set(steps)), f"{tag} is not one increasing curve: {steps}"
+        assert steps[: len(before[tag])] == [step for step, _ in before[tag]]
+        assert max(steps) == 128 and any(64 < step < 128 for step in steps)
+    assert [step for step, _ in after["eval/mean_reward"]] == [32, 64, 96, 128]
+
+    model = agent_class(agent).load(run_dir / "final_model.zip", device="cpu")
+    assert model.num_timesteps == 128
+    assert load_config(run_dir / "config.yaml", defaults_file=None).train.total_timesteps == 128
+
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--resume", str(run_dir), "thalamus.top_k=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert refused.returncode == 2
+    assert "thalamus.top_k=4" in refused.stderr and "cannot change a resumed run" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ppo.n_step=64"], r"unknown key 'ppo\.n_step'.*Did you mean 'ppo\.n_steps'"),
+        (["ppo.n_steps=many"], r"ppo\.n_steps = 'many'.*wrong type: expected int"),
+        (["--env=MiniGrid-DoorKey-5x6-v0"], r"MiniGrid-DoorKey-5x6-v0.*MiniGrid-DoorKey-5x5-v0"),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-env"],
+)
+def test_bad_config_exits_before_training(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_script(*args, runs_dir=tmp_path / "runs", timeout=120)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was created, nothing was trained
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int) -> None:
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *TINY, "--agent=ppo", "--total-timesteps=1000000",
+         "train.eval_freq=0", "train.checkpoint_freq=0", f"train.runs_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 120
+        for line in process.stdout:  # wait until it trains
+            if re.search(r"step [1-9][\d,]*/", line) or time.monotonic() > deadline:
+                break
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, stderr
+    assert f"{signal.Signals(signum).name} received" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.timesteps > 0
+    assert not (run_dir / "final_model.zip").exists()
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.fixture
+def tiny_ppo() -> object:
+    venv = envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=2, seed=0)
+    model = make_agent("ppo", venv, seed=0, device="cpu", n_steps=16, batch_size=32, n_epochs=1)
+    yield model
+    venv.close()
+
+
+def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
+    tmp_path: Path, tiny_ppo: object
+) -> None:
+    class PoisonAfter64(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if self.num_timesteps >= 64:
+                with th.no_grad():
+                    self.model.policy.action_net.weight.fill_(float("nan"))
+
+    guard = NonFiniteGuard(hint=lambda: "HINT")
+    checkpoint = PeriodicCheckpoint(tmp_path, save_freq=32)
+    expected = r"action_net\.weight.*non-finite.*HINT"
+    with pytest.raises(NonFiniteTrainingError, match=expected), guard.watching():
+        tiny_ppo.learn(256, callback=[guard, checkpoint, PoisonAfter64()])
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and last.timesteps == 32
+    restored = agent_class("ppo").load(last.model_path, device="cpu")
+    assert all(th.isfinite(p).all() for p in restored.policy.parameters())
+
+
+def test_non_finite_loss_is_reported_by_name(tiny_ppo: object) -> None:
+    tiny_ppo.set_logger(Logger(folder=None, output_formats=[]))
+    guard = NonFiniteGuard()
+    guard.init_callback(tiny_ppo)
+    guard.check()  # finite: nothing to say
+    tiny_ppo.logger.record("train/value_loss", float("inf"))
+    with pytest.raises(NonFiniteTrainingError, match=r"train/value_loss = inf"):
+        guard.check()
+
+
+def test_checkpoints_are_complete_only_with_their_sidecar_and_are_pruned(
+    tmp_path: Path, tiny_ppo: object
+) -> None:
+    for steps in (10, 20, 30):
+        tiny_ppo.num_timesteps = steps
+        save_checkpoint(tiny_ppo, tmp_path, extra={"note": steps})
+    (tmp_path / "step_000000000040.zip").write_bytes(b"torn")  # a zip whose JSON never came
+    (tmp_path / ".step_000000000050.zip.x.tmp").write_bytes(b"")  # an interrupted temp file
+    assert [c.timesteps for c in list_checkpoints(tmp_path)] == [10, 20, 30]
+    assert json.loads((tmp_path / "step_000000000030.json").read_text())["extra"] == {"note": 30}
+
+    keeper = PeriodicCheckpoint(tmp_path, save_freq=0, keep=2)
+    keeper.init_callback(tiny_ppo)
+    tiny_ppo.num_timesteps = 60
+    keeper.save()
+    assert [c.timesteps for c in list_checkpoints(tmp_path)] == [30, 60]
+    loaded = agent_class("ppo").load(latest_checkpoint(tmp_path).model_path, device="cpu")
+    for a, b in zip(loaded.policy.parameters(), tiny_ppo.policy.parameters(), strict=True):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
