@@ -495,15 +495,20 @@ class ProgressCallback(BaseCallback):
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
+            from rich.table import Column
 
+            def fixed(width: int) -> Column:
+                return Column(no_wrap=True, min_width=width)
+
+            steps = len(str(self.total_timesteps))
             self._progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"),
+                BarColumn(bar_width=24, table_column=fixed(24)),
+                MofNCompleteColumn(table_column=fixed(2 * steps + 1)),
+                TimeElapsedColumn(table_column=fixed(7)),
+                TextColumn("eta", table_column=fixed(3)),
+                TimeRemainingColumn(table_column=fixed(7)),
+                # The stats take the rest of the line and are cut first on a narrow terminal.
+                TextColumn("{task.fields[stats]}", table_column=Column(no_wrap=True)),
                 refresh_per_second=4,
             )
             self._progress.start()
