@@ -10,7 +10,8 @@ Each callback does one job and plugs into stable-baselines3's ``learn(callback=[
 - :class:`StopOnSignal` turns the first SIGINT/SIGTERM into a clean stop (the checkpoint
   callback then saves); a second SIGINT aborts at once.
 - :class:`PeriodicEval` is SB3's ``EvalCallback`` triggered on env steps, with an atomic
-  best-model save (:class:`SaveBestModel`).
+  best-model save (:class:`SaveBestModel`) and optionally an overlay video of one episode
+  after each evaluation (:class:`EvalVideo`).
 - :class:`ProgressCallback` shows a progress bar with reward and fps on a terminal and
   prints plain log lines otherwise.
 
@@ -58,12 +59,12 @@ __all__ = [
     "atomic_save_model",
     "atomic_write_text",
     "capture_rng_state",
-    "with_sigint_ignored",
     "latest_checkpoint",
     "list_checkpoints",
     "restore_rng_state",
     "save_checkpoint",
     "tensorboard_writer",
+    "with_sigint_ignored",
 ]
 
 

@@ -31,7 +31,6 @@ import math
 import operator
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,10 +46,10 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from agents.factory import AGENT_KINDS
 from thalamus_rl import ThalamusConfig
 
 __all__ = [
-    "AGENT_KINDS",
     "CONFIG_DIR",
     "DEFAULT_CONFIG",
     "DEFAULTS_FILE",
@@ -78,8 +77,6 @@ DEFAULTS_FILE: Path = CONFIG_DIR / "defaults.yaml"
 """Shared settings, merged under every per-env file."""
 DEFAULT_CONFIG: Path = CONFIG_DIR / "doorkey_5x5.yaml"
 """The config ``scripts/train_agent.py`` trains when given no arguments."""
-AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
-"""``agent.kind`` choices: ThalamusPPO, feed-forward PPO, LSTM RecurrentPPO."""
 
 
 class ConfigError(ValueError):
@@ -554,18 +551,9 @@ def config_to_yaml(config: ExperimentConfig) -> str:
 
 def save_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
     """Write :func:`config_to_yaml` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config_to_yaml(config))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from agents.callbacks import atomic_write_text
+
+    atomic_write_text(path, config_to_yaml(config))
 
 
 def config_reference() -> list[tuple[str, str, str, str]]:

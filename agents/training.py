@@ -144,7 +144,7 @@ def agent_class(kind: str) -> type[BaseAlgorithm]:
     }
     if kind not in classes:
         raise ConfigError(
-            f"agent.kind = {kind!r} is not a valid choice; choose one of: thalamus, ppo, lstm"
+            f"agent.kind = {kind!r} is not a valid choice; choose one of: {', '.join(classes)}"
         )
     return classes[kind]
 
@@ -515,6 +515,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
             f"no config.yaml beside {model_path} (or one folder up): evaluate needs the run's "
             "config to know the agent and the env"
         )
-    config = load_config(config_path, defaults_file=None)
+    # The device to evaluate on, not the one the run trained on (which may be absent here).
+    config = load_config(config_path, [f"train.device={device}"], defaults_file=None)
     model = agent_class(config.agent.kind).load(model_path, device=device)
     return LoadedModel(model, config, model_path, config_path.parent)

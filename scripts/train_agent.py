@@ -21,8 +21,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from agents import AGENT_KINDS
 from agents.config import (
-    AGENT_KINDS,
     DEFAULT_CONFIG,
     ConfigError,
     config_reference,
