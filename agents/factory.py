@@ -14,17 +14,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_image_space
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import GymEnv, TensorDict
 from torch import nn
 
 from agents.ppo import ThalamusPPO
+from agents.tokenizer import symlog
 
 __all__ = ["AGENT_KINDS", "SHARED_HYPERPARAMETERS", "FlatDictExtractor", "make_agent"]
 
@@ -52,7 +54,12 @@ THALAMUS_POLICY_KWARGS: tuple[str, ...] = ("thalamus", "tokenizer")
 
 
 class FlatDictExtractor(BaseFeaturesExtractor):
-    """Concatenate every entry of a Dict observation, flattened (after SB3's preprocessing).
+    """Concatenate every entry of a Dict observation, flattened and brought to unit scale.
+
+    SB3's preprocessing runs first (images divided by 255, ``Discrete`` one-hot); then a
+    non-image ``Box`` with finite bounds is mapped to ``[0, 1]`` and an unbounded one through
+    ``symlog``, so that e.g. raw word ids (up to the vocabulary size) or returns do not
+    saturate the first layer.
 
     :param observation_space: a ``gymnasium.spaces.Dict`` without nested spaces.
     """
@@ -66,10 +73,34 @@ class FlatDictExtractor(BaseFeaturesExtractor):
         super().__init__(observation_space, features_dim=features_dim)
         self.keys = tuple(observation_space.spaces)
         self.flatten = nn.Flatten()
+        self.bounded: dict[str, tuple[th.Tensor, th.Tensor]] = {}
+        self.unbounded: set[str] = set()
+        for key, space in observation_space.spaces.items():
+            if not isinstance(space, spaces.Box) or is_image_space(space):
+                continue
+            low = np.asarray(space.low, dtype=np.float64).reshape(-1)
+            high = np.asarray(space.high, dtype=np.float64).reshape(-1)
+            if np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
+                scale = np.where(high > low, high - low, 1.0)
+                self.bounded[key] = (
+                    th.as_tensor(low, dtype=th.float32),
+                    th.as_tensor(1.0 / scale, dtype=th.float32),
+                )
+            else:
+                self.unbounded.add(key)
 
     def forward(self, observations: TensorDict) -> th.Tensor:
         """``[B, features_dim]`` from a dict of preprocessed ``[B, ...]`` tensors."""
-        return th.cat([self.flatten(observations[k].float()) for k in self.keys], dim=1)
+        parts = []
+        for key in self.keys:
+            x = self.flatten(observations[key].float())
+            if key in self.bounded:
+                low, inv_scale = self.bounded[key]
+                x = (x - low.to(x.device)) * inv_scale.to(x.device)
+            elif key in self.unbounded:
+                x = symlog(x)
+            parts.append(x)
+        return th.cat(parts, dim=1)
 
 
 def _baseline_policy_kwargs(
