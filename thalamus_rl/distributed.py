@@ -340,7 +340,7 @@ class DistributedMamba(nn.Module):
         batch = x.shape[0]
         if state is None:
             state = self.initial_state(batch, x.device, x.dtype)
-        if episode_starts is not None:
+        if episode_starts is not None and bool(episode_starts.any()):
             state = state.mask(episode_starts)
         beta = self.fatigue_decay
         new_mamba, new_prev_w, new_prev_a, new_fatigue = [], [], [], []

@@ -84,7 +84,9 @@ def salience_reference(
 
 
 def _check_finite(name: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
+    # A NaN or inf anywhere makes the sum non-finite: one reduction instead of an
+    # element-wise isfinite plus all() (this runs on every rollout step and minibatch).
+    if not bool(torch.isfinite(x.detach().sum())):
         raise ValueError(
             f"PhaseGate: {name} contains NaN or inf values; check the tokenizer / the "
             f"observation that produced it."

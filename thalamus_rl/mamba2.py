@@ -379,15 +379,18 @@ class Mamba2Block(nn.Module):
         window = torch.cat([conv_state, xBC_raw[:, :, None]], dim=2)  # [b, c, d_conv]
         xBC = F.silu((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
         xs, B, C = self._ssm_inputs(xBC)  # [b, h, p], [b, g, n]
-        heads_per_group = self.nheads // self.ngroups
-        B = B.repeat_interleave(heads_per_group, dim=1) if heads_per_group > 1 else B
-        C = C.repeat_interleave(heads_per_group, dim=1) if heads_per_group > 1 else C
+        # Heads of a group share B and C: broadcast over [b, g, h/g, ...] instead of copying.
+        g, hg = self.ngroups, self.nheads // self.ngroups
         dt = F.softplus(dt_raw + self.dt_bias)  # [b, h]
         decay = torch.exp(dt * -torch.exp(self.A_log))
-        ssm_state = (
-            decay[:, :, None, None] * ssm_state + (xs * dt[..., None])[..., None] * B[:, :, None, :]
+        dBx = (xs * dt[..., None]).view(batch, g, hg, self.headdim, 1) * B.view(
+            batch, g, 1, 1, self.d_state
         )
-        y = torch.einsum("bhpn,bhn->bhp", ssm_state, C) + xs * self.D[:, None]
+        ssm_state = decay[:, :, None, None] * ssm_state + dBx.view_as(ssm_state)
+        y = ssm_state.view(batch, g, hg * self.headdim, self.d_state) @ C.view(
+            batch, g, self.d_state, 1
+        )
+        y = y.view(batch, self.nheads, self.headdim) + xs * self.D[:, None]
         y = self.out_proj(self.norm(y.reshape(batch, self.d_inner), z))
         return y, Mamba2State(conv=window[:, :, 1:], ssm=ssm_state)
 
