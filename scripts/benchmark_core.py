@@ -86,7 +86,9 @@ def main() -> None:
     with torch.no_grad():
         gate_out = core.gate(flat(tokens), flat(task), flat(feedback), flat(mask), flat(positions))
         kept = core.workspace(gate_out.tokens, gate_out.phase, gate_out.kept_mask)
-        stream_in = core.readout(kept, gate_out.kept_mask, gate_out.query).view(B, T, -1, d)
+        stream_in = core.readout(kept, gate_out.kept_mask, gate_out.query, gate_out.rest).view(
+            B, T, -1, d
+        )
 
     def gate_train():
         g = core.gate(flat(tokens), flat(task), flat(feedback), flat(mask), flat(positions))
@@ -97,7 +99,7 @@ def main() -> None:
         y.square().mean().backward()
 
     def readout_train():
-        y = core.readout(kept, gate_out.kept_mask, gate_out.query)
+        y = core.readout(kept, gate_out.kept_mask, gate_out.query, gate_out.rest)
         y.square().mean().backward()
 
     def streams_train():

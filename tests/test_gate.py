@@ -313,3 +313,50 @@ def test_bad_constructor_arguments():
         PhaseGate(d_model=30, d_task=4, n_heads=4)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         PhaseGate(d_model=32, d_task=4, top_k=0)
+
+
+def test_rest_summary_is_the_dropped_tokens_probability_mass():
+    gate = make_gate(top_k=4)
+    tokens, task, feedback, positions = make_inputs()
+    mask = torch.rand(tokens.shape[:-1], generator=torch.Generator().manual_seed(2)) < 0.8
+    mask[..., 0] = True
+    out = gate(tokens, task, feedback, mask, positions)
+    p = torch.softmax(out.salience, dim=-1)
+    dropped = mask.clone()
+    dropped.scatter_(-1, out.indices, False)
+    expected = (p * dropped).unsqueeze(-1).mul(tokens).sum(-2)
+    torch.testing.assert_close(out.rest, expected)
+
+
+def test_dropped_tokens_get_salience_gradient_through_the_rest_summary():
+    """Without the summary a token outside the top K gets no gradient and can never rise."""
+    gate = make_gate(top_k=4)
+    tokens, task, feedback, positions = make_inputs()
+    mask = torch.rand(tokens.shape[:-1], generator=torch.Generator().manual_seed(2)) < 0.8
+    mask[..., 0] = True
+    tokens.requires_grad_(True)
+    captured = {}
+    score = gate.salience
+
+    def salience_kept_for_grad(*args):
+        captured["s"] = s = score(*args)
+        s.retain_grad()
+        return s
+
+    gate.salience = salience_kept_for_grad
+    out = gate(tokens, task, feedback, mask, positions)
+    dropped = mask.clone()
+    dropped.scatter_(-1, out.indices, False)
+    out.rest.square().sum().backward()
+    assert dropped.any()
+    assert (captured["s"].grad[dropped] != 0).all()
+
+
+def test_rest_summary_is_zero_when_nothing_is_dropped():
+    tokens, task, feedback, positions = make_inputs()
+    mask = torch.rand(tokens.shape[:-1], generator=torch.Generator().manual_seed(2)) < 0.8
+    mask[..., 0] = True
+    off = make_gate(enabled=False)(tokens, task, feedback, mask, positions)
+    assert off.rest.abs().sum() == 0
+    keep_all = make_gate(top_k=N)(tokens, task, feedback, None, positions)
+    torch.testing.assert_close(keep_all.rest, torch.zeros_like(keep_all.rest))

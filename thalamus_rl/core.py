@@ -136,11 +136,13 @@ class StreamReadout(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model)
-        self.context = nn.Linear(d_model, n_streams * d_model)
+        self.context = nn.Linear(2 * d_model, n_streams * d_model)
 
-    def forward(self, tokens: Tensor, mask: Tensor, query: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor, query: Tensor, rest: Tensor) -> Tensor:
         """:param tokens: ``[S, K, d]``; :param mask: ``[S, K]`` bool;
-        :param query: ``[S, d]``. :return: ``[S, M, d]`` one input per stream."""
+        :param query: ``[S, d]`` the gate's task/feedback query;
+        :param rest: ``[S, d]`` the gate's summary of the dropped tokens.
+        :return: ``[S, M, d]`` one input per stream."""
         steps, k, d = tokens.shape
         m, h = self.n_streams, self.n_heads
         q = self.queries + self.query_cond(query).view(steps, m, d)  # [S, M, d]
@@ -151,7 +153,8 @@ class StreamReadout(nn.Module):
         # Every row has at least one kept token (the gate raises otherwise).
         pooled = F.scaled_dot_product_attention(q, key, value, attn_mask=mask[:, None, None, :])
         pooled = pooled.transpose(1, 2).reshape(steps, m, d)
-        return self.out(pooled) + self.context(query).view(steps, m, d)
+        context = self.context(torch.cat([query, rest], dim=-1)).view(steps, m, d)
+        return self.out(pooled) + context
 
 
 class ThalamusCore(nn.Module):
@@ -232,7 +235,7 @@ class ThalamusCore(nn.Module):
         kept = gate.tokens
         if self.workspace is not None:
             kept = self.workspace(kept, gate.phase, gate.kept_mask)
-        return gate, self.readout(kept, gate.kept_mask, gate.query)
+        return gate, self.readout(kept, gate.kept_mask, gate.query, gate.rest)
 
     def _check(
         self, tokens: Tensor, token_mask: Tensor, task: Tensor, feedback: Tensor, ndim: int

@@ -42,6 +42,11 @@ class GateOutput(NamedTuple):
     :ivar kept_mask: ``[*, K]`` bool, False where K exceeds the number of valid tokens.
     :ivar salience: ``[*, N]`` salience logits, ``-inf`` at masked tokens.
     :ivar query: ``[*, d]`` the task/feedback-conditioned query.
+    :ivar rest: ``[*, d]`` the tokens the gate dropped, summed with their salience
+        probabilities ``softmax(s)_j`` over all valid tokens (zeros when the gate is off or
+        keeps every valid token). It carries the dropped tokens' probability mass, so the
+        scorer gets gradient from every token, not only the kept ones: a dropped token that
+        would help rises in salience until it enters the top K.
     """
 
     tokens: Tensor
@@ -51,6 +56,7 @@ class GateOutput(NamedTuple):
     kept_mask: Tensor
     salience: Tensor
     query: Tensor
+    rest: Tensor
 
 
 def salience_reference(
@@ -321,6 +327,7 @@ class PhaseGate(nn.Module):
             kept = m if m is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
             w = kept.to(x.dtype)
             x_kept, pos_kept = x, pos
+            rest = x.new_zeros(b, d)
         else:
             k = self.top_k
             order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # ties: low idx
@@ -332,6 +339,11 @@ class PhaseGate(nn.Module):
             s_kept = s.gather(-1, idx).masked_fill(~kept, float("-inf"))
             w = torch.softmax(s_kept, dim=-1) * kept.sum(-1, keepdim=True).to(x.dtype)
             x_kept = x.gather(1, idx.unsqueeze(-1).expand(b, k, d))
+            # Probability mass of the dropped tokens: softmax over all valid tokens, zeroed
+            # at the kept ones (a scatter of the kept slots into N).
+            dropped = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx[:, : min(k, n)], False)
+            p_rest = torch.softmax(s, dim=-1).masked_fill(~dropped, 0.0)
+            rest = (p_rest.unsqueeze(-2) @ x).squeeze(-2)  # [B, d]
             pos_kept = pos.gather(1, idx.unsqueeze(-1).expand(b, k, 2)) if pos is not None else None
 
         phase = self.phase_tags(self.phase_angles(x_kept, pos_kept))
@@ -344,6 +356,7 @@ class PhaseGate(nn.Module):
             kept_mask=kept.reshape(*lead, kk),
             salience=s.reshape(*lead, n),
             query=q.reshape(*lead, d),
+            rest=rest.reshape(*lead, d),
         )
 
     def extra_repr(self) -> str:
