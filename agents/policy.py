@@ -190,7 +190,8 @@ class ThalamusPolicy(ActorCriticPolicy):
     :param thalamus: ``ThalamusConfig`` fields as a dict (``d_model``, ``d_task``, ``top_k``,
         ``use_feedback``, ``gate_enabled``, ``streams``, ``n_iterations``, ...);
         ``n_feedback_signals`` is set from the observation space.
-    :param tokenizer: extra :class:`agents.tokenizer.Tokenizer` arguments (``mission_key``).
+    :param tokenizer: extra :class:`agents.tokenizer.Tokenizer` arguments (``mission_key``,
+        ``max_word_tokens``).
     :param net_arch: hidden layers of the actor and critic heads on top of the core's
         features, SB3 style (``dict(pi=[64], vf=[64])`` by default; ``[]`` for linear heads).
     :param activation_fn: activation of the heads.

@@ -214,6 +214,9 @@ class Tokenizer(nn.Module):
     :param d_model: token width (the core's ``d_model``).
     :param d_task: task-vector width (the core's ``d_task``).
     :param mission_key: key of the integer 1-D Box read as word ids (0 = padding).
+    :param max_word_tokens: keep only the first this many mission slots as word tokens
+        (``None``: all). The task vector still pools every word; use it when the space pads
+        missions far beyond the longest one the env produces (fewer tokens, faster core).
 
     >>> import numpy as np
     >>> from gymnasium import spaces
@@ -238,8 +241,11 @@ class Tokenizer(nn.Module):
         d_model: int,
         d_task: int,
         mission_key: str = "mission",
+        max_word_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        if max_word_tokens is not None and max_word_tokens < 0:
+            raise ValueError(f"max_word_tokens={max_word_tokens} must be >= 0 or None.")
         keys = classify_observation_space(observation_space, mission_key)
         self.observation_space = observation_space
         self.d_model = d_model
@@ -278,7 +284,8 @@ class Tokenizer(nn.Module):
         n_words = 0
         if mission is not None:
             mission_space = observation_space[mission]
-            n_words = int(mission_space.shape[0])
+            n_slots = int(mission_space.shape[0])
+            n_words = n_slots if max_word_tokens is None else min(max_word_tokens, n_slots)
             self.word_embedding = nn.Embedding(_n_values(mission, mission_space), d_model)
             self.word_position = nn.Embedding(n_words, d_model)
             self.task_projection = nn.Linear(d_model, d_task)
@@ -373,8 +380,9 @@ class Tokenizer(nn.Module):
             weights = word_mask.to(words.dtype).unsqueeze(-1)
             pooled = (words * weights).sum(1) / weights.sum(1).clamp_min(1.0)
             task = self.task_projection(pooled)
-            parts.append(words + self.word_position.weight + types[1])
-            masks.append(word_mask)
+            n_words = self.word_position.num_embeddings
+            parts.append(words[:, :n_words] + self.word_position.weight + types[1])
+            masks.append(word_mask[:, :n_words])
         else:
             task = self.task_constant.expand(m, self.d_task)
 

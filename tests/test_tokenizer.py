@@ -131,6 +131,22 @@ def test_float_copies_of_integer_entries_give_the_same_tokens(tokenizer: Tokeniz
     th.testing.assert_close(tokenizer(as_float).tokens, tokenizer(obs).tokens)
 
 
+def test_max_word_tokens_keeps_the_first_slots_and_pools_all_words() -> None:
+    full = Tokenizer(contract_space(), d_model=32, d_task=16)
+    short = Tokenizer(contract_space(), d_model=32, d_task=16, max_word_tokens=2)
+    weights = full.state_dict()
+    weights["word_position.weight"] = weights["word_position.weight"][:2]
+    short.load_state_dict(weights)
+    assert short.token_layout.mission == slice(H * W, H * W + 2)
+    assert short.token_layout.n_tokens == H * W + 2 + 1
+    obs = sample_batch(contract_space(), (4,))
+    a, b = full(obs), short(obs)
+    th.testing.assert_close(b.task, a.task)  # pooled over every word
+    th.testing.assert_close(b.token_mask[:, H * W : H * W + 2], obs["mission"][:, :2] != 0)
+    with pytest.raises(ValueError, match="max_word_tokens=-1"):
+        Tokenizer(contract_space(), d_model=8, d_task=4, max_word_tokens=-1)
+
+
 def test_discrete_start_offset() -> None:
     space = spaces.Dict({"x": spaces.Discrete(3, start=-1), "r": spaces.Box(-1, 1, (2,))})
     tok = Tokenizer(space, d_model=8, d_task=4)
