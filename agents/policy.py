@@ -128,13 +128,16 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         thalamus: Mapping[str, Any] | None = None,
         tokenizer: Mapping[str, Any] | None = None,
     ) -> None:
-        keys = classify_observation_space(observation_space, **(tokenizer or {}))
+        tokenizer = dict(tokenizer or {})
+        keys = classify_observation_space(
+            observation_space, tokenizer.get("mission_key", "mission")
+        )
         config = make_thalamus_config(thalamus, max(keys.feedback_dim, 1))
         core = ThalamusCore(config)
         super().__init__(observation_space, features_dim=core.features_dim)
         self.config = config
         self.tokenizer = Tokenizer(
-            observation_space, d_model=config.d_model, d_task=config.d_task, **(tokenizer or {})
+            observation_space, d_model=config.d_model, d_task=config.d_task, **tokenizer
         )
         self.core = core
 

@@ -129,11 +129,22 @@ def test_predict_follows_the_recurrent_contract(observation_space: spaces.Dict) 
 
 
 def test_policy_save_load(observation_space: spaces.Dict, tmp_path: Path) -> None:
-    policy = make_policy(observation_space, top_k=5)
+    th.manual_seed(0)
+    policy = ThalamusPolicy(
+        observation_space,
+        spaces.Discrete(7),
+        lambda _: 1e-3,
+        thalamus={**SMALL, "top_k": 5},
+        tokenizer={"max_word_tokens": 4},
+    )
     path = tmp_path / "policy.pt"
     policy.save(str(path))
     loaded = ThalamusPolicy.load(str(path), device="cpu")
     assert loaded.core.config.top_k == 5
+    assert (
+        loaded.tokenizer.token_layout.mission.stop - loaded.tokenizer.token_layout.mission.start
+        == 4
+    )
     obs = {k: v.numpy() for k, v in random_obs(observation_space, (4,)).items()}
     a, s = policy.predict(obs, deterministic=True)
     b, t = loaded.predict(obs, deterministic=True)
