@@ -63,10 +63,11 @@ def test_lambda_zero_equals_pytorch_pre_ln_transformer():
             ref.self_attn.in_proj_bias.copy_(block.qkv.bias)
             ref.self_attn.out_proj.weight.copy_(block.out_proj.weight)
             ref.self_attn.out_proj.bias.copy_(block.out_proj.bias)
-            for mine, theirs in ((block.norm1, ref.norm1), (block.norm2, ref.norm2)):
+            norm2, fc1, _, fc2 = block.mlp
+            for mine, theirs in ((block.norm1, ref.norm1), (norm2, ref.norm2)):
                 theirs.weight.copy_(mine.weight)
                 theirs.bias.copy_(mine.bias)
-            for mine, theirs in ((block.fc1, ref.linear1), (block.fc2, ref.linear2)):
+            for mine, theirs in ((fc1, ref.linear1), (fc2, ref.linear2)):
                 theirs.weight.copy_(mine.weight)
                 theirs.bias.copy_(mine.bias)
         ref_layers.append(ref.train())  # train mode: no fused fast path, dropout is 0 anyway
@@ -198,3 +199,15 @@ def test_bad_constructor_arguments():
         PhaseWorkspace(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_layers must be a positive int"):
         PhaseWorkspace(d_model=32, n_layers=0)
+
+
+def test_attention_only_workspace_without_mlp():
+    """mlp_ratio=0: each layer is x + Attn(LN(x)) only (the cheaper setting)."""
+    torch.manual_seed(0)
+    ws = PhaseWorkspace(D, n_heads=H, phase_dim=P, mlp_ratio=0.0)
+    assert ws.layers[0].mlp is None
+    tokens, phase, mask = make_inputs()
+    y, _ = ws.attention_probs(tokens, phase, mask)
+    torch.testing.assert_close(ws(tokens, phase, mask), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        PhaseWorkspace(D, n_heads=H, phase_dim=P, mlp_ratio=-1.0)

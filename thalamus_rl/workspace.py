@@ -35,9 +35,17 @@ class PhaseAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.fc1 = nn.Linear(d_model, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_model)
+        # d_hidden = 0: attention only (the MLP is half the layer's FLOPs at K tokens).
+        self.mlp = (
+            nn.Sequential(
+                nn.LayerNorm(d_model),
+                nn.Linear(d_model, d_hidden),
+                nn.GELU(),
+                nn.Linear(d_hidden, d_model),
+            )
+            if d_hidden > 0
+            else None
+        )
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, K, d] -> 3 x [B, H, K, d_h]`` from the normalised input."""
@@ -48,7 +56,7 @@ class PhaseAttentionBlock(nn.Module):
     def _finish(self, x: Tensor, attended: Tensor) -> Tensor:
         """Residual + MLP given ``attended: [B, H, K, d_h]``."""
         x = x + self.out_proj(attended.transpose(1, 2).flatten(-2))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x if self.mlp is None else x + self.mlp(x)
 
     def forward(self, x: Tensor, attn_bias: Tensor) -> Tensor:
         """Fast path (``scaled_dot_product_attention``).
@@ -84,7 +92,7 @@ class PhaseWorkspace(nn.Module):
     :param n_heads: attention heads (one phase scale ``lambda_h`` each).
     :param n_layers: number of pre-LN layers (they share ``lambda``).
     :param phase_dim: ``P``; phase tags have ``2P`` entries.
-    :param mlp_ratio: MLP hidden width = ``round(mlp_ratio * d_model)``.
+    :param mlp_ratio: MLP hidden width = ``round(mlp_ratio * d_model)``; 0 = no MLP.
     :param init_phase_scale: initial ``lambda_h`` (> 0).
 
     >>> ws = PhaseWorkspace(d_model=16, n_heads=4, phase_dim=3)
@@ -120,9 +128,11 @@ class PhaseWorkspace(nn.Module):
                 f"PhaseWorkspace: d_model={d_model} must be divisible by n_heads={n_heads}; "
                 f"choose n_heads among the divisors of d_model."
             )
+        if mlp_ratio < 0:
+            raise ValueError(
+                f"PhaseWorkspace: mlp_ratio must be >= 0 (0 = no MLP), got {mlp_ratio!r}."
+            )
         d_hidden = round(mlp_ratio * d_model)
-        if d_hidden < 1:
-            raise ValueError(f"PhaseWorkspace: mlp_ratio={mlp_ratio!r} gives an empty MLP.")
         if not init_phase_scale > 0.0:
             raise ValueError(
                 f"PhaseWorkspace: init_phase_scale must be > 0 (softplus range), got "
