@@ -181,7 +181,11 @@ class TrainConfig:
     eval_freq: int = _param(25_000, "Evaluate every this many env steps (0: never).", ge=0)
     eval_episodes: int = _param(20, "Episodes per evaluation.", ge=1)
     eval_n_envs: int = _param(4, "Parallel eval envs (seeded apart from the training envs).", ge=1)
-    eval_deterministic: bool = _param(True, "Evaluate with the most likely action.")
+    eval_deterministic: bool = _param(
+        False,
+        "Evaluate with the most likely action instead of sampling. Off by default: under argmax "
+        "a MiniGrid policy often loops forever (an unchanged view repeats the same action).",
+    )
     video: bool = _param(
         False,
         "At each evaluation, record one episode with the thalamus overlay to videos/ and "

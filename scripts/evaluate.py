@@ -10,10 +10,14 @@ Examples::
 
 With a run directory the model is ``final_model.zip`` (else ``best_model.zip``, else the
 latest checkpoint); a model file needs the run's ``config.yaml`` beside it or one folder up.
-Episode ``i`` is reset with seed ``--seed + i``, so two evaluations with the same seed play
-the same layouts. Videos are recorded headless from ``render_mode="rgb_array"``; the
-overlay marks the cells the thalamus gate selected at each step (brighter = more salient)
-and shows the mission, the reward so far and the stream weights.
+Episode ``i`` is reset with seed ``--seed + i`` and torch is seeded with ``--seed``, so two
+evaluations with the same seed play the same layouts with the same actions. Actions are
+sampled unless the run's ``train.eval_deterministic`` or ``--deterministic`` says otherwise:
+under argmax a MiniGrid policy often loops forever (an unchanged view gives the same action).
+
+Videos are recorded headless from ``render_mode="rgb_array"``; the overlay marks the cells
+the thalamus gate selected at each step (brighter = more salient) and shows the mission, the
+reward so far and the stream weights.
 """
 
 from __future__ import annotations
@@ -53,11 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--deterministic",
         dest="deterministic",
         action="store_true",
-        default=True,
-        help="take the most likely action (default)",
+        default=None,
+        help="take the most likely action",
     )
     mode.add_argument(
-        "--stochastic", dest="deterministic", action="store_false", help="sample actions"
+        "--stochastic",
+        dest="deterministic",
+        action="store_false",
+        help="sample actions (torch seeded with --seed, so reruns repeat)",
     )
     parser.add_argument("--video-dir", metavar="DIR", help="write episode_<i>.mp4 files here")
     parser.add_argument(
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name.replace('_', '-')} = {value} must be >= 1", file=sys.stderr)
             return EXIT_CONFIG_ERROR
 
+    import torch as th
+
     import envs
     from agents.training import EVAL_SEED_OFFSET, load_model
     from agents.video import run_episode, write_mp4
@@ -101,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
 
     seed = args.seed if args.seed is not None else config.train.seed + EVAL_SEED_OFFSET
+    if args.deterministic is None:  # as the run evaluated itself during training
+        args.deterministic = config.train.eval_deterministic
+    th.manual_seed(seed)  # sampled actions repeat from run to run
     fps = args.fps or config.train.video_fps
     video_dir = Path(args.video_dir) if args.video_dir else None
     output = Path(args.output) if args.output else run_dir / "evaluation.json"
