@@ -59,6 +59,7 @@ __all__ = [
     "ExperimentConfig",
     "LSTMConfig",
     "PPOConfig",
+    "TokenizerConfig",
     "TrainConfig",
     "config_reference",
     "config_to_yaml",
@@ -158,6 +159,18 @@ class PPOConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """How the thalamus policy turns observations into tokens (``agent.kind = thalamus``)."""
+
+    max_word_tokens: int | None = _param(
+        None,
+        "Keep only the first this many mission slots as word tokens (null: all). Fewer tokens "
+        "make the core faster; the task vector still pools every word.",
+        ge=0,
+    )
+
+
+@dataclass
 class LSTMConfig:
     """Policy settings of the LSTM baseline (sb3-contrib RecurrentPPO)."""
 
@@ -203,12 +216,13 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One training run: env, agent, PPO, thalamus and LSTM settings, and the train loop."""
+    """One training run: env, agent, PPO, thalamus/tokenizer and LSTM settings, the loop."""
 
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     thalamus: ThalamusConfig = field(default_factory=ThalamusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -181,7 +181,10 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
 
     policy_kwargs: dict[str, Any] | None = None
     if config.agent.kind == "thalamus":
-        policy_kwargs = {"thalamus": dataclasses.asdict(config.thalamus)}
+        policy_kwargs = {
+            "thalamus": dataclasses.asdict(config.thalamus),
+            "tokenizer": dataclasses.asdict(config.tokenizer),
+        }
     elif config.agent.kind == "lstm":
         policy_kwargs = dataclasses.asdict(config.lstm)
     try:
@@ -441,7 +444,8 @@ def resume(
             raise ConfigError(
                 f"override '{item}' cannot change a resumed run: only "
                 f"{', '.join(s + '.*' for s in RESUMABLE_SECTIONS)} may change (env.*, agent.*, "
-                "thalamus.* and lstm.* fix the data and the network); start a new run instead"
+                "thalamus.*, tokenizer.* and lstm.* fix the data and the network); start a new "
+                "run instead"
             )
     config = load_config(paths.config, overrides, defaults_file=None)
     checkpoint = latest_checkpoint(paths.checkpoints)
