@@ -124,6 +124,7 @@ def make_agent(
     seed: int | None = None,
     device: th.device | str = "auto",
     policy_kwargs: dict[str, Any] | None = None,
+    torch_threads: int | None = None,
     **hyperparams: Any,
 ) -> BaseAlgorithm:
     """Build an agent of ``kind`` on ``env`` with shared PPO hyperparameters.
@@ -135,6 +136,9 @@ def make_agent(
     :param device: torch device.
     :param policy_kwargs: policy arguments; ``thalamus=dict(...)`` (``ThalamusConfig`` fields)
         and ``tokenizer=dict(...)`` are for ``kind="thalamus"`` only.
+    :param torch_threads: if given, ``torch.set_num_threads(torch_threads)`` (process-wide,
+        so every agent of a comparison runs under the same setting). On a busy 2-core machine
+        1 thread is fastest for these small models: more threads oversubscribe the cores.
     :param hyperparams: algorithm arguments: :data:`SHARED_HYPERPARAMETERS` mean the same for
         every kind; anything else (``verbose``, ``tensorboard_log``, ``clip_range_vf``,
         ``target_kl``, ...) is passed through to the algorithm's constructor.
@@ -147,6 +151,12 @@ def make_agent(
     ('PPO', 64)
     """
     space = _observation_space(env)
+    if kind not in AGENT_KINDS:
+        raise ValueError(f"Unknown agent kind {kind!r}; choose one of {list(AGENT_KINDS)}.")
+    if torch_threads is not None:
+        if torch_threads < 1:
+            raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None to keep).")
+        th.set_num_threads(torch_threads)
     if kind == "thalamus":
         return ThalamusPPO(
             "ThalamusPolicy",

@@ -323,3 +323,14 @@ def test_make_agent_errors() -> None:
         make_agent("ppo", make_venv(n_envs=1), policy_kwargs=dict(thalamus=SMALL))
     with pytest.raises(TypeError, match="env object"):
         make_agent("lstm", ENV_ID)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="torch_threads=0"):
+        make_agent("ppo", make_venv(n_envs=1), torch_threads=0)
+
+
+def test_make_agent_sets_torch_threads() -> None:
+    before = th.get_num_threads()
+    try:
+        make_agent("ppo", make_venv(n_envs=1), n_steps=16, batch_size=16, torch_threads=1)
+        assert th.get_num_threads() == 1
+    finally:
+        th.set_num_threads(before)
