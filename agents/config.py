@@ -187,6 +187,12 @@ class TrainConfig:
     total_timesteps: int = _param(200_000, "Env steps to train for, over all envs.", ge=1)
     seed: int = _param(0, "Seed of the policy, the training envs and (offset) the eval envs.", ge=0)
     device: str = _param("auto", "Torch device: auto, cpu, cuda, cuda:N or mps.")
+    torch_threads: int | None = _param(
+        None,
+        "torch.set_num_threads for the run (null: torch's default). On a busy 2-core machine "
+        "1 is fastest for these small models.",
+        ge=1,
+    )
     checkpoint_freq: int = _param(
         50_000, "Checkpoint every this many env steps (0: only at the end).", ge=0
     )

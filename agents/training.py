@@ -200,6 +200,13 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
         raise ConfigError(f"agent settings rejected: {exc}") from None
 
 
+def _set_threads(config: ExperimentConfig) -> None:
+    if config.train.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.train.torch_threads)
+
+
 def _make_envs(config: ExperimentConfig) -> tuple[VecEnv, VecEnv | None]:
     """Training envs and (if evaluating) eval envs, built with SIGINT ignored in workers."""
 
@@ -389,6 +396,7 @@ def train(config: ExperimentConfig, run_dir: str | Path | None = None) -> Path:
         checkpoint is kept.
     """
     validate_config(config)
+    _set_threads(config)
     train_env, eval_env = _make_envs(config)
     try:
         model = build_agent(config, train_env)
@@ -458,6 +466,7 @@ def resume(
         )
     meta = checkpoint.load_meta()
 
+    _set_threads(config)
     train_env, eval_env = _make_envs(config)
     model = agent_class(config.agent.kind).load(
         checkpoint.model_path,
