@@ -218,6 +218,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int
 def tiny_ppo() -> object:
     venv = envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=2, seed=0)
     model = make_agent("ppo", venv, seed=0, device="cpu", n_steps=16, batch_size=32, n_epochs=1)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # no SB3-<time> folder in /tmp
     yield model
     venv.close()
 
@@ -246,7 +247,6 @@ def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
 
 
 def test_non_finite_loss_is_reported_by_name(tiny_ppo: object) -> None:
-    tiny_ppo.set_logger(Logger(folder=None, output_formats=[]))
     guard = NonFiniteGuard()
     guard.init_callback(tiny_ppo)
     guard.check()  # finite: nothing to say
