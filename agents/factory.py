@@ -28,12 +28,24 @@ from torch import nn
 from agents.ppo import ThalamusPPO
 from agents.tokenizer import symlog
 
-__all__ = ["AGENT_KINDS", "SHARED_HYPERPARAMETERS", "FlatDictExtractor", "make_agent"]
+__all__ = [
+    "AGENT_CLASSES",
+    "AGENT_KINDS",
+    "SHARED_HYPERPARAMETERS",
+    "FlatDictExtractor",
+    "make_agent",
+]
 
 AgentKind = Literal["thalamus", "ppo", "lstm"]
 
 #: The agents :func:`make_agent` builds.
-AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
+AGENT_CLASSES: dict[str, type[BaseAlgorithm]] = {
+    "thalamus": ThalamusPPO,
+    "ppo": PPO,
+    "lstm": RecurrentPPO,
+}
+#: The agent kinds, in the order above.
+AGENT_KINDS: tuple[str, ...] = tuple(AGENT_CLASSES)
 
 #: PPO hyperparameters every agent accepts with the same meaning.
 SHARED_HYPERPARAMETERS: tuple[str, ...] = (

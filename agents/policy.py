@@ -154,16 +154,7 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         episode_starts: th.Tensor | None,
     ) -> tuple[ThalamusOutput, ThalamusState]:
         """One step: ``obs`` entries ``[B, ...]``, ``episode_starts`` ``[B]`` bool."""
-        t: TokenizedObs = self.tokenizer(obs)
-        return self.core.step(
-            t.tokens,
-            t.token_mask,
-            t.task,
-            t.feedback,
-            positions=t.positions,
-            state=state,
-            episode_starts=episode_starts,
-        )
+        return self._tokenize_and_run(self.core.step, obs, state, episode_starts)
 
     def sequence(
         self,
@@ -172,8 +163,12 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         episode_starts: th.Tensor | None,
     ) -> tuple[ThalamusOutput, ThalamusState]:
         """Whole sequences: ``obs`` entries ``[B, T, ...]``, ``episode_starts`` ``[B, T]`` bool."""
+        return self._tokenize_and_run(self.core, obs, state, episode_starts)
+
+    def _tokenize_and_run(self, run, obs, state, episode_starts):
+        """Tokenize ``obs`` and feed the tokens to ``run`` (``core.step`` or ``core``)."""
         t: TokenizedObs = self.tokenizer(obs)
-        return self.core(
+        return run(
             t.tokens,
             t.token_mask,
             t.task,

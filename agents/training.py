@@ -132,16 +132,8 @@ class RunPaths:
 
 def agent_class(kind: str) -> type[BaseAlgorithm]:
     """The algorithm class of ``agent.kind`` (what ``load`` must be called on)."""
-    from sb3_contrib import RecurrentPPO
-    from stable_baselines3 import PPO
+    from agents.factory import AGENT_CLASSES as classes
 
-    from agents import ThalamusPPO
-
-    classes: dict[str, type[BaseAlgorithm]] = {
-        "thalamus": ThalamusPPO,
-        "ppo": PPO,
-        "lstm": RecurrentPPO,
-    }
     if kind not in classes:
         raise ConfigError(
             f"agent.kind = {kind!r} is not a valid choice; choose one of: {', '.join(classes)}"
