@@ -405,7 +405,10 @@ class PeriodicEval(EvalCallback):
     It logs ``eval/mean_reward``, ``eval/mean_ep_length`` and ``eval/success_rate`` (from
     ``info["is_success"]``); recurrent models keep their state through SB3's
     ``evaluate_policy``. ``best_mean_reward`` is restored on resume, so a resumed run does
-    not overwrite ``best_model.zip`` with a worse model.
+    not overwrite ``best_model.zip`` with a worse model. Each evaluation's wall time (the
+    episodes, the best-model save and ``callback_after_eval``) is kept in
+    ``last_eval_seconds`` and counted in ``n_evaluations``, so a caller can tell training
+    time from evaluation time.
 
     :param eval_env: envs seeded apart from the training envs.
     :param eval_freq: env steps between evaluations (> 0).
@@ -422,6 +425,8 @@ class PeriodicEval(EvalCallback):
         self._last_check = 0
         self.last_success_rate: float | None = None
         self.last_eval_timesteps: int | None = None
+        self.last_eval_seconds: float | None = None
+        self.n_evaluations = 0
 
     def _on_training_start(self) -> None:
         self._last_check = self.num_timesteps
@@ -431,7 +436,10 @@ class PeriodicEval(EvalCallback):
             self._last_check = self.num_timesteps
             return True
         self._last_check = self.num_timesteps
+        started = time.monotonic()
         continue_training = super()._on_step()
+        self.last_eval_seconds = time.monotonic() - started
+        self.n_evaluations += 1
         self.last_eval_timesteps = self.num_timesteps
         self.last_success_rate = (
             float(np.mean(self._is_success_buffer)) if self._is_success_buffer else None

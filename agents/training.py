@@ -22,7 +22,7 @@ import dataclasses
 import datetime as _dt
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,6 +61,8 @@ __all__ = [
     "EVAL_SEED_OFFSET",
     "LoadedModel",
     "RESUMABLE_SECTIONS",
+    "ExtraCallbacks",
+    "RunCallbacks",
     "RunPaths",
     "TrainingInterrupted",
     "agent_class",
@@ -128,6 +130,25 @@ class RunPaths:
     @property
     def videos(self) -> Path:
         return self.root / "videos"
+
+
+class RunCallbacks(NamedTuple):
+    """The run's own callbacks, handed to an :data:`ExtraCallbacks` factory.
+
+    :ivar evaluation: the periodic evaluation (None when ``train.eval_freq`` is 0).
+    :ivar checkpoint: the periodic checkpoint (``last_saved`` is the newest checkpoint).
+    """
+
+    evaluation: PeriodicEval | None
+    checkpoint: PeriodicCheckpoint
+
+
+ExtraCallbacks = Callable[[RunCallbacks], Sequence[BaseCallback]]
+"""Builds more callbacks for a run from its own ones (e.g. the benchmark's eval recorder).
+
+They run after the checkpoint and evaluation callbacks at every step, rollout start and
+training end, so they see an evaluation or a checkpoint in the same step it happened.
+"""
 
 
 def agent_class(kind: str) -> type[BaseAlgorithm]:
@@ -349,11 +370,15 @@ def _learn(
     paths: RunPaths,
     eval_env: VecEnv | None,
     resumed: CheckpointInfo | None,
+    extra_callbacks: ExtraCallbacks | None = None,
 ) -> Path:
     total = config.train.total_timesteps
     callbacks, guard, stop, checkpoint, evaluation = _callbacks(
         config, paths, eval_env, model, total
     )
+    if extra_callbacks is not None:
+        # Before the progress callback (the last one), after everything else.
+        callbacks[-1:-1] = list(extra_callbacks(RunCallbacks(evaluation, checkpoint)))
     if resumed is not None and evaluation is not None:
         evaluation.load_state(resumed.load_meta().get("extra", {}).get("eval", {}))
     try:
@@ -375,12 +400,19 @@ def _learn(
     return paths.root
 
 
-def train(config: ExperimentConfig, run_dir: str | Path | None = None) -> Path:
+def train(
+    config: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    *,
+    extra_callbacks: ExtraCallbacks | None = None,
+) -> Path:
     """Train an agent as ``config`` says; return its run directory.
 
     :param config: a validated config (``load_config``); validated again here.
     :param run_dir: where to write (must not exist or be empty); default
         ``<train.runs_dir>/<env>__<agent>__<seed>__<time>``.
+    :param extra_callbacks: builds more callbacks from the run's own (see
+        :data:`ExtraCallbacks`); the benchmark harness records its evaluation curve this way.
     :raises ConfigError: the config, the env or the agent settings are invalid (nothing
         has been written yet).
     :raises TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved.
@@ -409,7 +441,7 @@ def train(config: ExperimentConfig, run_dir: str | Path | None = None) -> Path:
     save_config(config, paths.config)
     _configure_logger(model, paths)
     _log_config(model, config)
-    return _learn(model, config, paths, eval_env, resumed=None)
+    return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
 
 
 def resume(
@@ -417,6 +449,7 @@ def resume(
     overrides: Iterable[str] = (),
     *,
     total_timesteps: int | None = None,
+    extra_callbacks: ExtraCallbacks | None = None,
 ) -> Path:
     """Continue a run from its latest checkpoint, in the same directory and tensorboard curve.
 
@@ -429,6 +462,7 @@ def resume(
     :param overrides: dotted ``key=value`` changes, only under ``ppo.`` and ``train.``
         (e.g. ``train.total_timesteps=400000``, ``ppo.learning_rate=1e-4``).
     :param total_timesteps: shorthand for ``train.total_timesteps=...``.
+    :param extra_callbacks: as for :func:`train`.
     :raises ConfigError: not a run directory, no checkpoint, a forbidden override, or nothing
         left to train.
     """
@@ -472,7 +506,9 @@ def resume(
     _configure_logger(model, paths)
     _mark_restart(model, checkpoint.timesteps)
     print(f"resuming {paths.root} from step {checkpoint.timesteps:,}", flush=True)
-    return _learn(model, config, paths, eval_env, resumed=checkpoint)
+    return _learn(
+        model, config, paths, eval_env, resumed=checkpoint, extra_callbacks=extra_callbacks
+    )
 
 
 class LoadedModel(NamedTuple):
