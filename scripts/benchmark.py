@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Run benchmark suites (configs/benchmarks/*.yaml) and turn their records into a report.
+
+Examples::
+
+    python scripts/benchmark.py quick                      # the smoke suite, a few minutes
+    python scripts/benchmark.py quick --report             # its report
+    python scripts/benchmark.py full --parallel 4          # the full suite, 4 runs at a time
+    python scripts/benchmark.py full --list                # each run's status, no training
+    python scripts/benchmark.py full --only 'MiniGrid-MemoryS7-v0__*'
+    python scripts/benchmark.py full ablations --report    # docs/benchmarks/README.md
+
+Every run trains through agents.training (the code scripts/train_agent.py uses) and writes
+one JSON record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record
+are skipped; a run stopped before it (crash, Ctrl-C) continues from its latest checkpoint
+when the suite is run again.
+
+Exit codes: 0 done; 1 some runs failed (the others finished); 2 invalid suite or records;
+130 interrupted (checkpoints were saved; run the same command again to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agents.benchmarking import (
+    REPO_ROOT,
+    SUITE_DIR,
+    BenchmarkError,
+    Suite,
+    load_suite,
+    record_path,
+    run_status,
+    run_suite,
+    write_report,
+)
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+DEFAULT_RUNS_DIR = REPO_ROOT / "runs" / "benchmarks"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=(
+            "Run benchmark suites through the training code of scripts/train_agent.py and "
+            "write one JSON record per run; --report turns the records into <out>/README.md "
+            "with tables and plots."
+        ),
+    )
+    parser.add_argument(
+        "suites",
+        nargs="*",
+        metavar="SUITE",
+        help=(
+            f"suite files or names in {SUITE_DIR.relative_to(REPO_ROOT)}/ (quick, full, "
+            "ablations). With --report and none given: every suite with records in --out"
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=(
+            "where records/, README.md and plots/ go (default: the suite's output, e.g. "
+            "docs/benchmarks for full, runs/benchmark_reports/quick for quick)"
+        ),
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=DEFAULT_RUNS_DIR,
+        metavar="DIR",
+        help="where the run directories (checkpoints, tensorboard) go (default: runs/benchmarks)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="runs at a time (default 1)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only runs whose <task>__<agent>__<seed> matches this glob (repeatable)",
+    )
+    parser.add_argument("--report", action="store_true", help="write the report; train nothing")
+    parser.add_argument("--list", action="store_true", help="print each run's status and exit")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run in this process, one at a time (debugging; peak memory then covers all runs)",
+    )
+    return parser
+
+
+def _out(suite: Suite, args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return args.out
+    return suite.output if suite.output.is_absolute() else REPO_ROOT / suite.output
+
+
+def _report_suites(args: argparse.Namespace) -> list[Suite]:
+    """The named suites, or every suite with a records folder in --out."""
+    if args.suites:
+        return [load_suite(name, check_configs=False) for name in args.suites]
+    out = args.out if args.out is not None else REPO_ROOT / "docs" / "benchmarks"
+    names = sorted(p.name for p in (out / "records").glob("*") if p.is_dir())
+    if not names:
+        raise BenchmarkError(f"no records in {out / 'records'}; name the suites to report")
+    return [load_suite(name, check_configs=False) for name in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.report:
+            suites = _report_suites(args)
+            outs = {_out(s, args) for s in suites}
+            for out in sorted(outs):
+                path = write_report([s for s in suites if _out(s, args) == out], out)
+                print(f"report: {path}")
+            return 0
+        if not args.suites:
+            raise BenchmarkError("name at least one suite to run, e.g. quick or full")
+        suites = [load_suite(name) for name in args.suites]
+        if args.list:
+            for suite in suites:
+                out = _out(suite, args)
+                for run in suite.runs:
+                    status = run_status(run, out, args.runs_dir)
+                    where = record_path(out, run) if status == "done" else ""
+                    print(f"{suite.name:<10} {run.key:<50} {status:<24} {where}")
+            return 0
+        failed = 0
+        for suite in suites:
+            out = _out(suite, args)
+            results = run_suite(
+                suite,
+                out,
+                args.runs_dir,
+                parallel=args.parallel,
+                only=args.only,
+                in_process=args.in_process,
+            )
+            failed += sum(error is not None for error in results.values())
+            print(f"suite {suite.name}: records in {out / 'records' / suite.name}")
+        names = " ".join(args.suites)
+        print(f"report: python scripts/benchmark.py {names} --report")
+        return EXIT_FAILED if failed else 0
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

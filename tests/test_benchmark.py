@@ -1,0 +1,375 @@
+"""The benchmark harness: suite validation, records, skip/resume, the report (no real runs
+beyond two tiny PPO runs on MiniGrid-Empty-5x5-v0)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import agents.training
+from agents import benchmarking as bm
+from agents.config import CONFIG_DIR, find_config_for_env
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
+sys.path.insert(0, str(REPO / "scripts"))
+import benchmark as benchmark_script  # noqa: E402
+
+# A tiny valid suite; each invalid case below edits one part of it.
+VALID = """\
+name: tiny
+output: {out}
+overrides:
+  - train.torch_threads=1
+  - train.progress=none
+  - train.device=cpu
+  - env.n_envs=2
+  - ppo.n_steps=64
+  - ppo.batch_size=64
+  - ppo.n_epochs=1
+  - train.eval_freq=256
+  - train.eval_episodes=2
+  - train.eval_n_envs=1
+  - train.checkpoint_freq=512
+  - env.env_kwargs.max_steps=20
+tasks:
+  MiniGrid-Empty-5x5-v0:
+    threshold: {{metric: mean_reward, value: 0.5}}
+    targets: [{{agent: ppo, metric: mean_reward, value: 0.5}}]
+runs:
+  - {{task: MiniGrid-Empty-5x5-v0, agents: [ppo], seeds: [0], budget: {budget}}}
+"""
+
+
+def write_suite(tmp_path: Path, text: str, name: str = "suite.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def valid_text(out: Path | str = "unused", budget: int = 512) -> str:
+    return VALID.format(out=out, budget=budget)
+
+
+# --------------------------------------------------------------------------------------
+# Suites
+# --------------------------------------------------------------------------------------
+
+
+def test_repository_suites_load_and_match_the_issue() -> None:
+    quick = bm.load_suite("quick")
+    assert {r.agent for r in quick.runs} == {"thalamus", "ppo", "lstm"}
+    assert Path(quick.output).parts[0] != "docs"  # quick output is not committed
+
+    full = bm.load_suite("full")
+    budgets = {
+        "MiniGrid-DoorKey-5x5-v0": 150_000,
+        "MiniGrid-MemoryS7-v0": 1_000_000,
+        "MiniGrid-MemoryS11-v0": 2_000_000,
+        "MiniGrid-RedBlueDoors-6x6-v0": 1_000_000,
+        "MiniGrid-KeyCorridorS3R1-v0": 500_000,
+        "BabyAI-GoToLocal-v0": 2_000_000,
+    }
+    assert {r.task: r.budget for r in full.runs} == budgets
+    assert len(full.runs) == 6 * 3 * 3
+    for task in full.tasks.values():
+        assert [t.agent for t in task.targets] == ["thalamus"]
+        assert {(r.agent, r.seed) for r in full.runs if r.task == task.name} == {
+            (a, s) for a in ("thalamus", "ppo", "lstm") for s in (0, 1, 2)
+        }
+    doorkey = full.tasks["MiniGrid-DoorKey-5x5-v0"].targets[0]
+    assert (doorkey.metric, doorkey.value, doorkey.by) == ("mean_reward", 0.9, 100_000)
+
+    ablations = bm.load_suite("ablations")
+    labels = {(r.task, r.label) for r in ablations.runs}
+    assert ("MiniGrid-MemoryS7-v0", "one-stream") in labels
+    assert ("MemoryS7-trial2", "no-feedback") in labels
+    one_stream = next(r for r in ablations.runs if r.label == "one-stream")
+    assert len(one_stream.load_config().thalamus.streams) == 1
+    trial = next(r for r in ablations.runs if r.task == "MemoryS7-trial2")
+    assert trial.load_config().env.trial_episodes == 2
+
+
+def test_suite_folder_does_not_disturb_per_env_configs() -> None:
+    """find_config_for_env and train_agent.py's --config only look at configs/*.yaml."""
+    for suite in ("quick", "full", "ablations"):
+        assert (bm.SUITE_DIR / f"{suite}.yaml").is_file()
+    assert bm.SUITE_DIR.parent == CONFIG_DIR
+    assert all(p.parent == CONFIG_DIR for p in CONFIG_DIR.glob("*.yaml"))
+    for task in bm.load_suite("full", check_configs=False).tasks.values():
+        found = find_config_for_env(task.env_id)
+        assert found is not None and found.parent == CONFIG_DIR
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("MiniGrid-Empty-5x5-v0:\n", "MiniGrid-Nope-v0:\n", "tasks.MiniGrid-Nope-v0: env"),
+        ("agents: [ppo]", "agents: [dqn]", "agent 'dqn' is not valid; choose from: thalamus"),
+        ("seeds: [0], ", "", "seeds must be a non-empty list"),
+        (", budget: 512", "", "no budget; give budget"),
+        (
+            "    threshold: {metric: mean_reward, value: 0.5}\n",
+            "",
+            "missing required key 'threshold'",
+        ),
+        ("{metric: mean_reward, value: 0.5}", "{metric: reward, value: 0.5}", "metric = 'reward'"),
+        ("task: MiniGrid-Empty-5x5-v0,", "task: Other,", "task = 'Other' is not defined"),
+        ("agents: [ppo]", "agents: [ppo], colour: red", "unknown key 'colour'"),
+        ("targets: [{agent: ppo,", "targets: [{agent: lstm,", "target for agent 'lstm'"),
+        ("  - train.device=cpu\n", "  - train.seed=3\n", "sets train.seed, which the run"),
+        ("  - train.device=cpu\n", "  - ppo.n_step=3\n", "unknown key 'ppo.n_step'"),
+        ("  - train.eval_freq=256\n", "  - train.eval_freq=0\n", "train.eval_freq = 0 gives"),
+        ("agents: [ppo]", "agents: [ppo, lstm], label: x", "label names one agent"),
+        ("name: tiny", "name: a/b", "name = 'a/b' must be"),
+    ],
+)
+def test_invalid_suites_say_what_is_wrong(tmp_path: Path, old: str, new: str, message: str) -> None:
+    text = valid_text()
+    assert old in text
+    path = write_suite(tmp_path, text.replace(old, new, 1))
+    with pytest.raises(bm.BenchmarkError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        bm.load_suite(path)
+
+
+def test_duplicate_runs_and_unknown_suites_are_rejected(tmp_path: Path) -> None:
+    text = (
+        valid_text() + "  - {task: MiniGrid-Empty-5x5-v0, agents: [ppo], seeds: [0], budget: 9}\n"
+    )
+    with pytest.raises(bm.BenchmarkError, match="listed twice"):
+        bm.load_suite(write_suite(tmp_path, text))
+    with pytest.raises(bm.BenchmarkError, match="one of the names in .*quick"):
+        bm.load_suite("no-such-suite")
+    assert benchmark_script.main(["no-such-suite"]) == benchmark_script.EXIT_INVALID
+
+
+def test_overrides_are_layered_suite_task_entry_then_harness(tmp_path: Path) -> None:
+    text = (
+        valid_text()
+        .replace("    targets:", "    overrides: [ppo.n_epochs=2]\n    targets:")
+        .replace("budget: 512}", "budget: 512, overrides: [ppo.n_epochs=3]}")
+    )
+    suite = bm.load_suite(write_suite(tmp_path, text))
+    (run,) = suite.runs
+    assert run.overrides[-2:] == ("ppo.n_epochs=2", "ppo.n_epochs=3")
+    config = run.load_config()
+    assert config.ppo.n_epochs == 3
+    assert (config.agent.kind, config.train.seed, config.train.total_timesteps) == ("ppo", 0, 512)
+    assert run.key == "MiniGrid-Empty-5x5-v0__ppo__0"
+
+
+# --------------------------------------------------------------------------------------
+# Records and the report (fixtures)
+# --------------------------------------------------------------------------------------
+
+
+def fixture_records() -> list[dict]:
+    return bm.load_records(FIXTURES / "records")
+
+
+def test_fixture_records_match_the_schema() -> None:
+    records = fixture_records()
+    assert len(records) == 9
+    for record in records:
+        assert set(bm.RECORD_KEYS) <= set(record)
+        for point in record["curve"]:
+            assert set(bm.POINT_KEYS) <= set(point)
+
+
+def test_validate_record_names_what_is_missing(tmp_path: Path) -> None:
+    record = fixture_records()[0]
+    broken = {k: v for k, v in record.items() if k != "train_fps"}
+    with pytest.raises(bm.BenchmarkError, match="missing keys train_fps"):
+        bm.validate_record(broken, "x.json")
+    broken = {**record, "curve": [{"timesteps": 1}]}
+    with pytest.raises(bm.BenchmarkError, match=r"curve\[0\] lacks wall_s"):
+        bm.validate_record(broken, "x.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(bm.BenchmarkError, match="bad.json is not valid JSON"):
+        bm.load_records(tmp_path)
+
+
+def test_summary_medians_ranges_and_fps_ratios() -> None:
+    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    task = suite.tasks["MiniGrid-Empty-5x5-v0"]
+    rows = {
+        r.label: r
+        for r in bm.summarize_task(task, suite.labels(task.name), fixture_records(), "stochastic")
+    }
+    assert list(rows) == ["thalamus", "ppo", "lstm"]
+    thalamus, ppo, lstm = rows["thalamus"], rows["ppo"], rows["lstm"]
+    assert thalamus.final_reward == (0.91, 0.5, 0.95)
+    assert thalamus.final_success == (1.0, 0.6, 1.0)
+    assert thalamus.reached == 2 and thalamus.frames_to_threshold == (2500.0, 2000.0, 3000.0)
+    assert thalamus.seconds_to_threshold == pytest.approx((7.879, 6.667, 9.091), abs=1e-3)
+    assert thalamus.fps == (300.0, 270.0, 330.0)
+    assert thalamus.fps_ratio == pytest.approx(1.5)
+    assert ppo.fps_ratio == pytest.approx(5.0) and lstm.fps_ratio == pytest.approx(1.0)
+    assert ppo.reached == 1 and ppo.frames_to_threshold == (3000.0, 3000.0, 3000.0)
+    assert lstm.reached == 0 and lstm.frames_to_threshold is None
+    # The deterministic evaluations of the fixtures are all 0: the mode matters.
+    det = bm.summarize_task(task, ["thalamus"], fixture_records(), "deterministic")[0]
+    assert det.final_reward == (0.0, 0.0, 0.0) and det.reached == 0
+
+
+def test_targets_met_missed_and_not_run() -> None:
+    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    records = fixture_records()
+    by_2000, ppo_success = suite.tasks["MiniGrid-Empty-5x5-v0"].targets
+    result = bm.target_result(by_2000, records, "stochastic")
+    assert result.status == "MISSED" and result.median == pytest.approx(0.6)
+    assert result.per_seed == {0: 0.92, 1: 0.6, 2: 0.4}
+    assert bm.target_result(ppo_success, records, "stochastic").status == "met"
+    doorkey = suite.tasks["MiniGrid-DoorKey-5x5-v0"].targets[0]
+    assert bm.target_result(doorkey, [], "stochastic").status == "no runs"
+
+
+def test_report_from_fixture_records(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURES / "records", tmp_path / "records" / "fixture")
+    code = benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
+    assert code == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "9 of 10 runs have records (commit 0123abc)" in text
+    assert "**Not run yet:** MiniGrid-DoorKey-5x5-v0__thalamus__0." in text
+    assert (
+        "| MiniGrid-Empty-5x5-v0 | thalamus: mean eval reward >= 0.9 by 2k steps | 0.60 "
+        "(seed 0: 0.92, seed 1: 0.60, seed 2: 0.40) | **MISSED** |"
+    ) in text
+    assert "| ppo: eval success rate >= 0.9 at the end | 1.00" in text
+    assert (
+        "**Targets missed:** MiniGrid-Empty-5x5-v0 (thalamus: mean eval reward >= 0.9 by 2k" in text
+    )
+    assert "**Targets not yet measured:** MiniGrid-DoorKey-5x5-v0" in text
+    assert (
+        "| thalamus | 0, 1, 2 | 3k | 0.91 [0.50–0.95] | 1.00 [0.60–1.00] | "
+        "2.5k [2k–3k] (2/3 reached) | 8 [7–9] (2/3 reached) | 300 [270–330] | 1.50x | "
+        "410 [400–420] |"
+    ) in text
+    assert "| ppo | 0, 1, 2 | 3k | 0.85 [0.80–0.90] |" in text
+    assert "| 1000 [800–1200] | 5.00x |" in text
+    assert (
+        "| lstm | 0, 1, 2 | 3k | 0.60 [0.40–0.70] | 0.70 [0.50–0.80] | not reached (0/3) |" in text
+    )
+    assert "do not match" not in text
+    for kind in ("steps", "wall"):
+        png = tmp_path / "plots" / f"fixture_reward_vs_{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](plots/fixture_reward_vs_{kind}.png)" in text
+
+
+def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> None:
+    folder = tmp_path / "records" / "fixture"
+    shutil.copytree(FIXTURES / "records", folder)
+    path = folder / "MiniGrid-Empty-5x5-v0__ppo__1.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "budget": 100}))
+    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    text = bm.write_report([suite], tmp_path).read_text()
+    assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
+
+
+def test_state_at_checkpoint_drops_later_points_and_restores_the_clock() -> None:
+    point = lambda t, w, tw: {"timesteps": t, "wall_s": w, "train_wall_s": tw}  # noqa: E731
+    state = {
+        "curve": [point(256, 1.0, 0.8), point(512, 2.0, 1.5), point(768, 3.0, 2.2)],
+        "marks": {"512": {"wall_s": 2.5, "eval_wall_s": 0.6, "train_wall_s": 1.9}},
+        "clock": {"wall_s": 3.5, "eval_wall_s": 0.9},
+        "sessions": 1,
+    }
+    kept = bm._state_at_checkpoint(state, 512)
+    assert [p["timesteps"] for p in kept["curve"]] == [256, 512]
+    assert kept["clock"]["wall_s"] == 2.5
+    unmarked = bm._state_at_checkpoint({**state, "marks": {}}, 600)
+    assert unmarked["clock"] == {"wall_s": 2.0, "eval_wall_s": pytest.approx(0.5)}
+
+
+# --------------------------------------------------------------------------------------
+# Running: skip, resume, a tiny real run
+# --------------------------------------------------------------------------------------
+
+
+def test_finished_runs_are_skipped_without_training(tmp_path: Path, monkeypatch) -> None:
+    suite = bm.load_suite(write_suite(tmp_path, valid_text(tmp_path / "out")))
+    (run,) = suite.runs
+    out = tmp_path / "out"
+    assert bm.pending_runs(suite, out) == [run]
+    assert bm.run_status(run, out, tmp_path / "runs") == "pending"
+    path = bm.record_path(out, run)
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run with a record must not train")
+
+    monkeypatch.setattr(agents.training, "train", no_training)
+    monkeypatch.setattr(agents.training, "resume", no_training)
+    assert bm.pending_runs(suite, out) == []
+    assert bm.run_status(run, out, tmp_path / "runs") == "done"
+    threshold = suite.tasks[run.task].threshold
+    assert bm.execute_run(run, out, tmp_path / "runs", threshold) == path
+    assert bm.run_suite(suite, out, tmp_path / "runs", in_process=True, log=lambda s: None) == {}
+
+
+def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> None:
+    """Two real PPO runs of a few hundred steps: the record, and a resume from a checkpoint."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    suite = bm.load_suite(write_suite(tmp_path, valid_text(out, budget=512)))
+    results = bm.run_suite(suite, out, runs, in_process=True, log=lambda s: None)
+    assert results == {"MiniGrid-Empty-5x5-v0__ppo__0": None}
+    (run,) = suite.runs
+    record = json.loads(bm.record_path(out, run).read_text())
+    bm.validate_record(record)
+    assert (record["env"], record["agent"], record["seed"], record["budget"]) == (
+        "MiniGrid-Empty-5x5-v0",
+        "ppo",
+        0,
+        512,
+    )
+    assert [p["timesteps"] for p in record["curve"]] == [256, 512]
+    for point in record["curve"]:
+        for mode in bm.EVAL_MODES:
+            assert point[mode]["episodes"] == 2
+            assert 0.0 <= point[mode]["success_rate"] <= 1.0
+    assert record["train_fps"] > 0 and record["peak_rss_mb"] > 0
+    assert 0 < record["train_wall_s"] < record["wall_s"]
+    assert record["eval_wall_s"] == pytest.approx(record["wall_s"] - record["train_wall_s"])
+    assert record["commit"] and record["sessions"] == 1
+    assert record["threshold"]["mode"] == "stochastic"
+
+    # A larger budget and no record: the run continues from its checkpoint at 512.
+    bm.record_path(out, run).unlink()
+    bigger = bm.load_suite(write_suite(tmp_path, valid_text(out, budget=1024), "bigger.yaml"))
+    assert bm.run_status(bigger.runs[0], out, runs) == "partial at step 512"
+    assert bm.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
+        "MiniGrid-Empty-5x5-v0__ppo__0": None
+    }
+    resumed = json.loads(bm.record_path(out, run).read_text())
+    assert [p["timesteps"] for p in resumed["curve"]] == [256, 512, 768, 1024]
+    assert resumed["curve"][:2] == record["curve"]
+    walls = [p["wall_s"] for p in resumed["curve"]]
+    assert walls == sorted(walls) and resumed["sessions"] == 2 and resumed["timesteps"] == 1024
+
+    # --list shows it as done.
+    assert benchmark_script.main([str(tmp_path / "bigger.yaml"), "--list", "--out", str(out)]) == 0
+
+
+def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch) -> None:
+    from agents.callbacks import CheckpointInfo
+
+    suite = bm.load_suite(write_suite(tmp_path, valid_text(tmp_path / "out")))
+    (run,) = suite.runs
+
+    def interrupted(*args, **kwargs):
+        checkpoint = CheckpointInfo(256, tmp_path / "a.zip", tmp_path / "a.json")
+        raise agents.training.TrainingInterrupted(tmp_path, 2, checkpoint)
+
+    monkeypatch.setattr(agents.training, "train", interrupted)
+    results = bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=print)
+    assert results[run.key] == (
+        "interrupted at step 256; a checkpoint was saved: run the same benchmark command again "
+        "to continue it"
+    )
