@@ -59,6 +59,7 @@ __all__ = [
     "ExperimentConfig",
     "LSTMConfig",
     "PPOConfig",
+    "PolicyConfig",
     "TokenizerConfig",
     "TrainConfig",
     "config_reference",
@@ -171,6 +172,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """The thalamus policy beyond its core and tokenizer (``agent.kind = thalamus``)."""
+
+    core_lr_scale: float = _param(
+        0.25,
+        "The tokenizer and core train at this times ppo.learning_rate, the actor and critic "
+        "heads at the full rate (the core's parameters move the policy far more per Adam "
+        "step than the heads').",
+        gt=0.0,
+    )
+
+
+@dataclass
 class LSTMConfig:
     """Policy settings of the LSTM baseline (sb3-contrib RecurrentPPO)."""
 
@@ -222,13 +236,14 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
-    """One training run: env, agent, PPO, thalamus/tokenizer and LSTM settings, the loop."""
+    """One training run: env, agent, PPO, thalamus/tokenizer/policy and LSTM settings, the loop."""
 
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     thalamus: ThalamusConfig = field(default_factory=ThalamusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

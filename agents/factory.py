@@ -62,7 +62,7 @@ SHARED_HYPERPARAMETERS: tuple[str, ...] = (
 )
 
 #: ``policy_kwargs`` keys that only the thalamus policy understands.
-THALAMUS_POLICY_KWARGS: tuple[str, ...] = ("thalamus", "tokenizer")
+THALAMUS_POLICY_KWARGS: tuple[str, ...] = ("thalamus", "tokenizer", "core_lr_scale")
 
 
 class FlatDictExtractor(BaseFeaturesExtractor):

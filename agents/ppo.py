@@ -342,6 +342,17 @@ class ThalamusPPO(OnPolicyAlgorithm):
         return rewards
 
     # ------------------------------------------------------------------ update
+    def _update_learning_rate(
+        self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer
+    ) -> None:
+        """SB3's schedule, times each parameter group's ``lr_scale`` (the policy's
+        ``core_lr_scale`` for the core, 1 for the heads)."""
+        lr = self.lr_schedule(self._current_progress_remaining)
+        self.logger.record("train/learning_rate", lr)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
     def train(self) -> None:
         """Update the policy on the current rollout (``n_epochs`` passes of env-column
         minibatches, each re-run from the stored start state with resets inside the scan)."""

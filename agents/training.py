@@ -197,6 +197,7 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
         policy_kwargs = {
             "thalamus": dataclasses.asdict(config.thalamus),
             "tokenizer": dataclasses.asdict(config.tokenizer),
+            **dataclasses.asdict(config.policy),
         }
     elif config.agent.kind == "lstm":
         policy_kwargs = dataclasses.asdict(config.lstm)

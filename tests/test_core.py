@@ -167,6 +167,7 @@ def test_outputs_and_stats():
         "gate_entropy",
         "selected_salience",
         "temperature",
+        "fatigue_strength",
         "phase_scale",
         "feedback_gain",
         "stream_weight/visual",

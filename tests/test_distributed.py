@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -99,6 +101,14 @@ def test_fatigue_lowers_the_winner_of_the_previous_iteration():
     fatigue = torch.tensor([[1.0, 0.0]]).expand(4, 2)
     _, alpha_tired = dm._compete(outputs, fatigue)
     assert (alpha_tired[:, 0] < alpha_plain[:, 0]).all()
+    # The fatigue enters the scores scaled by the learned strength κ (small at init).
+    torch.testing.assert_close(dm.fatigue_strength, torch.tensor(0.01))
+    with torch.no_grad():
+        dm.fatigue_strength_raw.fill_(math.log(math.expm1(1.0)))
+    votes = torch.stack([v(o) for v, o in zip(dm.vote, outputs, strict=True)], dim=-2)
+    scores = dm.score(votes).squeeze(-1)
+    _, alpha_full = dm._compete(outputs, fatigue)
+    torch.testing.assert_close(alpha_full, torch.softmax((scores - fatigue) / dm.temperature, -1))
 
 
 def test_gradients_reach_streams_competition_and_feedback():

@@ -334,3 +334,25 @@ def test_make_agent_sets_torch_threads() -> None:
         assert th.get_num_threads() == 1
     finally:
         th.set_num_threads(before)
+
+
+def test_core_trains_at_core_lr_scale_times_the_schedule(tmp_path: Path) -> None:
+    env = make_venv()
+    model = make_model(env, learning_rate=lambda progress: 1e-3 * progress)
+    groups = model.policy.optimizer.param_groups
+    core = {id(p) for p in model.policy.features_extractor.parameters()}
+    assert [{id(p) for p in g["params"]} <= core for g in groups] == [True, False]
+    scale = model.policy.core_lr_scale
+    assert 0 < scale < 1  # the default trains the core slower than the heads
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    model._current_progress_remaining = 0.5
+    model._update_learning_rate(model.policy.optimizer)
+    assert [g["lr"] for g in groups] == pytest.approx([5e-4 * scale, 5e-4])
+    model.save(tmp_path / "model.zip")
+    loaded = ThalamusPPO.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.policy.core_lr_scale == scale
+    assert [g["lr_scale"] for g in loaded.policy.optimizer.param_groups] == [scale, 1.0]
+    with pytest.raises(ValueError, match="core_lr_scale must be > 0"):
+        ThalamusPPO(
+            "ThalamusPolicy", env, n_steps=16, batch_size=32, policy_kwargs={"core_lr_scale": 0.0}
+        )

@@ -42,6 +42,8 @@ class ThalamusConfig:
     :param streams: the Mamba-2 streams, each with its own time scale.
     :param n_iterations: feedback iterations (1 = no workspace feedback, no fatigue).
     :param fatigue_decay: EMA factor of the competition fatigue.
+    :param init_fatigue_strength: initial strength κ of the (learned) fatigue term; small, so
+        the competition starts without it (see :class:`DistributedMamba`).
     :param min_temperature: lower bound of the competition temperature.
     :param use_feedback: ablation switch: False removes the reward FeedbackLayer.
     :param gate_enabled: ablation switch: False keeps all tokens (no top-K).
@@ -61,6 +63,7 @@ class ThalamusConfig:
     streams: list[StreamConfig] = field(default_factory=default_streams)
     n_iterations: int = 2
     fatigue_decay: float = 0.9
+    init_fatigue_strength: float = 0.01
     min_temperature: float = 0.05
     use_feedback: bool = True
     gate_enabled: bool = True
@@ -212,6 +215,7 @@ class ThalamusCore(nn.Module):
             d_workspace=c.d_workspace,
             n_iterations=c.n_iterations,
             fatigue_decay=c.fatigue_decay,
+            init_fatigue_strength=c.init_fatigue_strength,
             min_temperature=c.min_temperature,
             chunk_size=c.chunk_size,
             backend=c.backend,
@@ -345,6 +349,8 @@ class ThalamusCore(nn.Module):
             "selected_salience": selected.sum() / kept.sum().clamp(min=1),
             "temperature": self.streams.temperature.detach(),
         }
+        if self.streams.n_iterations > 1:
+            stats["fatigue_strength"] = self.streams.fatigue_strength.detach()
         if self.workspace is not None:
             stats["phase_scale"] = self.workspace.phase_scale.detach().mean()
         if self.gate.feedback_layer is not None:
