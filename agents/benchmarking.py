@@ -68,7 +68,13 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents.callbacks import atomic_write_text, latest_checkpoint
-from agents.config import ConfigError, ExperimentConfig, find_config_for_env, load_config
+from agents.config import (
+    ConfigError,
+    ExperimentConfig,
+    find_config_for_env,
+    load_config,
+    resolve_yaml_file,
+)
 from agents.factory import AGENT_KINDS
 from agents.training import RunCallbacks, RunPaths
 
@@ -265,18 +271,7 @@ def resolve_suite_path(name_or_path: str | os.PathLike[str]) -> Path:
     >>> resolve_suite_path("quick").name
     'quick.yaml'
     """
-    path = Path(name_or_path)
-    candidates = [path]
-    if not path.is_absolute() and len(path.parts) == 1:
-        candidates += [SUITE_DIR / path, SUITE_DIR / f"{path}.yaml"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    available = ", ".join(sorted(p.stem for p in SUITE_DIR.glob("*.yaml")))
-    raise BenchmarkError(
-        f"suite '{name_or_path}' not found. Give a path, or one of the names in "
-        f"{SUITE_DIR}: {available}"
-    )
+    return resolve_yaml_file(name_or_path, SUITE_DIR, "suite", BenchmarkError)
 
 
 def load_suite(name_or_path: str | os.PathLike[str], *, check_configs: bool = True) -> Suite:

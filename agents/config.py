@@ -68,6 +68,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "resolve_config_path",
+    "resolve_yaml_file",
     "to_dataclass",
     "save_config",
     "validate_config",
@@ -253,6 +254,32 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------
 
 
+def resolve_yaml_file(
+    name_or_path: str | os.PathLike[str],
+    folder: Path,
+    what: str,
+    error: type[Exception] = ConfigError,
+) -> Path:
+    """Find a YAML file given a path or a bare name (with or without ``.yaml``) in ``folder``.
+
+    :param what: what the file is, for the error message (``"config file"``, ``"suite"``).
+    :param error: the exception class raised when nothing is found.
+    :raises error: no such file; the message lists the names in ``folder``.
+    """
+    path = Path(name_or_path)
+    candidates = [path]
+    if not path.is_absolute() and len(path.parts) == 1:
+        candidates += [folder / path, folder / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise error(
+        f"{what} '{name_or_path}' not found. Give a path, or one of the names in "
+        f"{folder}: {available}"
+    )
+
+
 def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
     """Find a config file given a path or a bare name in ``configs/``.
 
@@ -261,18 +288,7 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
 
     :raises ConfigError: no such file; the message lists the configs that exist.
     """
-    path = Path(name_or_path)
-    candidates = [path]
-    if not path.is_absolute() and len(path.parts) == 1:
-        candidates += [CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(
-        f"config file '{name_or_path}' not found. Give a path, or one of the names in "
-        f"{CONFIG_DIR}: {available}"
-    )
+    return resolve_yaml_file(name_or_path, CONFIG_DIR, "config file")
 
 
 def find_config_for_env(env_id: str) -> Path | None:
