@@ -47,6 +47,7 @@ from omegaconf.errors import (
 )
 
 from agents.factory import AGENT_KINDS
+from agents.policy import DEFAULT_CORE_LR_SCALE
 from thalamus_rl import ThalamusConfig
 
 __all__ = [
@@ -177,7 +178,7 @@ class PolicyConfig:
     """The thalamus policy beyond its core and tokenizer (``agent.kind = thalamus``)."""
 
     core_lr_scale: float = _param(
-        0.25,
+        DEFAULT_CORE_LR_SCALE,
         "The tokenizer and core train at this times ppo.learning_rate, the actor and critic "
         "heads at the full rate (the core's parameters move the policy far more per Adam "
         "step than the heads').",

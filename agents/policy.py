@@ -37,6 +37,7 @@ from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
 
 __all__ = [
+    "DEFAULT_CORE_LR_SCALE",
     "PolicyStep",
     "SequenceEvaluation",
     "ThalamusExtractor",
@@ -179,6 +180,10 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         )
 
 
+#: Default ``core_lr_scale`` of :class:`ThalamusPolicy` (and of ``policy.core_lr_scale``).
+DEFAULT_CORE_LR_SCALE = 0.25
+
+
 class ThalamusPolicy(ActorCriticPolicy):
     """Actor-critic policy whose shared feature extractor is the thalamus (recurrent).
 
@@ -231,7 +236,7 @@ class ThalamusPolicy(ActorCriticPolicy):
         normalize_images: bool = False,
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
-        core_lr_scale: float = 0.25,
+        core_lr_scale: float = DEFAULT_CORE_LR_SCALE,
     ) -> None:
         if not core_lr_scale > 0:
             raise ValueError(f"core_lr_scale must be > 0, got {core_lr_scale}.")
