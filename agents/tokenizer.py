@@ -14,7 +14,10 @@ What each kind of entry becomes (the tokenizer is built from the space, not from
   the proprio token as well.
 
 Token order (``Tokenizer.token_layout``): the ``H*W`` cells in row-major order (token ``j`` is
-cell ``(j // W, j % W)``), then the mission words, then the proprio token.
+cell ``(j // W, j % W)``), then the proprio token, then the mission words. The words come
+last so that a batch can drop the word slots that are padding in every one of its rows
+(missions are padded to the longest the vocabulary allows, 72 slots, and DoorKey's has 11
+words): the token count per step is then ``H*W + 1 + (longest mission in the batch)``.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ class TokenLayout(NamedTuple):
         cell ``(j // W, j % W)``.
     :param image: slice of the cell tokens, ``[0, H*W)``.
     :param mission_key: observation key of the mission, ``None`` without one.
-    :param mission: slice of the word tokens, ``[H*W, H*W + L)``.
-    :param proprio: index of the proprio token, always the last one.
-    :param n_tokens: ``N``, the total number of tokens per step.
+    :param mission: slice of the word tokens, ``[H*W + 1, H*W + 1 + L)``, always the last ones
+        (a batch whose trailing word slots are all padding drops them; see
+        :meth:`ObservationTokenizer.forward`).
+    :param proprio: index of the proprio token, ``H*W``.
+    :param n_tokens: ``N``, the largest number of tokens per step.
     """
 
     image_key: str | None
@@ -228,7 +233,7 @@ class Tokenizer(nn.Module):
     ... })
     >>> tok = Tokenizer(space, d_model=32, d_task=16)
     >>> tok.token_layout.n_tokens, tok.token_layout.mission, tok.feedback_dim
-    (59, slice(49, 58, None), 1)
+    (59, slice(50, 59, None), 1)
     >>> out = tok({k: th.as_tensor(np.stack([space[k].sample() for _ in range(5)]))
     ...            for k in space.keys()})
     >>> tuple(out.tokens.shape), tuple(out.task.shape), tuple(out.positions.shape)
@@ -310,14 +315,14 @@ class Tokenizer(nn.Module):
         self.type_embedding = nn.Embedding(3, d_model)
         self.token_norm = nn.LayerNorm(d_model)
 
-        n_tokens = n_cells + n_words + 1
+        n_tokens = n_cells + 1 + n_words
         self.token_layout = TokenLayout(
             image_key=image_key,
             grid_shape=(height, width),
             image=slice(0, n_cells),
             mission_key=mission,
-            mission=slice(n_cells, n_cells + n_words),
-            proprio=n_tokens - 1,
+            mission=slice(n_cells + 1, n_tokens),
+            proprio=n_cells,
             n_tokens=n_tokens,
         )
         positions = th.zeros(n_tokens, 2)
@@ -356,7 +361,9 @@ class Tokenizer(nn.Module):
 
         :param obs: one tensor per key, each ``[*, *space.shape]`` (``*`` any batch shape, the
             same for every key). Integer entries may arrive as float (they are rounded).
-        :return: a :class:`TokenizedObs` with leading shape ``*``.
+        :return: a :class:`TokenizedObs` with leading shape ``*`` and ``N' <= n_tokens`` tokens:
+            the layout's tokens up to the last word slot that holds a word in some row of the
+            batch (the dropped slots are padding everywhere, so no output depends on them).
         """
         batch_shape, device = self._batch_shape(obs)
         m = int(np.prod(batch_shape, dtype=int))  # flat batch size
@@ -368,23 +375,12 @@ class Tokenizer(nn.Module):
         if self.image_key is not None:
             height, width = self.token_layout.grid_shape
             image = _as_index(obs[self.image_key].reshape(m * height * width, -1))
-            cells = self.cell_embedding(image + self.channel_offsets).view(m, height, width, d)
-            cells = cells + self.row_embedding.weight[:, None, :] + self.col_embedding.weight
-            parts.append(cells.view(m, height * width, d) + types[0])
+            cells = self.cell_embedding(image + self.channel_offsets).view(m, height * width, d)
+            # Position and type as one [H*W, d] table, added once: the backward then reduces
+            # one [m, H*W, d] gradient instead of one per broadcast term.
+            table = self.row_embedding.weight[:, None, :] + self.col_embedding.weight + types[0]
+            parts.append(cells + table.view(height * width, d))
             masks.append(th.ones(m, height * width, dtype=th.bool, device=device))
-
-        if self.mission_key is not None:
-            ids = _as_index(obs[self.mission_key].reshape(m, -1))
-            word_mask = ids != 0
-            words = self.word_embedding(ids)  # [m, L, d]
-            weights = word_mask.to(words.dtype).unsqueeze(-1)
-            pooled = (words * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            task = self.task_projection(pooled)
-            n_words = self.word_position.num_embeddings
-            parts.append(words[:, :n_words] + self.word_position.weight + types[1])
-            masks.append(word_mask[:, :n_words])
-        else:
-            task = self.task_constant.expand(m, self.d_task)
 
         proprio = types[2].expand(m, d)
         if self.discrete_keys:
@@ -400,6 +396,24 @@ class Tokenizer(nn.Module):
         parts.append(proprio.unsqueeze(1))
         masks.append(th.ones(m, 1, dtype=th.bool, device=device))
 
+        if self.mission_key is not None:
+            ids = _as_index(obs[self.mission_key].reshape(m, -1))
+            # Slots past the longest mission of the batch are padding in every row: they are
+            # masked out of the pooling and of the gate anyway, so dropping them is exact.
+            in_use = (ids != 0).any(0)
+            n_slots = int(in_use.nonzero().max()) + 1 if bool(in_use.any()) else 0
+            ids = ids[:, :n_slots]
+            word_mask = ids != 0
+            words = self.word_embedding(ids)  # [m, L', d]
+            weights = word_mask.to(words.dtype).unsqueeze(-1)
+            pooled = (words * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            task = self.task_projection(pooled)
+            n_words = min(n_slots, self.word_position.num_embeddings)
+            parts.append(words[:, :n_words] + (self.word_position.weight[:n_words] + types[1]))
+            masks.append(word_mask[:, :n_words])
+        else:
+            task = self.task_constant.expand(m, self.d_task)
+
         tokens = self.token_norm(th.cat(parts, dim=1))
         n = tokens.shape[1]
         return TokenizedObs(
@@ -407,5 +421,5 @@ class Tokenizer(nn.Module):
             token_mask=th.cat(masks, dim=1).view(*batch_shape, n),
             task=task.reshape(*batch_shape, self.d_task),
             feedback=feedback.view(*batch_shape, self.feedback_dim),
-            positions=self.positions.expand(*batch_shape, n, 2),
+            positions=self.positions[:n].expand(*batch_shape, n, 2),
         )

@@ -41,6 +41,7 @@ def sample_batch(space: spaces.Dict, shape: tuple[int, ...], seed: int = 0) -> d
         elif key == "mission":
             x = rng.integers(1, int(sub.high.max()) + 1, size=(n, *sub.shape))
             lengths = rng.integers(1, sub.shape[0] + 1, size=n)
+            lengths[0] = sub.shape[0]  # one full-length mission: every word slot is in use
             x[np.arange(sub.shape[0])[None, :] >= lengths[:, None]] = 0
         else:
             x = rng.normal(size=(n, *sub.shape)).astype(np.float32)
@@ -58,8 +59,9 @@ def test_layout_matches_the_contract(tokenizer: Tokenizer) -> None:
     layout = tokenizer.token_layout
     assert layout.grid_shape == (H, W)
     assert layout.image == slice(0, H * W)
-    assert layout.mission == slice(H * W, H * W + L)
-    assert layout.proprio == H * W + L == layout.n_tokens - 1
+    assert layout.proprio == H * W
+    assert layout.mission == slice(H * W + 1, H * W + 1 + L)
+    assert layout.n_tokens == H * W + 1 + L
     assert layout.image_key == "image" and layout.mission_key == "mission"
     # Float entries become the feedback vector, in the space's (sorted) key order.
     assert tokenizer.feedback_keys == ("episode_return", "last_episode_return", "prev_reward")
@@ -116,6 +118,35 @@ def test_mission_padding_mask_and_task_pooling(tokenizer: Tokenizer) -> None:
     assert not th.allclose(tokenizer(other).task, out.task)
 
 
+def test_word_slots_that_are_padding_in_every_row_are_dropped_exactly() -> None:
+    """A batch of short missions gets ``H*W + 1 + longest`` tokens, and the core computes the
+    same function as on the full-width token set (the dropped slots are masked padding)."""
+    from thalamus_rl import ThalamusConfig, ThalamusCore
+
+    th.manual_seed(0)
+    tokenizer = Tokenizer(contract_space(), d_model=32, d_task=16)
+    obs = sample_batch(contract_space(), (2, 5), seed=3)
+    obs["mission"][..., 3:] = 0
+    obs["mission"][..., :2] = obs["mission"][..., :2].clamp_min(1)
+    out = tokenizer(obs)
+    n_short = H * W + 1 + 3
+    assert out.tokens.shape[-2] == out.token_mask.shape[-1] == out.positions.shape[-2] == n_short
+    th.testing.assert_close(out.token_mask[..., H * W + 1 :], obs["mission"][..., :3] != 0)
+
+    # The full-width token set: the same tokens followed by masked (arbitrary) word slots.
+    pad = tokenizer.n_tokens - n_short
+    full_tokens = th.cat([out.tokens, th.randn(2, 5, pad, 32)], dim=-2)
+    full_mask = th.cat([out.token_mask, th.zeros(2, 5, pad, dtype=th.bool)], dim=-1)
+    full_pos = tokenizer.positions.expand(2, 5, tokenizer.n_tokens, 2)
+    core = ThalamusCore(ThalamusConfig(d_model=32, d_task=16, top_k=8, n_heads=4, d_workspace=32))
+    starts = th.zeros(2, 5, dtype=th.bool)
+    short, _ = core(out.tokens, out.token_mask, out.task, out.feedback, out.positions, None, starts)
+    full, _ = core(full_tokens, full_mask, out.task, out.feedback, full_pos, None, starts)
+    th.testing.assert_close(short.features, full.features)
+    th.testing.assert_close(short.indices, full.indices)
+    th.testing.assert_close(short.salience, full.salience[..., :n_short])
+
+
 def test_sequence_batch_equals_flat_batch(tokenizer: Tokenizer) -> None:
     """[B, T] leading dims give exactly the per-step result (the tokenizer is per step)."""
     obs = sample_batch(contract_space(), (3, 4))
@@ -137,12 +168,12 @@ def test_max_word_tokens_keeps_the_first_slots_and_pools_all_words() -> None:
     weights = full.state_dict()
     weights["word_position.weight"] = weights["word_position.weight"][:2]
     short.load_state_dict(weights)
-    assert short.token_layout.mission == slice(H * W, H * W + 2)
-    assert short.token_layout.n_tokens == H * W + 2 + 1
+    assert short.token_layout.mission == slice(H * W + 1, H * W + 3)
+    assert short.token_layout.n_tokens == H * W + 1 + 2
     obs = sample_batch(contract_space(), (4,))
     a, b = full(obs), short(obs)
     th.testing.assert_close(b.task, a.task)  # pooled over every word
-    th.testing.assert_close(b.token_mask[:, H * W : H * W + 2], obs["mission"][:, :2] != 0)
+    th.testing.assert_close(b.token_mask[:, short.token_layout.mission], obs["mission"][:, :2] != 0)
     with pytest.raises(ValueError, match="max_word_tokens=-1"):
         Tokenizer(contract_space(), d_model=8, d_task=4, max_word_tokens=-1)
 

@@ -209,7 +209,9 @@ class PhaseGate(nn.Module):
         u = (query @ self.key_proj.weight) * (1.0 / math.sqrt(self.d_head))  # W_k^T q: [*, d]
         if bias_direction is not None:
             u = u + bias_direction
-        s = (tokens @ u.unsqueeze(-1)).squeeze(-1)
+        # Multiply-and-sum rather than a batched mat-vec: on CPU the backward of ``x @ u`` is a
+        # batched outer product through bmm, several times slower than this elementwise form.
+        s = (tokens * u.unsqueeze(-2)).sum(-1)
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         return s
@@ -343,7 +345,7 @@ class PhaseGate(nn.Module):
             # at the kept ones (a scatter of the kept slots into N).
             dropped = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx[:, : min(k, n)], False)
             p_rest = torch.softmax(s, dim=-1).masked_fill(~dropped, 0.0)
-            rest = (p_rest.unsqueeze(-2) @ x).squeeze(-2)  # [B, d]
+            rest = (p_rest.unsqueeze(-1) * x).sum(-2)  # [B, d] (elementwise: see salience)
             pos_kept = pos.gather(1, idx.unsqueeze(-1).expand(b, k, 2)) if pos is not None else None
 
         phase = self.phase_tags(self.phase_angles(x_kept, pos_kept))
