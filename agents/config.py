@@ -48,6 +48,7 @@ from omegaconf.errors import (
 
 from agents.factory import AGENT_KINDS
 from agents.policy import DEFAULT_CORE_LR_SCALE
+from agents.ppo import ADVANTAGE_NORMALIZATIONS
 from thalamus_rl import ThalamusConfig
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "LSTMConfig",
     "PPOConfig",
     "PolicyConfig",
+    "ThalamusPPOConfig",
     "TokenizerConfig",
     "TrainConfig",
     "config_reference",
@@ -155,7 +157,11 @@ class PPOConfig:
     ent_coef: float = _param(0.01, "Entropy bonus coefficient.", ge=0.0)
     vf_coef: float = _param(0.5, "Value loss coefficient.", ge=0.0)
     max_grad_norm: float = _param(0.5, "Gradient norm clip.", gt=0.0)
-    normalize_advantage: bool = _param(True, "Normalise advantages per minibatch.")
+    normalize_advantage: bool = _param(
+        True,
+        "Normalise advantages (PPO and LSTM-PPO: per minibatch; the thalamus agent: as "
+        "thalamus_ppo says).",
+    )
     target_kl: float | None = _param(
         None, "Stop an update's epochs early when the approximate KL exceeds this.", gt=0.0
     )
@@ -182,6 +188,31 @@ class PolicyConfig:
         "The tokenizer and core train at this times ppo.learning_rate, the actor and critic "
         "heads at the full rate (the core's parameters move the policy far more per Adam "
         "step than the heads').",
+        gt=0.0,
+    )
+
+
+@dataclass
+class ThalamusPPOConfig:
+    """ThalamusPPO's update beyond the shared ``ppo`` settings (``agent.kind = thalamus``)."""
+
+    advantage_normalization: str = _param(
+        "rollout",
+        "Scope of the advantage normalisation: rollout (one mean and scale per update) or "
+        "minibatch (SB3's PPO).",
+        choices=ADVANTAGE_NORMALIZATIONS,
+    )
+    advantage_std_floor: float = _param(
+        0.1,
+        "Divide advantages by max(std, this), in reward units: before a sparse-reward task "
+        "pays, advantages are value noise, and scaled to unit variance they make the core fit "
+        "it and stop exploring (DoorKey-5x5). 0: off.",
+        ge=0.0,
+    )
+    adaptive_lr_kl: float | None = _param(
+        None,
+        "Scale the learning rate after each update to keep its approximate KL near this "
+        "(/1.5 above twice it, x1.5 below half of it, never above ppo.learning_rate); null: off.",
         gt=0.0,
     )
 
@@ -246,6 +277,7 @@ class ExperimentConfig:
     thalamus: ThalamusConfig = field(default_factory=ThalamusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    thalamus_ppo: ThalamusPPOConfig = field(default_factory=ThalamusPPOConfig)
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

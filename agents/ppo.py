@@ -10,12 +10,15 @@ from SB3. What differs from SB3's PPO:
 * minibatches are whole env columns (``batch_size`` env steps = ``batch_size // n_steps`` envs
   with their full ``n_steps`` sequence), re-run from the stored state with the resets inside the
   core's scan (DESIGN rule 6);
-* the core's own signals are logged under ``thalamus/*`` (averaged over the rollout).
+* the core's own signals are logged under ``thalamus/*`` (averaged over the rollout);
+* advantages are normalised over the whole rollout, by a standard deviation floored at
+  ``advantage_std_floor`` (SB3: per minibatch, no floor); see the class docstring.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -35,7 +38,10 @@ from agents.buffer import ThalamusRolloutBuffer, check_batch_size
 from agents.policy import ThalamusPolicy
 from thalamus_rl import ThalamusState
 
-__all__ = ["ThalamusPPO"]
+__all__ = ["ADVANTAGE_NORMALIZATIONS", "ThalamusPPO"]
+
+#: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).
+ADVANTAGE_NORMALIZATIONS = ("rollout", "minibatch")
 
 SelfThalamusPPO = TypeVar("SelfThalamusPPO", bound="ThalamusPPO")
 
@@ -54,11 +60,24 @@ class ThalamusPPO(OnPolicyAlgorithm):
     :param gae_lambda: GAE lambda.
     :param clip_range: PPO clip range, or a schedule.
     :param clip_range_vf: value clip range (``None``: no value clipping), or a schedule.
-    :param normalize_advantage: normalise advantages per minibatch.
+    :param normalize_advantage: normalise the advantages (see the next two).
+    :param advantage_normalization: ``"rollout"``: subtract the mean and divide by the standard
+        deviation of the whole rollout's advantages (one scale per update); ``"minibatch"``:
+        of each minibatch (SB3's PPO).
+    :param advantage_std_floor: divide by ``max(std, advantage_std_floor)``, in reward units.
+        Until a sparse-reward task pays its first rewards, the advantages are value-function
+        noise; scaled to unit variance, they make PPO fit that noise and drop its entropy before
+        it finds the goal (DoorKey-5x5: approximate KL 0.15-0.3 per update, 2 seeds of 3 never
+        learned). With the floor, noise keeps its true small scale and the entropy bonus
+        dominates until real returns make the standard deviation exceed it. 0 turns it off.
     :param ent_coef: entropy bonus coefficient.
     :param vf_coef: value loss coefficient.
     :param max_grad_norm: gradient clipping norm.
     :param target_kl: stop an update early when the approximate KL exceeds ``1.5 * target_kl``.
+    :param adaptive_lr_kl: if set, scale the learning rate after every update to keep the
+        update's approximate KL near this value: divided by 1.5 when the last epoch's KL
+        exceeds twice it, multiplied by 1.5 (up to the schedule's rate) when it is below half
+        of it. Logged as ``train/lr_factor``; saved with the model.
     :param stats_window_size: episodes averaged in ``rollout/*`` logs.
     :param tensorboard_log: tensorboard log folder (``None``: no tensorboard).
     :param policy_kwargs: :class:`ThalamusPolicy` arguments, e.g.
@@ -86,10 +105,13 @@ class ThalamusPPO(OnPolicyAlgorithm):
         clip_range: float | Schedule = 0.2,
         clip_range_vf: float | Schedule | None = None,
         normalize_advantage: bool = True,
+        advantage_normalization: str = "rollout",
+        advantage_std_floor: float = 0.1,
         ent_coef: float = 0.01,
         vf_coef: float = 0.5,
         max_grad_norm: float = 0.5,
         target_kl: float | None = None,
+        adaptive_lr_kl: float | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -124,17 +146,33 @@ class ThalamusPPO(OnPolicyAlgorithm):
                 spaces.MultiBinary,
             ),
         )
-        if normalize_advantage and batch_size <= 1:
+        if advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
             raise ValueError(
-                f"batch_size={batch_size} must be > 1 with normalize_advantage=True "
-                "(advantages are normalised per minibatch)."
+                f"advantage_normalization={advantage_normalization!r}; choose one of "
+                f"{list(ADVANTAGE_NORMALIZATIONS)}."
+            )
+        if advantage_std_floor < 0:
+            raise ValueError(
+                f"advantage_std_floor={advantage_std_floor} must be >= 0 (0 turns the floor off)."
+            )
+        if normalize_advantage and advantage_normalization == "minibatch" and batch_size <= 1:
+            raise ValueError(
+                f"batch_size={batch_size} must be > 1 with normalize_advantage=True and "
+                "advantage_normalization='minibatch' (advantages are normalised per minibatch)."
             )
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range
         self.clip_range_vf = clip_range_vf
         self.normalize_advantage = normalize_advantage
+        self.advantage_normalization = advantage_normalization
+        self.advantage_std_floor = advantage_std_floor
         self.target_kl = target_kl
+        if adaptive_lr_kl is not None and adaptive_lr_kl <= 0:
+            raise ValueError(f"adaptive_lr_kl={adaptive_lr_kl} must be > 0 (or None: off).")
+        self.adaptive_lr_kl = adaptive_lr_kl
+        #: Multiplier of the learning-rate schedule set by ``adaptive_lr_kl`` (1 without it).
+        self.lr_factor = 1.0
         self._last_state: ThalamusState | None = None
         if _init_setup_model and self.env is not None:
             envs_per_batch = check_batch_size(batch_size, n_steps, self.n_envs)
@@ -345,13 +383,43 @@ class ThalamusPPO(OnPolicyAlgorithm):
     def _update_learning_rate(
         self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer
     ) -> None:
-        """SB3's schedule, times each parameter group's ``lr_scale`` (the policy's
-        ``core_lr_scale`` for the core, 1 for the heads)."""
-        lr = self.lr_schedule(self._current_progress_remaining)
+        """SB3's schedule times ``lr_factor`` (``adaptive_lr_kl``), times each parameter
+        group's ``lr_scale`` (the policy's ``core_lr_scale`` for the core, 1 for the heads)."""
+        lr = self.lr_schedule(self._current_progress_remaining) * getattr(self, "lr_factor", 1.0)
         self.logger.record("train/learning_rate", lr)
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def _adapt_lr_factor(self, approx_kl: float) -> None:
+        """One step of the KL-adaptive learning rate (``adaptive_lr_kl``), applied from the next
+        update on; the factor stays within ``[1e-3, 1]`` of the schedule."""
+        assert self.adaptive_lr_kl is not None
+        if approx_kl > 2.0 * self.adaptive_lr_kl:
+            self.lr_factor = max(self.lr_factor / 1.5, 1e-3)
+        elif approx_kl < 0.5 * self.adaptive_lr_kl:
+            self.lr_factor = min(self.lr_factor * 1.5, 1.0)
+        self.logger.record("train/lr_factor", self.lr_factor)
+
+    def _advantage_normalizer(self) -> Callable[[th.Tensor], th.Tensor]:
+        """The map this update applies to each minibatch's advantages ``[M]``: minus the mean,
+        over the standard deviation floored at ``advantage_std_floor``, both of the whole
+        rollout or of the minibatch (``advantage_normalization``); identity when
+        ``normalize_advantage`` is off."""
+        floor = self.advantage_std_floor
+        if not self.normalize_advantage:
+            return lambda advantages: advantages
+        if self.advantage_normalization == "rollout":
+            rollout = th.as_tensor(self.rollout_buffer.advantages, device=self.device)
+            shift, scale = rollout.mean(), rollout.std().clamp_min(floor) + 1e-8
+            return lambda advantages: (advantages - shift) / scale
+
+        def per_minibatch(advantages: th.Tensor) -> th.Tensor:
+            if advantages.numel() < 2:
+                return advantages
+            return (advantages - advantages.mean()) / (advantages.std().clamp_min(floor) + 1e-8)
+
+        return per_minibatch
 
     def train(self) -> None:
         """Update the policy on the current rollout (``n_epochs`` passes of env-column
@@ -370,6 +438,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         approx_kl_divs: list[float] = []
         continue_training = True
         loss = th.zeros(())
+        normalize_advantages = self._advantage_normalizer()
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
             for batch in self.rollout_buffer.get(self.batch_size):
@@ -379,9 +448,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
                 values = evaluation.values.flatten()
                 log_prob = evaluation.log_prob.flatten()
                 old_log_prob = batch.old_log_prob.flatten()
-                advantages = batch.advantages.flatten()
-                if self.normalize_advantage and advantages.numel() > 1:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                advantages = normalize_advantages(batch.advantages.flatten())
 
                 ratio = th.exp(log_prob - old_log_prob)
                 policy_loss_1 = advantages * ratio
@@ -432,6 +499,8 @@ class ThalamusPPO(OnPolicyAlgorithm):
             if not continue_training:
                 break
 
+        if self.adaptive_lr_kl is not None and approx_kl_divs:
+            self._adapt_lr_factor(float(np.mean(approx_kl_divs)))
         explained_var = explained_variance(
             self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
         )
@@ -442,6 +511,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         self.logger.record("train/clip_fraction", np.mean(clip_fractions))
         self.logger.record("train/loss", loss.item())
         self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/advantage_std", float(np.std(self.rollout_buffer.advantages)))
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

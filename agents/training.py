@@ -181,8 +181,12 @@ def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> P
 
 
 def _hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
-    """Algorithm arguments of ``agents.make_agent`` / ``load`` from the ``ppo`` section."""
-    return dataclasses.asdict(config.ppo)
+    """Algorithm arguments of ``agents.make_agent`` / ``load``: the shared ``ppo`` section,
+    and ``thalamus_ppo`` for the thalamus agent."""
+    hyperparams = dataclasses.asdict(config.ppo)
+    if config.agent.kind == "thalamus":
+        hyperparams.update(dataclasses.asdict(config.thalamus_ppo))
+    return hyperparams
 
 
 def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:

@@ -197,6 +197,74 @@ def test_gae_matches_the_closed_form() -> None:
     np.testing.assert_allclose(buffer.returns, buffer.advantages + buffer.values, atol=1e-6)
 
 
+@pytest.mark.parametrize("scope", ["rollout", "minibatch"])
+def test_advantage_std_floor_keeps_small_advantages_small(scope: str) -> None:
+    """Advantages whose spread is below the floor are centred and divided by the floor (their
+    scale survives); a larger spread is normalised to unit variance as in SB3."""
+    model = make_model(
+        make_venv(n_envs=4), n_steps=16, batch_size=64, advantage_normalization=scope
+    )
+    rng = np.random.default_rng(0)
+    for std in (0.01, 2.0):
+        model.rollout_buffer.advantages = (0.5 + std * rng.normal(size=(16, 4))).astype(np.float32)
+        normalize = model._advantage_normalizer()
+        raw = th.as_tensor(model.rollout_buffer.advantages).flatten()
+        out = normalize(raw)
+        assert abs(float(out.mean())) < 1e-5
+        expected_std = float(raw.std()) / 0.1 if std < 0.1 else 1.0
+        assert float(out.std()) == pytest.approx(expected_std, rel=1e-4)
+    model.advantage_std_floor = 0.0
+    model.rollout_buffer.advantages = (0.01 * rng.normal(size=(16, 4))).astype(np.float32)
+    out = model._advantage_normalizer()(th.as_tensor(model.rollout_buffer.advantages).flatten())
+    assert float(out.std()) == pytest.approx(1.0, rel=1e-4)  # no floor: SB3's unit variance
+    model.normalize_advantage = False
+    raw = th.arange(4.0)
+    assert th.equal(model._advantage_normalizer()(raw), raw)
+
+
+def test_rollout_scope_uses_one_shift_and_scale_for_every_minibatch() -> None:
+    model = make_model(make_venv(n_envs=4), n_steps=16, batch_size=32, advantage_std_floor=0.0)
+    model.rollout_buffer.advantages = np.arange(64, dtype=np.float32).reshape(16, 4)
+    normalize = model._advantage_normalizer()
+    all_advantages = th.arange(64.0)
+    th.testing.assert_close(
+        normalize(all_advantages[:8]),
+        (all_advantages[:8] - all_advantages.mean()) / (all_advantages.std() + 1e-8),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(advantage_normalization="episode"), "advantage_normalization='episode'"),
+        (dict(advantage_std_floor=-0.1), "advantage_std_floor=-0.1"),
+    ],
+)
+def test_bad_advantage_settings_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_model(make_venv(n_envs=2), n_steps=16, batch_size=32, **kwargs)
+
+
+def test_adaptive_lr_follows_the_update_kl() -> None:
+    model = make_model(make_venv(n_envs=2), n_steps=16, batch_size=32, adaptive_lr_kl=0.02)
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    model._adapt_lr_factor(0.1)  # above 2 x target: slower
+    assert model.lr_factor == pytest.approx(1 / 1.5)
+    model._adapt_lr_factor(0.02)  # in the band: unchanged
+    assert model.lr_factor == pytest.approx(1 / 1.5)
+    model._adapt_lr_factor(0.001)  # below target / 2: faster, capped at the schedule
+    model._adapt_lr_factor(0.001)
+    assert model.lr_factor == 1.0
+    for _ in range(40):
+        model._adapt_lr_factor(1.0)
+    assert model.lr_factor == pytest.approx(1e-3)
+    model._update_learning_rate(model.policy.optimizer)
+    for group in model.policy.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(3e-4 * 1e-3 * group["lr_scale"])
+    with pytest.raises(ValueError, match="adaptive_lr_kl=0"):
+        make_model(make_venv(n_envs=2), n_steps=16, batch_size=32, adaptive_lr_kl=0)
+
+
 def test_minibatches_are_whole_env_columns() -> None:
     buffer, starts = _filled_buffer(n_steps=6, n_envs=5)
     buffer.compute_returns_and_advantage(th.zeros(5), np.zeros(5, bool))
@@ -242,6 +310,7 @@ def test_learn_logs_train_rollout_and_thalamus_signals() -> None:
         "train/approx_kl",
         "train/clip_fraction",
         "train/explained_variance",
+        "train/advantage_std",
         "rollout/ep_rew_mean",
         "rollout/success_rate",
         "thalamus/gate_entropy",
