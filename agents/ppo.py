@@ -111,7 +111,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         vf_coef: float = 0.5,
         max_grad_norm: float = 0.5,
         target_kl: float | None = None,
-        adaptive_lr_kl: float | None = None,
+        adaptive_lr_kl: float | None = 0.02,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
