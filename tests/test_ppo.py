@@ -245,6 +245,14 @@ def test_bad_advantage_settings_are_rejected(kwargs: dict[str, Any], message: st
         make_model(make_venv(n_envs=2), n_steps=16, batch_size=32, **kwargs)
 
 
+def test_adaptive_lr_factor_is_saved(tmp_path: Path) -> None:
+    model = make_model(make_venv(n_envs=2), n_steps=16, batch_size=32)
+    model.lr_factor = 0.3
+    model.save(tmp_path / "model.zip")
+    loaded = ThalamusPPO.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.lr_factor == 0.3 and loaded.adaptive_lr_kl == 0.02
+
+
 def test_adaptive_lr_follows_the_update_kl() -> None:
     model = make_model(make_venv(n_envs=2), n_steps=16, batch_size=32, adaptive_lr_kl=0.02)
     model.set_logger(Logger(folder=None, output_formats=[]))
