@@ -400,8 +400,8 @@ class Tokenizer(nn.Module):
             ids = _as_index(obs[self.mission_key].reshape(m, -1))
             # Slots past the longest mission of the batch are padding in every row: they are
             # masked out of the pooling and of the gate anyway, so dropping them is exact.
-            in_use = (ids != 0).any(0)
-            n_slots = int(in_use.nonzero().max()) + 1 if bool(in_use.any()) else 0
+            used_slots = (ids != 0).any(0).nonzero()  # one host sync per call
+            n_slots = int(used_slots[-1]) + 1 if len(used_slots) else 0
             ids = ids[:, :n_slots]
             word_mask = ids != 0
             words = self.word_embedding(ids)  # [m, L', d]
