@@ -84,7 +84,8 @@ def test_overrides_parse_yaml_values_and_reach_list_items_and_dicts() -> None:
         (["ppo.lr=1e-3"], r"unknown key 'ppo\.lr'.*Valid keys in 'ppo': .*learning_rate"),
         (
             ["optim.lr=1"],
-            r"unknown key 'optim'.*env, agent, ppo, thalamus, tokenizer, policy, thalamus_ppo, lstm",
+            r"unknown key 'optim'.*"
+            r"env, agent, ppo, thalamus, tokenizer, policy, thalamus_ppo, lstm",
         ),
         (["thalamus.streams.0.size=3"], r"unknown key 'thalamus\.streams\.0\.size'.*d_state"),
         (["ppo.n_steps=abc"], r"ppo\.n_steps = 'abc'.*wrong type: expected int"),

@@ -96,7 +96,7 @@ def test_stream_weights_are_a_distribution_and_temperature_bounded():
 
 def test_fatigue_lowers_the_winner_of_the_previous_iteration():
     dm = make(2, fatigue_decay=0.0)
-    outputs = [torch.randn(4, 16), torch.randn(4, 16)]
+    outputs = torch.randn(4, 2, 16)
     _, alpha_plain = dm._compete(outputs, None)
     fatigue = torch.tensor([[1.0, 0.0]]).expand(4, 2)
     _, alpha_tired = dm._compete(outputs, fatigue)
@@ -105,7 +105,7 @@ def test_fatigue_lowers_the_winner_of_the_previous_iteration():
     torch.testing.assert_close(dm.fatigue_strength, torch.tensor(0.01))
     with torch.no_grad():
         dm.fatigue_strength_raw.fill_(math.log(math.expm1(1.0)))
-    votes = torch.stack([v(o) for v, o in zip(dm.vote, outputs, strict=True)], dim=-2)
+    votes = torch.stack([v(outputs[:, m]) for m, v in enumerate(dm.vote)], dim=-2)
     scores = dm.score(votes).squeeze(-1)
     _, alpha_full = dm._compete(outputs, fatigue)
     torch.testing.assert_close(alpha_full, torch.softmax((scores - fatigue) / dm.temperature, -1))
@@ -166,3 +166,34 @@ def test_state_pytree_methods():
     assert not state.map(lambda t: t.requires_grad_()).detach().flatten().requires_grad
     with pytest.raises(ValueError, match="flat state"):
         state.unflatten(flat[:, :-1])
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_fused_streams_equal_the_per_stream_loop(n_layers):
+    streams = [StreamConfig(**{**vars(s), "n_layers": n_layers}) for s in default_streams()]
+    dm = make(2, streams=streams)
+    assert dm.fuse_streams
+    batch, length = 3, 21
+    x = torch.randn(batch, length, 2, 16, requires_grad=True)
+    resets = random_resets(batch, length)
+    state0 = random_state(dm, batch)
+
+    def run(fused: bool):
+        dm.fuse_streams = fused
+        w, alpha, state = dm(x, state0, resets)
+        w_step, _, state_step = dm.step(x[:, 0], state0, resets[:, 0])
+        grads = torch.autograd.grad(w.square().sum(), [x, *dm.parameters()])
+        return w, alpha, state.flatten(), w_step, state_step.flatten(), grads
+
+    for got, want in zip(run(True), run(False), strict=True):
+        tol = 1e-4 if isinstance(got, tuple) else ATOL  # gradients: summed in other orders
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_streams_of_different_sizes_run_one_by_one():
+    streams = default_streams()
+    streams[1].d_state = 8
+    dm = make(2, streams=streams)
+    assert not dm.fuse_streams
+    w, _, _ = dm(torch.randn(2, 5, 2, 16))
+    assert w.shape == (2, 5, 8)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from thalamus_rl import Mamba2Block
+from thalamus_rl.mamba2 import blocks_fusable, mamba2_forward_multi, mamba2_step_multi
 from thalamus_rl.ssd import ssd_scan_chunked, ssd_scan_reference
 
 ATOL = 1e-5
@@ -245,3 +246,58 @@ def test_state_dict_loads_into_mamba_ssm_mamba2():
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 64, 64, device="cuda")
     torch.testing.assert_close(theirs(x), ours(x)[0], atol=1e-3, rtol=1e-3)
+
+
+def _fusable_blocks(n: int = 3) -> list[Mamba2Block]:
+    """Same sizes, different time scales and random weights, as streams have."""
+    torch.manual_seed(0)
+    blocks = [
+        Mamba2Block(16, d_state=8, headdim=8, chunk_size=8, dt_min=0.01 * (m + 1), backend="pure")
+        for m in range(n)
+    ]
+    for b in blocks:
+        with torch.no_grad():
+            for p in b.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return blocks
+
+
+def test_fused_forward_equals_each_block_alone():
+    blocks = _fusable_blocks()
+    assert blocks_fusable(blocks)
+    batch, length = 3, 21
+    x = torch.randn(batch, length, len(blocks), 16, requires_grad=True)
+    resets = random_resets(batch, length)
+    states = [random_state(b, batch) for b in blocks]
+    y, new = mamba2_forward_multi(blocks, x, states, resets)
+    refs = [b(x[:, :, m], s, resets) for m, (b, s) in enumerate(zip(blocks, states, strict=True))]
+    torch.testing.assert_close(y, torch.stack([r[0] for r in refs], 2), atol=ATOL, rtol=ATOL)
+    for s, (_, s_ref) in zip(new, refs, strict=True):
+        torch.testing.assert_close(s.conv, s_ref.conv, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(s.ssm, s_ref.ssm, atol=ATOL, rtol=ATOL)
+    # Same gradients for the input and every block's parameters.
+    weights = torch.randn_like(y)
+    params = [p for b in blocks for p in b.parameters()]
+    grads = torch.autograd.grad((y * weights).sum(), [x, *params])
+    y_ref = torch.stack([r[0] for r in refs], 2)
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), [x, *params])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_step_equals_each_block_alone():
+    blocks = _fusable_blocks()
+    x = torch.randn(4, len(blocks), 16)
+    states = [random_state(b, 4) for b in blocks]
+    y, new = mamba2_step_multi(blocks, x, states)
+    for m, (b, s) in enumerate(zip(blocks, states, strict=True)):
+        y_ref, s_ref = b.step(x[:, m], s)
+        torch.testing.assert_close(y[:, m], y_ref, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(new[m].conv, s_ref.conv, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(new[m].ssm, s_ref.ssm, atol=ATOL, rtol=ATOL)
+
+
+def test_blocks_of_different_sizes_are_not_fusable():
+    assert not blocks_fusable([Mamba2Block(16, d_state=8), Mamba2Block(16, d_state=4)])
+    assert not blocks_fusable([Mamba2Block(16, headdim=8), Mamba2Block(16, headdim=16)])
+    assert not blocks_fusable([Mamba2Block(16, headdim=8, ngroups=2)] * 2)

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thalamus_rl.mamba2 import Mamba2Block, Mamba2State, RMSNormGated
+from thalamus_rl.mamba2 import (
+    Mamba2Block,
+    Mamba2State,
+    RMSNormGated,
+    blocks_fusable,
+    mamba2_forward_multi,
+    mamba2_step_multi,
+)
 from thalamus_rl.ssd import ssd_scan_chunked
 from thalamus_rl.state import ThalamusState
 
@@ -216,6 +223,13 @@ class DistributedMamba(nn.Module):
             else None
         )
         self.norm = nn.LayerNorm(d_workspace)
+        # Streams of the same sizes (time scales may differ) run as one set of ops, layer by
+        # layer (mamba2_forward_multi); the per-stream loop is the reference and the path for
+        # streams of different sizes and for the CUDA kernels. Tests compare the two.
+        self.fuse_streams = len({len(s.blocks) for s in self.streams}) == 1 and all(
+            blocks_fusable([s.blocks[i] for s in self.streams])
+            for i in range(len(self.streams[0].blocks))
+        )
 
     @property
     def temperature(self) -> Tensor:
@@ -257,16 +271,55 @@ class DistributedMamba(nn.Module):
             fatigue=torch.zeros(batch_size, n_prev, self.n_streams, device=device, dtype=dtype),
         )
 
-    def _compete(self, outputs: list[Tensor], fatigue: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Votes compete: ``outputs[m]: [..., d_model]``, ``fatigue: [..., M]`` ->
+    def _compete(self, outputs: Tensor, fatigue: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Votes compete: ``outputs: [..., M, d_model]``, ``fatigue: [..., M]`` ->
         (workspace ``[..., d_workspace]``, weights ``[..., M]``)."""
-        votes = torch.stack([v(o) for v, o in zip(self.vote, outputs, strict=True)], dim=-2)
+        votes = torch.einsum(
+            "...md,mwd->...mw", outputs, torch.stack([v.weight for v in self.vote])
+        ) + torch.stack([v.bias for v in self.vote])
         scores = self.score(votes).squeeze(-1)  # [..., M]
         if fatigue is not None:
             scores = scores - self.fatigue_strength * fatigue
         alpha = torch.softmax(scores / self.temperature, dim=-1)
         workspace = self.norm((alpha[..., None] * votes).sum(-2))
         return workspace, alpha
+
+    def _feedback_input(self, w_prev: Tensor) -> Tensor:
+        """``F_m w_prev`` for every stream: ``[..., d_workspace]`` -> ``[..., M, d_model]``."""
+        weight = torch.cat([fb.weight for fb in self.feedback])  # [M * d_model, d_workspace]
+        return F.linear(w_prev, weight).unflatten(-1, (self.n_streams, self.d_model))
+
+    def _run_streams(
+        self,
+        u: Tensor,
+        states: tuple[tuple[Mamba2State, ...], ...],
+        starts: Tensor | None,
+        step: bool,
+    ) -> tuple[Tensor, tuple[tuple[Mamba2State, ...], ...]]:
+        """Every stream on its input: ``u: [B, T, M, d]`` (``[B, M, d]`` with ``step``) ->
+        outputs of the same shape and the new per-stream, per-layer states."""
+        fused = self.fuse_streams and (step or not self.streams[0].blocks[0]._use_kernel(u))
+        if not fused:
+            outputs, new_states = [], []
+            for m, (stream, s) in enumerate(zip(self.streams, states, strict=True)):
+                y, s = stream.step(u[:, m], s, None) if step else stream(u[..., m, :], s, starts)
+                outputs.append(y)
+                new_states.append(s)
+            return torch.stack(outputs, dim=-2), tuple(new_states)
+        per_stream: list[list[Mamba2State]] = [[] for _ in self.streams]
+        for i in range(len(self.streams[0].blocks)):
+            blocks = [s.blocks[i] for s in self.streams]
+            layer_states = [s[i] for s in states]
+            h = _rms_norm(u, [s.norms[i] for s in self.streams])
+            if step:
+                y, new = mamba2_step_multi(blocks, h, layer_states)
+            else:
+                y, new = mamba2_forward_multi(blocks, h, layer_states, starts)
+            u = u + y
+            for m, s in enumerate(new):
+                per_stream[m].append(s)
+        out = _rms_norm(u, [s.norm_out for s in self.streams])
+        return out, tuple(tuple(s) for s in per_stream)
 
     def _check(self, x: Tensor, ndim: int, state: ThalamusState | None) -> None:
         want = "[B, T, M, d_model]" if ndim == 4 else "[B, M, d_model]"
@@ -303,7 +356,7 @@ class DistributedMamba(nn.Module):
         new_mamba, new_prev_w, new_prev_a, new_fatigue = [], [], [], []
         workspace = alpha = None
         for it in range(self.n_iterations):
-            inputs = [x[:, :, m] for m in range(self.n_streams)]
+            inputs = x
             fatigue = None
             if it > 0:
                 j = it - 1
@@ -313,17 +366,13 @@ class DistributedMamba(nn.Module):
                 if keep is not None:
                     w_prev = w_prev * keep
                     a_prev = a_prev * keep
-                inputs = [u + fb(w_prev) for u, fb in zip(inputs, self.feedback, strict=True)]
+                inputs = x + self._feedback_input(w_prev)
                 fatigue = self._fatigue_scan(a_prev, state.fatigue[:, j], starts)
                 new_prev_w.append(workspace[:, -1])
                 new_prev_a.append(alpha[:, -1])
                 new_fatigue.append(fatigue[:, -1])
-            outputs, stream_states = [], []
-            for stream, u, s in zip(self.streams, inputs, state.mamba[it], strict=True):
-                y, s = stream(u, s, starts)
-                outputs.append(y)
-                stream_states.append(s)
-            new_mamba.append(tuple(stream_states))
+            outputs, stream_states = self._run_streams(inputs, state.mamba[it], starts, False)
+            new_mamba.append(stream_states)
             workspace, alpha = self._compete(outputs, fatigue)
         return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)
 
@@ -384,22 +433,24 @@ class DistributedMamba(nn.Module):
         new_mamba, new_prev_w, new_prev_a, new_fatigue = [], [], [], []
         workspace = alpha = None
         for it in range(self.n_iterations):
-            inputs = [x[:, m] for m in range(self.n_streams)]
+            inputs = x
             fatigue = None
             if it > 0:
                 j = it - 1
                 w_prev = state.prev_workspace[:, j]
-                inputs = [u + fb(w_prev) for u, fb in zip(inputs, self.feedback, strict=True)]
+                inputs = x + self._feedback_input(w_prev)
                 fatigue = beta * state.fatigue[:, j] + (1.0 - beta) * state.prev_weights[:, j]
                 new_prev_w.append(workspace)
                 new_prev_a.append(alpha)
                 new_fatigue.append(fatigue)
-            outputs, stream_states = [], []
             # The state is already masked; the blocks need no episode_starts.
-            for stream, u, s in zip(self.streams, inputs, state.mamba[it], strict=True):
-                y, s = stream.step(u, s, None)
-                outputs.append(y)
-                stream_states.append(s)
-            new_mamba.append(tuple(stream_states))
+            outputs, stream_states = self._run_streams(inputs, state.mamba[it], None, True)
+            new_mamba.append(stream_states)
             workspace, alpha = self._compete(outputs, fatigue)
         return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)
+
+
+def _rms_norm(x: Tensor, norms: list[RMSNormGated]) -> Tensor:
+    """Each stream's (ungated, one-group) RMSNorm at once: ``x: [..., M, d]``."""
+    weight = torch.stack([n.weight for n in norms])  # [M, d]
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norms[0].eps) * weight

@@ -11,6 +11,7 @@ runs the same weights through ``causal_conv1d_fn`` and ``mamba_chunk_scan_combin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,7 +20,16 @@ from torch import Tensor, nn
 
 from thalamus_rl.ssd import segment_ids, ssd_scan_chunked
 
-__all__ = ["Mamba2Block", "Mamba2State", "RMSNormGated", "kernels_available", "BACKENDS"]
+__all__ = [
+    "Mamba2Block",
+    "Mamba2State",
+    "RMSNormGated",
+    "kernels_available",
+    "BACKENDS",
+    "blocks_fusable",
+    "mamba2_forward_multi",
+    "mamba2_step_multi",
+]
 
 BACKENDS = ("auto", "pure", "kernel")
 
@@ -264,7 +274,9 @@ class Mamba2Block(nn.Module):
         if self._use_kernel(x):
             y, ssm_state, xBC = self._scan_kernel(xBC_raw, dt_raw, state, seg)
         else:
-            xBC = F.silu(self._causal_conv(xBC_raw, state.conv, seg))
+            xBC = F.silu(
+                causal_conv(xBC_raw, state.conv, seg, self.conv1d.weight[:, 0, :], self.conv1d.bias)
+            )
             xs, B, C = self._ssm_inputs(xBC)
             A = -torch.exp(self.A_log)
             dt = F.softplus(dt_raw + self.dt_bias)  # [b, t, h]
@@ -280,35 +292,7 @@ class Mamba2Block(nn.Module):
             y = y + xs * self.D[:, None]
             y = y.reshape(batch, length, self.d_inner)
         y = self.out_proj(self.norm(y, z))
-        return y, Mamba2State(conv=self._final_conv_state(xBC_raw, state.conv, seg), ssm=ssm_state)
-
-    def _causal_conv(self, xBC: Tensor, conv_state: Tensor, seg: Tensor) -> Tensor:
-        """Depthwise causal conv over ``[state ; xBC]`` that sees no input from earlier episodes.
-
-        :param xBC: ``[B, T, conv_dim]``; :param conv_state: ``[B, conv_dim, d_conv - 1]``;
-        :param seg: ``[B, T]`` segment ids (0 = the state's). :return: ``[B, T, conv_dim]``.
-        """
-        length = xBC.shape[1]
-        k = self.d_conv - 1
-        full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)  # [b, k + T, c]
-        seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)
-        weight = self.conv1d.weight[:, 0, :]  # [c, d_conv]; tap d_conv-1 is the current step
-        out = xBC * weight[:, -1] + self.conv1d.bias
-        for lag in range(1, self.d_conv):
-            past = full[:, k - lag : k - lag + length]
-            same = (seg_full[:, k - lag : k - lag + length] == seg)[..., None]
-            out = out + past * same * weight[:, -1 - lag]
-        return out
-
-    def _final_conv_state(self, xBC: Tensor, conv_state: Tensor, seg: Tensor) -> Tensor:
-        """The last ``d_conv - 1`` conv inputs, zeroed where they precede the last reset."""
-        k = self.d_conv - 1
-        if k == 0:
-            return conv_state
-        full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)[:, -k:]
-        seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)[:, -k:]
-        same = (seg_full == seg[:, -1:])[..., None]
-        return (full * same).transpose(1, 2).contiguous()
+        return y, Mamba2State(conv=final_conv_state(xBC_raw, state.conv, seg), ssm=ssm_state)
 
     def _scan_kernel(
         self, xBC_raw: Tensor, dt_raw: Tensor, state: Mamba2State, seg: Tensor
@@ -393,6 +377,159 @@ class Mamba2Block(nn.Module):
         y = y.view(batch, self.nheads, self.headdim) + xs * self.D[:, None]
         y = self.out_proj(self.norm(y.reshape(batch, self.d_inner), z))
         return y, Mamba2State(conv=window[:, :, 1:], ssm=ssm_state)
+
+
+def causal_conv(
+    xBC: Tensor, conv_state: Tensor, seg: Tensor, weight: Tensor, bias: Tensor
+) -> Tensor:
+    """Depthwise causal conv over ``[state ; xBC]`` that sees no input from earlier episodes.
+
+    :param xBC: ``[B, T, c]``; :param conv_state: ``[B, c, k]`` (``k = d_conv - 1``);
+    :param seg: ``[B, T]`` segment ids (0 = the state's); :param weight: ``[c, d_conv]``,
+    tap ``d_conv - 1`` is the current step; :param bias: ``[c]``. :return: ``[B, T, c]``.
+    """
+    length = xBC.shape[1]
+    d_conv = weight.shape[-1]
+    k = d_conv - 1
+    full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)  # [b, k + T, c]
+    seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)
+    out = xBC * weight[:, -1] + bias
+    for lag in range(1, d_conv):
+        past = full[:, k - lag : k - lag + length]
+        same = (seg_full[:, k - lag : k - lag + length] == seg)[..., None]
+        out = out + past * same * weight[:, -1 - lag]
+    return out
+
+
+def final_conv_state(xBC: Tensor, conv_state: Tensor, seg: Tensor) -> Tensor:
+    """The last ``k`` conv inputs after a sequence, zeroed where they precede its last reset.
+
+    :param xBC: ``[B, T, c]``; :param conv_state: ``[B, c, k]``; :param seg: ``[B, T]``.
+    :return: ``[B, c, k]``.
+    """
+    k = conv_state.shape[-1]
+    if k == 0:
+        return conv_state
+    full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)[:, -k:]
+    seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)[:, -k:]
+    same = (seg_full == seg[:, -1:])[..., None]
+    return (full * same).transpose(1, 2).contiguous()
+
+
+def blocks_fusable(blocks: Sequence[Mamba2Block]) -> bool:
+    """True when :func:`mamba2_forward_multi` can run ``blocks`` side by side: the same sizes
+    (``d_model``, ``d_state``, ``d_conv``, ``expand``, ``headdim``, ``chunk_size``) and one
+    group each. Time scales (``dt``, ``A``) may differ: they are per-head parameters."""
+    first = blocks[0]
+    sizes = ("d_model", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
+    return first.ngroups == 1 and all(
+        all(getattr(b, a) == getattr(first, a) for a in sizes) for b in blocks
+    )
+
+
+def _gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``RMSNorm(y * silu(z)) * weight`` over the last dim; ``weight`` broadcasts (``[M, d]``)."""
+    y = y * F.silu(z)
+    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def mamba2_forward_multi(
+    blocks: Sequence[Mamba2Block],
+    x: Tensor,
+    states: Sequence[Mamba2State],
+    episode_starts: Tensor | None = None,
+) -> tuple[Tensor, list[Mamba2State]]:
+    """Run ``M`` same-sized blocks, each on its own input, as one set of tensor ops.
+
+    The same function as ``[blocks[m](x[:, :, m], states[m], episode_starts)]`` (pure path;
+    tested against it): the blocks' heads are concatenated along the SSD head axis with one
+    B/C group per block, their conv channels side by side, and the projections run as batched
+    matmuls. Small training batches are dominated by per-op overhead, so ``M`` blocks cost
+    little more than one. Parameters stay in the blocks (state dicts are unchanged).
+
+    :param blocks: ``M`` blocks with :func:`blocks_fusable` true.
+    :param x: ``[B, T, M, d_model]``.
+    :param states: ``M`` states, one per block.
+    :param episode_starts: ``[B, T]`` bool or None.
+    :return: ``y [B, T, M, d_model]`` and the ``M`` new states.
+    """
+    first = blocks[0]
+    batch, length, n, _ = x.shape
+    heads, p, d_state, c = first.nheads, first.headdim, first.d_state, first.conv_dim
+    w_in = torch.stack([b.in_proj.weight for b in blocks])  # [M, e, d]
+    z, xBC_raw, dt_raw = torch.split(
+        torch.einsum("btmd,med->btme", x, w_in), [first.d_inner, c, heads], dim=-1
+    )
+    seg = segment_ids(episode_starts, batch, length, x.device)
+    xBC_raw = xBC_raw.reshape(batch, length, n * c)  # channels block-major
+    conv_state = torch.cat([s.conv for s in states], dim=1)  # [B, M*c, k]
+    conv_w = torch.cat([b.conv1d.weight[:, 0, :] for b in blocks])
+    conv_b = torch.cat([b.conv1d.bias for b in blocks])
+    xBC = F.silu(causal_conv(xBC_raw, conv_state, seg, conv_w, conv_b)).view(batch, length, n, c)
+    xs, B, C = torch.split(xBC, [first.d_inner, d_state, d_state], dim=-1)  # B, C: [b, t, M, N]
+    xs = xs.reshape(batch, length, n * heads, p)
+    dt = F.softplus(
+        dt_raw.reshape(batch, length, n * heads) + torch.cat([b.dt_bias for b in blocks])
+    )
+    A = -torch.exp(torch.cat([b.A_log for b in blocks]))
+    y, ssm = ssd_scan_chunked(
+        xs * dt[..., None],
+        dt * A,
+        B,
+        C,
+        initial_state=torch.cat([s.ssm for s in states], dim=1),
+        resets=episode_starts,
+        chunk_size=first.chunk_size,
+    )
+    y = y + xs * torch.cat([b.D for b in blocks])[:, None]
+    y = _gated_rms_norm(
+        y.reshape(batch, length, n, first.d_inner),
+        z,
+        torch.stack([b.norm.weight for b in blocks]),
+        first.norm.eps,
+    )
+    y = torch.einsum("btmi,moi->btmo", y, torch.stack([b.out_proj.weight for b in blocks]))
+    conv_final = final_conv_state(xBC_raw, conv_state, seg).view(batch, n, c, -1)
+    ssm = ssm.view(batch, n, heads, p, d_state)
+    return y, [Mamba2State(conv_final[:, m], ssm[:, m]) for m in range(n)]
+
+
+def mamba2_step_multi(
+    blocks: Sequence[Mamba2Block], x: Tensor, states: Sequence[Mamba2State]
+) -> tuple[Tensor, list[Mamba2State]]:
+    """One step of ``M`` same-sized blocks (:meth:`Mamba2Block.step` of each, fused).
+
+    :param x: ``[B, M, d_model]``; :param states: ``M`` states, already masked at episode
+    starts. :return: ``y [B, M, d_model]`` and the ``M`` new states.
+    """
+    first = blocks[0]
+    batch, n, _ = x.shape
+    heads, p, d_state, c = first.nheads, first.headdim, first.d_state, first.conv_dim
+    w_in = torch.stack([b.in_proj.weight for b in blocks])
+    z, xBC_raw, dt_raw = torch.split(
+        torch.einsum("bmd,med->bme", x, w_in), [first.d_inner, c, heads], dim=-1
+    )
+    window = torch.cat([torch.stack([s.conv for s in states], 1), xBC_raw[..., None]], dim=-1)
+    conv_w = torch.stack([b.conv1d.weight[:, 0, :] for b in blocks])  # [M, c, d_conv]
+    conv_b = torch.stack([b.conv1d.bias for b in blocks])
+    xBC = F.silu((window * conv_w).sum(-1) + conv_b)  # [b, M, c]
+    xs, B, C = torch.split(xBC, [first.d_inner, d_state, d_state], dim=-1)
+    xs = xs.reshape(batch, n, heads, p)
+    dt = F.softplus(dt_raw + torch.stack([b.dt_bias for b in blocks]))  # [b, M, H]
+    decay = torch.exp(dt * -torch.exp(torch.stack([b.A_log for b in blocks])))
+    ssm = torch.stack([s.ssm for s in states], 1)  # [b, M, H, P, N]
+    ssm = decay[..., None, None] * ssm + (xs * dt[..., None])[..., None] * B[:, :, None, None, :]
+    y = (ssm.view(batch, n, heads * p, d_state) @ C[..., None]).view(batch, n, heads, p)
+    y = y + xs * torch.stack([b.D for b in blocks])[..., None]
+    y = _gated_rms_norm(
+        y.reshape(batch, n, first.d_inner),
+        z,
+        torch.stack([b.norm.weight for b in blocks]),
+        first.norm.eps,
+    )
+    y = torch.einsum("bmi,moi->bmo", y, torch.stack([b.out_proj.weight for b in blocks]))
+    conv = window[..., 1:]
+    return y, [Mamba2State(conv[:, m], ssm[:, m]) for m in range(n)]
 
 
 def _check_backend(backend: str) -> str:
