@@ -24,6 +24,7 @@ from thalamus_rl.mamba2 import (
     blocks_fusable,
     mamba2_forward_multi,
     mamba2_step_multi,
+    rms_norm,
 )
 from thalamus_rl.ssd import ssd_scan_chunked
 from thalamus_rl.state import ThalamusState
@@ -310,7 +311,9 @@ class DistributedMamba(nn.Module):
         for i in range(len(self.streams[0].blocks)):
             blocks = [s.blocks[i] for s in self.streams]
             layer_states = [s[i] for s in states]
-            h = _rms_norm(u, [s.norms[i] for s in self.streams])
+            h = rms_norm(u, self.streams[0].norms[i].eps) * torch.stack(
+                [s.norms[i].weight for s in self.streams]
+            )
             if step:
                 y, new = mamba2_step_multi(blocks, h, layer_states)
             else:
@@ -318,7 +321,9 @@ class DistributedMamba(nn.Module):
             u = u + y
             for m, s in enumerate(new):
                 per_stream[m].append(s)
-        out = _rms_norm(u, [s.norm_out for s in self.streams])
+        out = rms_norm(u, self.streams[0].norm_out.eps) * torch.stack(
+            [s.norm_out.weight for s in self.streams]
+        )
         return out, tuple(tuple(s) for s in per_stream)
 
     def _check(self, x: Tensor, ndim: int, state: ThalamusState | None) -> None:
@@ -448,9 +453,3 @@ class DistributedMamba(nn.Module):
             new_mamba.append(stream_states)
             workspace, alpha = self._compete(outputs, fatigue)
         return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)
-
-
-def _rms_norm(x: Tensor, norms: list[RMSNormGated]) -> Tensor:
-    """Each stream's (ungated, one-group) RMSNorm at once: ``x: [..., M, d]``."""
-    weight = torch.stack([n.weight for n in norms])  # [M, d]
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norms[0].eps) * weight

@@ -24,6 +24,7 @@ __all__ = [
     "Mamba2Block",
     "Mamba2State",
     "RMSNormGated",
+    "rms_norm",
     "kernels_available",
     "BACKENDS",
     "blocks_fusable",
@@ -58,6 +59,13 @@ class Mamba2State(NamedTuple):
     ssm: Tensor
 
 
+def rms_norm(x: Tensor, eps: float, z: Tensor | None = None) -> Tensor:
+    """``RMSNorm(x * silu(z))`` over the last dim, without a weight (``z=None``: no gate)."""
+    if z is not None:
+        x = x * F.silu(z)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNormGated(nn.Module):
     """``RMSNorm(x * silu(z)) * weight``, normalised per group (mamba-ssm's ``RMSNormGated``
     with ``norm_before_gate=False``).
@@ -74,12 +82,9 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         """:param x: ``[..., d]``; :param z: ``[..., d]`` gate or None. :return: ``[..., d]``."""
-        if z is not None:
-            x = x * F.silu(z)
-        shape = x.shape
-        xg = x.reshape(*shape[:-1], -1, self.group_size)
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xg.reshape(shape) * self.weight
+        groups = (*x.shape[:-1], -1, self.group_size)
+        xg = rms_norm(x.reshape(groups), self.eps, None if z is None else z.reshape(groups))
+        return xg.reshape(x.shape) * self.weight
 
 
 class Mamba2Block(nn.Module):
@@ -427,12 +432,6 @@ def blocks_fusable(blocks: Sequence[Mamba2Block]) -> bool:
     )
 
 
-def _gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``RMSNorm(y * silu(z)) * weight`` over the last dim; ``weight`` broadcasts (``[M, d]``)."""
-    y = y * F.silu(z)
-    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
 def mamba2_forward_multi(
     blocks: Sequence[Mamba2Block],
     x: Tensor,
@@ -444,8 +443,10 @@ def mamba2_forward_multi(
     The same function as ``[blocks[m](x[:, :, m], states[m], episode_starts)]`` (pure path;
     tested against it): the blocks' heads are concatenated along the SSD head axis with one
     B/C group per block, their conv channels side by side, and the projections run as batched
-    matmuls. Small training batches are dominated by per-op overhead, so ``M`` blocks cost
-    little more than one. Parameters stay in the blocks (state dicts are unchanged).
+    matmuls, so ``M`` blocks take one op where the loop takes ``M``. On DoorKey's default model
+    (2 streams) this saved 2% of a training minibatch and 7% of a rollout step: most of the
+    streams' time is the scan's arithmetic, not per-op overhead. Parameters stay in the
+    blocks (state dicts are unchanged).
 
     :param blocks: ``M`` blocks with :func:`blocks_fusable` true.
     :param x: ``[B, T, M, d_model]``.
@@ -482,11 +483,9 @@ def mamba2_forward_multi(
         chunk_size=first.chunk_size,
     )
     y = y + xs * torch.cat([b.D for b in blocks])[:, None]
-    y = _gated_rms_norm(
-        y.reshape(batch, length, n, first.d_inner),
-        z,
-        torch.stack([b.norm.weight for b in blocks]),
-        first.norm.eps,
+    # Each block's gated RMSNorm (one group: blocks_fusable), with its own weight.
+    y = rms_norm(y.reshape(batch, length, n, first.d_inner), first.norm.eps, z) * torch.stack(
+        [b.norm.weight for b in blocks]
     )
     y = torch.einsum("btmi,moi->btmo", y, torch.stack([b.out_proj.weight for b in blocks]))
     conv_final = final_conv_state(xBC_raw, conv_state, seg).view(batch, n, c, -1)
@@ -521,11 +520,9 @@ def mamba2_step_multi(
     ssm = decay[..., None, None] * ssm + (xs * dt[..., None])[..., None] * B[:, :, None, None, :]
     y = (ssm.view(batch, n, heads * p, d_state) @ C[..., None]).view(batch, n, heads, p)
     y = y + xs * torch.stack([b.D for b in blocks])[..., None]
-    y = _gated_rms_norm(
-        y.reshape(batch, n, first.d_inner),
-        z,
-        torch.stack([b.norm.weight for b in blocks]),
-        first.norm.eps,
+    # Each block's gated RMSNorm (one group: blocks_fusable), with its own weight.
+    y = rms_norm(y.reshape(batch, n, first.d_inner), first.norm.eps, z) * torch.stack(
+        [b.norm.weight for b in blocks]
     )
     y = torch.einsum("bmi,moi->bmo", y, torch.stack([b.out_proj.weight for b in blocks]))
     conv = window[..., 1:]
