@@ -24,7 +24,7 @@ from thalamus_rl.mamba2 import (
     blocks_fusable,
     mamba2_forward_multi,
     mamba2_step_multi,
-    rms_norm,
+    rms_norm_each,
 )
 from thalamus_rl.ssd import ssd_scan_chunked
 from thalamus_rl.state import ThalamusState
@@ -311,9 +311,7 @@ class DistributedMamba(nn.Module):
         for i in range(len(self.streams[0].blocks)):
             blocks = [s.blocks[i] for s in self.streams]
             layer_states = [s[i] for s in states]
-            h = rms_norm(u, self.streams[0].norms[i].eps) * torch.stack(
-                [s.norms[i].weight for s in self.streams]
-            )
+            h = rms_norm_each(u, [s.norms[i] for s in self.streams])
             if step:
                 y, new = mamba2_step_multi(blocks, h, layer_states)
             else:
@@ -321,9 +319,7 @@ class DistributedMamba(nn.Module):
             u = u + y
             for m, s in enumerate(new):
                 per_stream[m].append(s)
-        out = rms_norm(u, self.streams[0].norm_out.eps) * torch.stack(
-            [s.norm_out.weight for s in self.streams]
-        )
+        out = rms_norm_each(u, [s.norm_out for s in self.streams])
         return out, tuple(tuple(s) for s in per_stream)
 
     def _check(self, x: Tensor, ndim: int, state: ThalamusState | None) -> None:

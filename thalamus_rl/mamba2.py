@@ -25,6 +25,7 @@ __all__ = [
     "Mamba2State",
     "RMSNormGated",
     "rms_norm",
+    "rms_norm_each",
     "kernels_available",
     "BACKENDS",
     "blocks_fusable",
@@ -64,6 +65,15 @@ def rms_norm(x: Tensor, eps: float, z: Tensor | None = None) -> Tensor:
     if z is not None:
         x = x * F.silu(z)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm_each(x: Tensor, norms: Sequence[RMSNormGated], z: Tensor | None = None) -> Tensor:
+    """``M`` one-group norms at once: ``norms[m]`` on ``x[..., m, :]`` (``x, z: [..., M, d]``).
+
+    The fused stream paths' form of ``[norms[m](x[..., m, :], z[..., m, :])]``; the norms must
+    share ``eps`` and have a single group (:func:`blocks_fusable` checks the blocks' norms).
+    """
+    return rms_norm(x, norms[0].eps, z) * torch.stack([n.weight for n in norms])
 
 
 class RMSNormGated(nn.Module):
@@ -483,10 +493,7 @@ def mamba2_forward_multi(
         chunk_size=first.chunk_size,
     )
     y = y + xs * torch.cat([b.D for b in blocks])[:, None]
-    # Each block's gated RMSNorm (one group: blocks_fusable), with its own weight.
-    y = rms_norm(y.reshape(batch, length, n, first.d_inner), first.norm.eps, z) * torch.stack(
-        [b.norm.weight for b in blocks]
-    )
+    y = rms_norm_each(y.reshape(batch, length, n, first.d_inner), [b.norm for b in blocks], z)
     y = torch.einsum("btmi,moi->btmo", y, torch.stack([b.out_proj.weight for b in blocks]))
     conv_final = final_conv_state(xBC_raw, conv_state, seg).view(batch, n, c, -1)
     ssm = ssm.view(batch, n, heads, p, d_state)
@@ -520,10 +527,7 @@ def mamba2_step_multi(
     ssm = decay[..., None, None] * ssm + (xs * dt[..., None])[..., None] * B[:, :, None, None, :]
     y = (ssm.view(batch, n, heads * p, d_state) @ C[..., None]).view(batch, n, heads, p)
     y = y + xs * torch.stack([b.D for b in blocks])[..., None]
-    # Each block's gated RMSNorm (one group: blocks_fusable), with its own weight.
-    y = rms_norm(y.reshape(batch, n, first.d_inner), first.norm.eps, z) * torch.stack(
-        [b.norm.weight for b in blocks]
-    )
+    y = rms_norm_each(y.reshape(batch, n, first.d_inner), [b.norm for b in blocks], z)
     y = torch.einsum("bmi,moi->bmo", y, torch.stack([b.out_proj.weight for b in blocks]))
     conv = window[..., 1:]
     return y, [Mamba2State(conv[:, m], ssm[:, m]) for m in range(n)]
