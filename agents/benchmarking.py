@@ -36,6 +36,16 @@ Suite file format::
         budget: 150000               # env steps (train.total_timesteps)
         label: nofeedback            # optional, one agent only: the row name (default: kind)
         overrides: [thalamus.use_feedback=false]
+      - task: MiniGrid-MemoryS7-v0   # a run another suite has too: trained once
+        agents: [thalamus]
+        seeds: [0, 1, 2]
+        shared_with: full            # that suite's runs of the same key (task, label, seed);
+                                     # full.yaml beside this file, else in configs/benchmarks/
+
+A run entry with ``shared_with`` names runs that another suite lists with the same key,
+budget and config (checked when the suite loads): they are trained once, and their
+records and run directories are that suite's, so that e.g. the ablation suite's full-agent
+row is the full suite's runs rather than a second copy of them.
 
 Overrides apply in the order suite, task, run entry; the harness then sets ``agent.kind``,
 ``train.seed`` and ``train.total_timesteps`` from the entry (overrides may not set them).
@@ -214,7 +224,10 @@ class RunSpec:
     """One training run of a suite.
 
     :ivar label: the row name in tables and file names (the agent kind unless given).
-    :ivar overrides: suite, task and entry overrides, in that order.
+    :ivar overrides: suite, task and entry overrides, in that order (for a shared run: the
+        other suite's, which give the same config).
+    :ivar shared_with: the suite whose run this is too (``shared_with`` in the suite file):
+        its record and run directory are that suite's. None: the run is this suite's own.
     """
 
     suite: str
@@ -225,6 +238,12 @@ class RunSpec:
     seed: int
     budget: int
     overrides: tuple[str, ...] = ()
+    shared_with: str | None = None
+
+    @property
+    def record_suite(self) -> str:
+        """The suite whose records folder and runs folder hold this run."""
+        return self.shared_with or self.suite
 
     @property
     def key(self) -> str:
@@ -274,12 +293,20 @@ def resolve_suite_path(name_or_path: str | os.PathLike[str]) -> Path:
     return resolve_yaml_file(name_or_path, SUITE_DIR, "suite", BenchmarkError)
 
 
-def load_suite(name_or_path: str | os.PathLike[str], *, check_configs: bool = True) -> Suite:
+def load_suite(
+    name_or_path: str | os.PathLike[str],
+    *,
+    check_configs: bool = True,
+    resolve_shared: bool = True,
+) -> Suite:
     """Parse and validate a suite file.
 
     :param name_or_path: a path or a name in ``configs/benchmarks/`` (``quick``, ``full``).
     :param check_configs: also build every run's config (catches bad override keys and
         values before any training starts).
+    :param resolve_shared: load the suites that ``shared_with`` names and check the shared
+        runs against them; False leaves those entries out (used for that very check, so
+        that two suites naming each other cannot recurse).
     :raises BenchmarkError: what is wrong, where, and what is valid.
     """
     path = resolve_suite_path(name_or_path)
@@ -342,7 +369,9 @@ def load_suite(name_or_path: str | os.PathLike[str], *, check_configs: bool = Tr
         run_where = f"{where}: runs[{i}]"
         raw = _mapping(raw, run_where)
         _known_keys(
-            raw, run_where, ("task", "agents", "agent", "seeds", "budget", "label", "overrides")
+            raw,
+            run_where,
+            ("task", "agents", "agent", "seeds", "budget", "label", "overrides", "shared_with"),
         )
         task_name = _required(raw, "task", run_where, str)
         if task_name not in tasks:
@@ -374,20 +403,26 @@ def load_suite(name_or_path: str | os.PathLike[str], *, check_configs: bool = Tr
                     f"{run_where}: label = {label!r} must be letters, digits, '.', '_', '-'"
                 )
         overrides = _overrides(raw.get("overrides", []), f"{run_where}.overrides")
-        for agent in agents:
-            for seed in seeds:
-                runs.append(
-                    RunSpec(
-                        suite=name,
-                        task=task_name,
-                        env_id=task.env_id,
-                        agent=agent,
-                        label=label or agent,
-                        seed=seed,
-                        budget=budget,
-                        overrides=(*suite_overrides, *task.overrides, *overrides),
-                    )
-                )
+        shared_with = raw.get("shared_with")
+        entry_runs = [
+            RunSpec(
+                suite=name,
+                task=task_name,
+                env_id=task.env_id,
+                agent=agent,
+                label=label or agent,
+                seed=seed,
+                budget=budget,
+                overrides=(*suite_overrides, *task.overrides, *overrides),
+            )
+            for agent in agents
+            for seed in seeds
+        ]
+        if shared_with is not None and not resolve_shared:
+            continue
+        if shared_with is not None:
+            entry_runs = _shared_runs(entry_runs, shared_with, path, name, run_where, check_configs)
+        runs.extend(entry_runs)
     seen: dict[str, RunSpec] = {}
     for run in runs:
         if run.key in seen:
@@ -408,6 +443,8 @@ def load_suite(name_or_path: str | os.PathLike[str], *, check_configs: bool = Tr
     )
     if check_configs:
         for run in suite.runs:
+            if run.shared_with is not None:
+                continue  # checked against the other suite's run by _shared_runs
             try:
                 config = run.load_config()
             except ConfigError as exc:
@@ -419,6 +456,58 @@ def load_suite(name_or_path: str | os.PathLike[str], *, check_configs: bool = Tr
                     "between 1 and the budget in the overrides"
                 )
     return suite
+
+
+def _shared_runs(
+    runs: list[RunSpec],
+    other_name: Any,
+    suite_path: Path,
+    suite_name: str,
+    where: str,
+    check_configs: bool,
+) -> list[RunSpec]:
+    """``runs`` as runs of suite ``other_name`` (a run entry's ``shared_with``): the suite
+    file ``<other_name>.yaml`` beside this suite's file, else in ``configs/benchmarks/``.
+
+    Each run must be in the other suite under the same key with the same env and budget,
+    and (with ``check_configs``) the same config, training length and logging aside.
+
+    :raises BenchmarkError: the other suite is missing or invalid, or a run differs.
+    """
+    if not isinstance(other_name, str) or not _NAME.match(other_name):
+        raise BenchmarkError(f"{where}: shared_with = {other_name!r} must be a suite name")
+    if other_name == suite_name:
+        raise BenchmarkError(f"{where}: shared_with names this suite; name another suite")
+    try:
+        beside = suite_path.parent / f"{other_name}.yaml"
+        other = load_suite(
+            beside if beside.is_file() else other_name, check_configs=False, resolve_shared=False
+        )
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"{where}: shared_with = {other_name!r}: {exc}") from None
+    theirs = {r.key: r for r in other.runs if r.shared_with is None}
+    shared = []
+    for run in runs:
+        match = theirs.get(run.key)
+        if match is None or (match.env_id, match.budget) != (run.env_id, run.budget):
+            raise BenchmarkError(
+                f"{where}: shared_with = {other_name!r}, but suite {other_name} has no run "
+                f"{run.key} with env {run.env_id} and budget {run.budget}; share only runs "
+                "that suite lists, or drop shared_with to run them here"
+            )
+        if check_configs:
+            try:
+                differences = _config_differences(run.load_config(), match.load_config())
+            except ConfigError as exc:
+                raise BenchmarkError(f"{where}: run {run.key}: {exc}") from None
+            if differences:
+                raise BenchmarkError(
+                    f"{where}: run {run.key} is shared with suite {other_name}, but its config "
+                    f"differs there in {', '.join(differences)}; give both the same overrides "
+                    "or drop shared_with"
+                )
+        shared.append(dataclasses.replace(run, overrides=match.overrides, shared_with=other_name))
+    return shared
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -750,23 +839,27 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
 
 
 def record_path(out: Path, run: RunSpec) -> Path:
-    """``<out>/records/<suite>/<task>__<label>__<seed>.json``."""
-    return Path(out) / "records" / run.suite / f"{run.key}.json"
+    """``<out>/records/<suite>/<task>__<label>__<seed>.json`` (a shared run: the other
+    suite's folder)."""
+    return Path(out) / "records" / run.record_suite / f"{run.key}.json"
 
 
 def run_dir_of(runs_dir: Path, run: RunSpec) -> Path:
-    """``<runs_dir>/<suite>/<task>__<label>__<seed>/``: the run's training directory."""
-    return Path(runs_dir) / run.suite / run.key
+    """``<runs_dir>/<suite>/<task>__<label>__<seed>/``: the run's training directory (a
+    shared run: the other suite's)."""
+    return Path(runs_dir) / run.record_suite / run.key
 
 
 def run_status(run: RunSpec, out: Path, runs_dir: Path) -> str:
-    """``done`` (a record exists), ``partial at step N`` (a checkpoint exists) or ``pending``."""
+    """``done`` (a record exists), ``partial at step N`` (a checkpoint exists) or ``pending``;
+    a shared run's status is followed by ``(suite <name>)``, the suite that holds it."""
+    shared = f" (suite {run.shared_with})" if run.shared_with else ""
     if record_path(out, run).is_file():
-        return "done"
+        return "done" + shared
     checkpoint = latest_checkpoint(RunPaths(run_dir_of(runs_dir, run)).checkpoints)
     if checkpoint is not None:
-        return f"partial at step {checkpoint.timesteps:,}"
-    return "pending"
+        return f"partial at step {checkpoint.timesteps:,}{shared}"
+    return "pending" + shared
 
 
 def pending_runs(suite: Suite, out: Path, only: Sequence[str] = ()) -> list[RunSpec]:
@@ -894,7 +987,7 @@ def build_record(
     train_wall = float(clock["train_wall_s"])
     return {
         "schema": SCHEMA_VERSION,
-        "suite": run.suite,
+        "suite": run.record_suite,
         "task": run.task,
         "env": run.env_id,
         "agent": run.label,
@@ -1436,14 +1529,18 @@ def write_report(suites: Iterable[Suite], out: str | os.PathLike[str]) -> Path:
     """Write ``<out>/README.md`` (a section per suite) and ``<out>/plots/*.png``.
 
     :param suites: the suites to report; each one's records are read from
-        ``<out>/records/<suite>/``.
+        ``<out>/records/<suite>/`` (those of shared runs from the other suite's folder).
     :return: the Markdown file.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     for suite in suites:
-        records = load_records(out / "records" / suite.name)
+        records = load_records(out / "records" / suite.name) + [
+            validate_record(json.loads(path.read_text()), str(path))
+            for run in suite.runs
+            if run.shared_with is not None and (path := record_path(out, run)).is_file()
+        ]
         plots = plot_curves(suite, records, out / "plots")
         sections.append(report_markdown(suite, records, plots, out))
     text = "\n".join(

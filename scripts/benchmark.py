@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = _out(suite, args)
                 for run in suite.runs:
                     status = run_status(run, out, args.runs_dir)
-                    where = record_path(out, run) if status == "done" else ""
+                    where = record_path(out, run) if status.startswith("done") else ""
                     print(f"{suite.name:<10} {run.key:<50} {status:<24} {where}")
             return 0
         failed = 0

@@ -91,6 +91,10 @@ def test_repository_suites_load_and_match_the_issue() -> None:
     one_stream = next(r for r in ablations.runs if r.label == "one-stream")
     assert len(one_stream.load_config().thalamus.streams) == 1
     trial = next(r for r in ablations.runs if r.task == "MemoryS7-trial2")
+    # The full agent's row is the full suite's MemoryS7 runs, not a second copy of them.
+    assert {r.key: r.shared_with for r in ablations.runs if r.label == "thalamus"} == {
+        f"MiniGrid-MemoryS7-v0__thalamus__{s}": "full" for s in (0, 1, 2)
+    }
     assert trial.load_config().env.trial_episodes == 2
 
 
@@ -270,6 +274,74 @@ def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> 
     suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     text = bm.write_report([suite], tmp_path).read_text()
     assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
+
+
+SHARING = """\
+name: abl
+overrides: [train.eval_freq=1000]
+tasks:
+  MiniGrid-Empty-5x5-v0:
+    threshold: {metric: mean_reward, value: 0.9}
+runs:
+  - {task: MiniGrid-Empty-5x5-v0, agents: [thalamus], seeds: [0, 1, 2], budget: 3000,
+     shared_with: fixture}
+  - {task: MiniGrid-Empty-5x5-v0, agents: [thalamus], label: no-gate, seeds: [0], budget: 3000,
+     overrides: [thalamus.gate_enabled=false]}
+"""
+
+
+def test_shared_runs_use_the_other_suites_records_and_run_folders(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "suite.yaml", tmp_path / "fixture.yaml")
+    suite = bm.load_suite(write_suite(tmp_path, SHARING, "abl.yaml"))
+    shared = [r for r in suite.runs if r.label == "thalamus"]
+    fixture = bm.load_suite(tmp_path / "fixture.yaml", check_configs=False)
+    assert [r.shared_with for r in shared] == ["fixture"] * 3
+    assert shared[0].overrides == fixture.runs[0].overrides
+    out, runs_dir = tmp_path / "out", tmp_path / "runs"
+    assert (
+        bm.record_path(out, shared[0])
+        == out / "records/fixture/MiniGrid-Empty-5x5-v0__thalamus__0.json"
+    )
+    assert (
+        bm.run_dir_of(runs_dir, shared[0])
+        == runs_dir / "fixture/MiniGrid-Empty-5x5-v0__thalamus__0"
+    )
+    assert bm.run_status(shared[0], out, runs_dir) == "pending (suite fixture)"
+
+    shutil.copytree(FIXTURES / "records", out / "records" / "fixture")
+    assert bm.run_status(shared[0], out, runs_dir) == "done (suite fixture)"
+    assert [r.label for r in bm.pending_runs(suite, out)] == ["no-gate"]
+    text = bm.write_report([suite], out).read_text()
+    assert "3 of 4 runs have records" in text
+    assert "| thalamus | 0, 1, 2 | 3k | 0.91 [0.50–0.95] |" in text
+    assert "do not match" not in text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "budget: 3000,\n",
+            "budget: 3000, overrides: [ppo.n_epochs=3],\n",
+            "differs there in ppo.n_epochs",
+        ),
+        (
+            "seeds: [0, 1, 2], budget: 3000,\n",
+            "seeds: [0, 7], budget: 3000,\n",
+            "has no run MiniGrid-Empty-5x5-v0__thalamus__7",
+        ),
+        ("shared_with: fixture", "shared_with: abl", "names this suite"),
+        ("shared_with: fixture", "shared_with: nope", "shared_with = 'nope': suite 'nope' not found"),
+    ],
+)
+def test_invalid_shared_runs_say_what_is_wrong(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    shutil.copy(FIXTURES / "suite.yaml", tmp_path / "fixture.yaml")
+    assert old in SHARING
+    path = write_suite(tmp_path, SHARING.replace(old, new, 1), "abl.yaml")
+    with pytest.raises(bm.BenchmarkError, match=message):
+        bm.load_suite(path)
 
 
 def test_state_at_checkpoint_drops_later_points_and_restores_the_clock() -> None:
