@@ -20,6 +20,7 @@ Suite file format::
     description: one line            # shown in the report
     output: runs/benchmark_reports/quick   # default --out (relative to the repo root)
     eval_mode: stochastic            # the evaluation the tables, thresholds and targets use
+    fps_baseline: lstm               # the row every row's fps is compared with (default)
     overrides: [train.torch_threads=1]     # dotted config overrides for every run
     tasks:
       MiniGrid-DoorKey-5x5-v0:       # a task name: an env id, or any name with `env:`
@@ -29,6 +30,7 @@ Suite file format::
         threshold: {metric: mean_reward, value: 0.9}
         targets:
           - {agent: thalamus, metric: mean_reward, value: 0.9, by: 100000}
+        fps_baseline: lstm           # optional; default: the suite's
     runs:
       - task: MiniGrid-DoorKey-5x5-v0
         agents: [thalamus, ppo, lstm] # agent.kind values
@@ -129,7 +131,8 @@ METRICS = ("mean_reward", "success_rate")
 EVAL_MODES = ("stochastic", "deterministic")
 """Both are recorded at every evaluation: sampled actions and the most likely action."""
 BASELINE_AGENT = "lstm"
-"""The row whose training fps the others are compared with (sb3-contrib RecurrentPPO)."""
+"""The default ``fps_baseline``: the row whose training fps the others are compared with
+(sb3-contrib RecurrentPPO)."""
 PROGRESS_FILE = "benchmark_progress.json"
 """The recorder's state in the run directory (the curve so far, the clock at checkpoints)."""
 RECORD_KEYS = (
@@ -210,13 +213,17 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A task of a suite: an env id, its overrides, threshold and targets."""
+    """A task of a suite: an env id, its overrides, threshold and targets.
+
+    :ivar fps_baseline: the row label whose median fps the table divides every row's by.
+    """
 
     name: str
     env_id: str
     threshold: Threshold
     targets: tuple[Target, ...] = ()
     overrides: tuple[str, ...] = ()
+    fps_baseline: str = BASELINE_AGENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +324,18 @@ def load_suite(
     where = f"suite {path}"
     data = _mapping(data, where)
     _known_keys(
-        data, where, ("name", "description", "output", "eval_mode", "overrides", "tasks", "runs")
+        data,
+        where,
+        (
+            "name",
+            "description",
+            "output",
+            "eval_mode",
+            "fps_baseline",
+            "overrides",
+            "tasks",
+            "runs",
+        ),
     )
     name = _required(data, "name", where, str)
     if not _NAME.match(name):
@@ -330,6 +348,7 @@ def load_suite(
         )
     output = Path(data.get("output", f"runs/benchmark_reports/{name}"))
     suite_overrides = _overrides(data.get("overrides", []), f"{where}: overrides")
+    suite_baseline = _label(data.get("fps_baseline", BASELINE_AGENT), f"{where}: fps_baseline")
 
     tasks: dict[str, TaskSpec] = {}
     budgets: dict[str, int | None] = {}
@@ -341,7 +360,11 @@ def load_suite(
                 f"{task_where}: a task name must be letters, digits, '.', '_', '-'"
             )
         raw = _mapping(raw, task_where)
-        _known_keys(raw, task_where, ("env", "budget", "overrides", "threshold", "targets"))
+        _known_keys(
+            raw,
+            task_where,
+            ("env", "budget", "overrides", "threshold", "targets", "fps_baseline"),
+        )
         env_id = raw.get("env", task_name)
         _check_env(env_id, task_where)
         threshold = _mapping(_required(raw, "threshold", task_where, dict), task_where)
@@ -358,6 +381,9 @@ def load_suite(
                 for i, t in enumerate(raw.get("targets") or [])
             ),
             overrides=_overrides(raw.get("overrides", []), f"{task_where}.overrides"),
+            fps_baseline=_label(
+                raw.get("fps_baseline", suite_baseline), f"{task_where}.fps_baseline"
+            ),
         )
         budgets[task_name] = _positive_int(raw, "budget", task_where, required=False)
 
@@ -438,6 +464,13 @@ def load_suite(
                     f"{where}: tasks.{task.name} has a target for agent {target.agent!r}, but "
                     f"no run of that task has that label; labels: {', '.join(sorted(labels))}"
                 )
+        explicit = raw_tasks[task.name].get("fps_baseline", data.get("fps_baseline"))
+        if explicit is not None and task.fps_baseline not in labels:
+            raise BenchmarkError(
+                f"{where}: tasks.{task.name} compares fps with {task.fps_baseline!r} "
+                f"(fps_baseline), but no run of that task has that label; labels: "
+                f"{', '.join(sorted(labels))}"
+            )
     suite = Suite(
         name, str(data.get("description", "")), path, output, eval_mode, tasks, tuple(runs)
     )
@@ -508,6 +541,14 @@ def _shared_runs(
                 )
         shared.append(dataclasses.replace(run, overrides=match.overrides, shared_with=other_name))
     return shared
+
+
+def _label(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise BenchmarkError(
+            f"{where} = {value!r} must be a row label (letters, digits, '.', '_', '-')"
+        )
+    return value
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -1214,7 +1255,8 @@ def summarize_task(
     """One :class:`AgentSummary` per label with records, in ``labels`` order.
 
     Frames and seconds to the threshold are over the seeds that reached it (``reached``
-    says how many); the fps ratio is this row's median fps over the ``lstm`` row's.
+    says how many); the fps ratio is this row's median fps over that of the task's
+    ``fps_baseline`` row (LSTM-PPO unless the suite says otherwise).
     """
     rows: list[AgentSummary] = []
     by_label = {label: [r for r in records if r["agent"] == label] for label in labels}
@@ -1243,7 +1285,7 @@ def summarize_task(
                 budget=max(r["budget"] for r in recs),
             )
         )
-    baseline = next((r for r in rows if r.label == BASELINE_AGENT), None)
+    baseline = next((r for r in rows if r.label == task.fps_baseline), None)
     if baseline is not None and baseline.fps is not None and baseline.fps[0] > 0:
         for row in rows:
             if row.fps is not None:
@@ -1390,8 +1432,9 @@ def report_markdown(
         "Median [min–max] over seeds. *Final*: the last evaluation (at the budget). *To "
         "threshold*: env steps and training seconds to the first evaluation at or above the "
         "task's threshold, over the seeds that reached it. *fps*: env steps per second of "
-        "training, evaluation time excluded; *vs lstm*: the median fps over LSTM-PPO's on the "
-        "same task. *Peak RSS*: the run process' peak resident memory.",
+        "training, evaluation time excluded; *vs X*: the median fps over that of row X on the "
+        "same task (LSTM-PPO unless the suite names another). *Peak RSS*: the run process' "
+        "peak resident memory.",
         "",
     ]
     for task in suite.tasks.values():
@@ -1410,7 +1453,7 @@ def report_markdown(
             continue
         lines.append(
             "| agent | seeds | budget | final reward | final success | to threshold (steps) | "
-            "to threshold (s) | fps | vs lstm | peak RSS (MB) |"
+            f"to threshold (s) | fps | vs {task.fps_baseline} | peak RSS (MB) |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for row in rows:

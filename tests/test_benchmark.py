@@ -3,6 +3,7 @@ beyond two tiny PPO runs on MiniGrid-Empty-5x5-v0)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -130,6 +131,8 @@ def test_suite_folder_does_not_disturb_per_env_configs() -> None:
         ("  - train.eval_freq=256\n", "  - train.eval_freq=0\n", "train.eval_freq = 0 gives"),
         ("agents: [ppo]", "agents: [ppo, lstm], label: x", "label names one agent"),
         ("name: tiny", "name: a/b", "name = 'a/b' must be"),
+        ("tasks:\n", "fps_baseline: thalamus\ntasks:\n", "compares fps with 'thalamus'"),
+        ("tasks:\n", "fps_baseline: 3\ntasks:\n", "fps_baseline = 3 must be a row label"),
     ],
 )
 def test_invalid_suites_say_what_is_wrong(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -218,6 +221,26 @@ def test_summary_medians_ranges_and_fps_ratios() -> None:
     # The deterministic evaluations of the fixtures are all 0: the mode matters.
     det = bm.summarize_task(task, ["thalamus"], fixture_records(), "deterministic")[0]
     assert det.final_reward == (0.0, 0.0, 0.0) and det.reached == 0
+    # Another fps baseline (fps_baseline: thalamus in a suite file, as the ablations have).
+    against = bm.summarize_task(
+        dataclasses.replace(task, fps_baseline="thalamus"),
+        suite.labels(task.name),
+        fixture_records(),
+        "stochastic",
+    )
+    assert [r.fps_ratio for r in against] == pytest.approx([1.0, 1000 / 300, 200 / 300])
+
+
+def test_fps_baseline_defaults_to_lstm_and_may_be_set_per_suite_or_task(tmp_path: Path) -> None:
+    text = valid_text().replace("agents: [ppo]", "agents: [ppo, lstm]")
+    (task,) = bm.load_suite(write_suite(tmp_path, text)).tasks.values()
+    assert task.fps_baseline == "lstm"
+    suite_level = text.replace("tasks:\n", "fps_baseline: ppo\ntasks:\n")
+    (task,) = bm.load_suite(write_suite(tmp_path, suite_level)).tasks.values()
+    assert task.fps_baseline == "ppo"
+    task_level = suite_level.replace("    targets:", "    fps_baseline: lstm\n    targets:")
+    (task,) = bm.load_suite(write_suite(tmp_path, task_level)).tasks.values()
+    assert task.fps_baseline == "lstm"
 
 
 def test_targets_met_missed_and_not_run() -> None:
@@ -331,7 +354,11 @@ def test_shared_runs_use_the_other_suites_records_and_run_folders(tmp_path: Path
             "has no run MiniGrid-Empty-5x5-v0__thalamus__7",
         ),
         ("shared_with: fixture", "shared_with: abl", "names this suite"),
-        ("shared_with: fixture", "shared_with: nope", "shared_with = 'nope': suite 'nope' not found"),
+        (
+            "shared_with: fixture",
+            "shared_with: nope",
+            "shared_with = 'nope': suite 'nope' not found",
+        ),
     ],
 )
 def test_invalid_shared_runs_say_what_is_wrong(
