@@ -343,6 +343,9 @@ class EpisodeRecording:
     :ivar episode_return: summed reward.
     :ivar length: steps taken.
     :ivar success: ``info["is_success"]`` at the end (False when the env does not say).
+    :ivar attempts: on a trial env (``trial_episodes`` >= 2, :class:`envs.TrialWrapper`),
+        each attempt played, in order, as ``{"return", "length", "success"}``; empty for a
+        plain episode.
     :ivar frames: ``length + 1`` frames ``[H, W, 3]`` uint8 (reset, then after each step),
         empty when not recording.
     :ivar selections: with the overlay, the cells marked on each frame.
@@ -351,6 +354,7 @@ class EpisodeRecording:
     episode_return: float
     length: int
     success: bool
+    attempts: list[dict[str, Any]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     selections: list[list[SelectedCell]] = field(default_factory=list)
 
@@ -389,6 +393,8 @@ def run_episode(
     stream_names = [s.name for s in policy.features_extractor.config.streams] if thalamus else []
 
     obs, info = env.reset(seed=seed)
+    trial_space = getattr(env.observation_space, "spaces", {}).get("trial_episode")
+    is_trial = trial_space is not None and int(trial_space.n) > 1
     state: Any = None
     episode_start = True
     recording = EpisodeRecording(0.0, 0, False)
@@ -441,6 +447,15 @@ def run_episode(
         episode_start = False
         recording.episode_return += float(reward)
         recording.length += 1
+        if "inner_episode" in info:  # an attempt of a trial ended; the trial goes on
+            inner = info["inner_episode"]
+            recording.attempts.append(
+                {
+                    "return": float(inner["return"]),
+                    "length": int(inner["length"]),
+                    "success": bool(inner["is_success"]),
+                }
+            )
         if terminated or truncated or (max_steps is not None and recording.length >= max_steps):
             break
     if frames == "overlay" and thalamus:
@@ -449,6 +464,14 @@ def run_episode(
     else:
         record(None)
     recording.success = bool(info.get("is_success", False))
+    if is_trial:  # the last attempt: what the earlier ones leave of the trial's totals
+        recording.attempts.append(
+            {
+                "return": recording.episode_return - sum(a["return"] for a in recording.attempts),
+                "length": recording.length - sum(a["length"] for a in recording.attempts),
+                "success": recording.success,
+            }
+        )
     return recording
 
 

@@ -15,6 +15,11 @@ evaluations with the same seed play the same layouts with the same actions. Acti
 sampled unless the run's ``train.eval_deterministic`` or ``--deterministic`` says otherwise:
 under argmax a MiniGrid policy often loops forever (an unchanged view gives the same action).
 
+On a trial env (a run with ``env.trial_episodes`` >= 2) an episode is a trial of several
+attempts at one layout; the JSON then also holds each attempt's return, length and success,
+and the success rate and mean reward per attempt index (does the agent do better on its
+second attempt, with the first one's reward fed back?).
+
 Videos are recorded headless from ``render_mode="rgb_array"``; the overlay marks the cells
 the thalamus gate selected at each step (brighter = more salient) and shows the mission, the
 reward so far and the stream weights.
@@ -87,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attempt_summary(episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per attempt index of a trial env: how many trials reached it, their success rate and
+    mean reward (empty for plain episodes). A trial cut short has fewer attempts."""
+    rows = []
+    for k in range(max((len(e.get("attempts", [])) for e in episodes), default=0)):
+        played = [e["attempts"][k] for e in episodes if len(e.get("attempts", [])) > k]
+        rows.append(
+            {
+                "attempt": k + 1,
+                "episodes": len(played),
+                "success_rate": float(np.mean([a["success"] for a in played])),
+                "mean_reward": float(np.mean([a["return"] for a in played])),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("episodes", "video_every", "fps"):
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     "length": result.length,
                     "success": result.success,
                     "video": video,
+                    **({"attempts": result.attempts} if result.attempts else {}),
                 }
             )
     finally:
@@ -159,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "success_rate": float(np.mean([e["success"] for e in episodes])),
         "mean_length": float(lengths.mean()),
         "std_length": float(lengths.std()),
+        **({"attempts": by_attempt} if (by_attempt := _attempt_summary(episodes)) else {}),
         "per_episode": episodes,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reward   {summary['mean_reward']:.3f} +/- {summary['std_reward']:.3f}")
     print(f"success  {summary['success_rate']:.3f}")
     print(f"length   {summary['mean_length']:.1f} +/- {summary['std_length']:.1f}")
+    for row in summary.get("attempts", []):
+        print(
+            f"attempt {row['attempt']}: success {row['success_rate']:.3f}, reward "
+            f"{row['mean_reward']:.3f} ({row['episodes']} trials reached it)"
+        )
     if video_dir is not None:
         n_videos = sum(e["video"] is not None for e in episodes)
         print(f"videos   {n_videos} in {video_dir}")

@@ -230,3 +230,47 @@ def test_evaluate_script_rejects_a_folder_without_a_model(
 ) -> None:
     assert _evaluate_main()([str(tmp_path)]) == 2
     assert "holds no final_model.zip" in capsys.readouterr().err
+
+
+def test_trial_episodes_are_split_into_attempts(tmp_path: Path) -> None:
+    """On a 2-attempt trial env, run_episode and evaluate.py report each attempt."""
+    config = load_config(
+        DEFAULT_CONFIG,
+        [
+            "env.id=MiniGrid-Empty-5x5-v0",
+            "env.n_envs=1",
+            "env.trial_episodes=2",
+            "ppo.n_steps=16",
+            "ppo.batch_size=16",
+            f"env.env_kwargs.max_steps={MAX_STEPS}",
+            "thalamus.d_model=32",
+            "thalamus.d_task=32",
+            "thalamus.d_workspace=32",
+            "train.device=cpu",
+        ],
+    )
+    venv = envs.make_vec_env(
+        config.env.id, n_envs=1, seed=0, trial_episodes=2, **config.env.env_kwargs
+    )
+    model = build_agent(config, venv)
+    venv.close()
+    env = envs.make_env(config.env.id, trial_episodes=2, max_steps=MAX_STEPS)
+    for seed in range(3):
+        result = run_episode(model, env, deterministic=False, seed=seed)
+        assert len(result.attempts) == 2  # an attempt cut at max_steps is still an attempt
+        assert sum(a["length"] for a in result.attempts) == result.length
+        assert sum(a["return"] for a in result.attempts) == pytest.approx(result.episode_return)
+        assert result.attempts[-1]["success"] == result.success
+    plain = run_episode(model, envs.make_env(config.env.id, max_steps=MAX_STEPS), seed=0)
+    assert plain.attempts == []
+
+    model.save(tmp_path / "final_model.zip")
+    save_config(config, tmp_path / "config.yaml")
+    output = tmp_path / "eval.json"
+    assert _evaluate_main()([str(tmp_path), "--episodes=2", f"--output={output}"]) == 0
+    summary = json.loads(output.read_text())
+    assert [row["attempt"] for row in summary["attempts"]] == [1, 2]
+    for row in summary["attempts"]:
+        played = [e["attempts"][row["attempt"] - 1] for e in summary["per_episode"]]
+        assert row["episodes"] == len(played) == 2
+        assert row["mean_reward"] == pytest.approx(np.mean([a["return"] for a in played]))
