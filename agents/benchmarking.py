@@ -163,7 +163,9 @@ RECORD_KEYS = (
 )
 """Keys every record has. ``curve`` is a list of points (:data:`POINT_KEYS`), ``final`` the
 last point, ``threshold`` ``{metric, value, mode, reached: {mode: {timesteps, wall_s,
-train_wall_s} | None}}``."""
+train_wall_s} | None}}``. Records written since the harness stored it also have ``config``,
+the run's resolved config (every key, as ``config.yaml``): the report checks it against
+the suite, so that a changed default is caught as well as a changed override."""
 POINT_KEYS = ("timesteps", "wall_s", "train_wall_s", *EVAL_MODES)
 """One evaluation: env steps, wall seconds since training started and training seconds
 (evaluation excluded) when it started, and ``{mode: {mean_reward, success_rate, episodes}}``."""
@@ -913,9 +915,19 @@ def pending_runs(suite: Suite, out: Path, only: Sequence[str] = ()) -> list[RunS
     ]
 
 
-def _config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
+def _config_differences(
+    a: ExperimentConfig | dict[str, Any],
+    b: ExperimentConfig | dict[str, Any],
+    *,
+    shared_keys_only: bool = False,
+) -> list[str]:
     """Dotted keys whose values differ between two configs (``train.total_timesteps``,
-    ``train.runs_dir``, ``train.progress`` and ``train.log_every_s`` ignored)."""
+    ``train.runs_dir``, ``train.progress`` and ``train.log_every_s`` ignored).
+
+    :param a: a config, or one as a nested dict (a record's ``config``).
+    :param shared_keys_only: compare only keys both have (a record written before a key
+        was added to the schema is not stale for lacking it).
+    """
     ignored = {"train.total_timesteps", "train.runs_dir", "train.progress", "train.log_every_s"}
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -928,8 +940,14 @@ def _config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
             return out
         return {prefix[:-1]: node}
 
+    def same(x: Any, y: Any) -> bool:  # JSON turns tuples into lists
+        if isinstance(x, list | tuple) and isinstance(y, list | tuple):
+            return len(x) == len(y) and all(same(i, j) for i, j in zip(x, y, strict=True))
+        return x == y
+
     fa, fb = flat(a), flat(b)
-    return sorted(k for k in fa.keys() | fb.keys() if k not in ignored and fa.get(k) != fb.get(k))
+    keys = fa.keys() & fb.keys() if shared_keys_only else fa.keys() | fb.keys()
+    return sorted(k for k in keys if k not in ignored and not same(fa.get(k), fb.get(k)))
 
 
 def execute_run(
@@ -1036,6 +1054,7 @@ def build_record(
         "seed": run.seed,
         "budget": run.budget,
         "overrides": list(run.overrides),
+        "config": dataclasses.asdict(config),
         "commit": commit,
         "timesteps": timesteps,
         "eval_episodes": config.train.eval_episodes,
@@ -1351,6 +1370,33 @@ def _fmt0(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _stale_records(suite: Suite, records: Sequence[dict[str, Any]]) -> list[str]:
+    """Records that no longer match the suite: ``key`` or ``key (changed config keys)``."""
+    specs = {(r.task, r.label, r.seed): r for r in suite.runs}
+    stale = []
+    for record in records:
+        key = f"{record['task']}__{record['agent']}__{record['seed']}"
+        spec = specs.get((record["task"], record["agent"], record["seed"]))
+        if (
+            spec is None
+            or spec.budget != record["budget"]
+            or list(spec.overrides) != list(record["overrides"])
+        ):
+            stale.append(key)
+            continue
+        if "config" not in record:  # written before records held the resolved config
+            continue
+        try:
+            changed = _config_differences(
+                record["config"], spec.load_config(), shared_keys_only=True
+            )
+        except ConfigError as exc:
+            changed = [f"the suite's config no longer loads: {exc}"]
+        if changed:
+            stale.append(f"{key} ({', '.join(changed)})")
+    return sorted(stale)
+
+
 def report_markdown(
     suite: Suite, records: Sequence[dict[str, Any]], plots: dict[str, Path], base: Path
 ) -> str:
@@ -1372,19 +1418,13 @@ def report_markdown(
         + f". Suite file: `{_relative(suite.path)}`. Evaluation: {mode} actions (both modes are "
         "in the records)."
     )
-    specs = {(r.task, r.label, r.seed): r for r in suite.runs}
-    stale = sorted(
-        f"{r['task']}__{r['agent']}__{r['seed']}"
-        for r in records
-        if (spec := specs.get((r["task"], r["agent"], r["seed"]))) is None
-        or spec.budget != r["budget"]
-        or list(spec.overrides) != list(r["overrides"])
-    )
+    stale = _stale_records(suite, records)
     if stale:
         lines += [
             "",
-            "**Records that do not match the suite file** (not in it, or its budget or overrides "
-            f"changed since they ran; delete them and run again): {', '.join(stale)}.",
+            "**Records that do not match the suite file** (not in it, or its budget, overrides "
+            "or resolved config changed since they ran; delete them and run again): "
+            f"{', '.join(stale)}.",
         ]
     if missing:
         shown = ", ".join(missing[:12]) + (

@@ -438,6 +438,18 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     assert record["eval_wall_s"] == pytest.approx(record["wall_s"] - record["train_wall_s"])
     assert record["commit"] and record["sessions"] == 1
     assert record["threshold"]["mode"] == "stochastic"
+    # The resolved config: a later change of a default shows up in the report.
+    assert record["config"]["agent"]["kind"] == "ppo"
+    assert record["config"]["ppo"]["n_epochs"] == run.load_config().ppo.n_epochs == 1
+    text = bm.write_report([suite], out).read_text()
+    assert "do not match" not in text
+    changed = {**record, "config": {**record["config"], "ppo": {**record["config"]["ppo"]}}}
+    changed["config"]["ppo"]["n_epochs"] = 10  # as if the default had been 10 when it ran
+    changed["config"]["ppo"].pop("gamma")  # a key the record predates: not a difference
+    bm.record_path(out, run).write_text(json.dumps(changed))
+    text = bm.write_report([suite], out).read_text()
+    assert "MiniGrid-Empty-5x5-v0__ppo__0 (ppo.n_epochs)" in text
+    bm.record_path(out, run).write_text(json.dumps(record))
 
     # A larger budget and no record: the run continues from its checkpoint at 512.
     bm.record_path(out, run).unlink()
