@@ -165,7 +165,9 @@ RECORD_KEYS = (
 last point, ``threshold`` ``{metric, value, mode, reached: {mode: {timesteps, wall_s,
 train_wall_s} | None}}``. Records written since the harness stored it also have ``config``,
 the run's resolved config (every key, as ``config.yaml``): the report checks it against
-the suite, so that a changed default is caught as well as a changed override."""
+the suite, so that a changed default is caught as well as a changed override. Older records
+had it added afterwards, as the suite resolved at ``config_resolved_at`` (a commit at which
+no default had changed since they ran)."""
 POINT_KEYS = ("timesteps", "wall_s", "train_wall_s", *EVAL_MODES)
 """One evaluation: env steps, wall seconds since training started and training seconds
 (evaluation excluded) when it started, and ``{mode: {mean_reward, success_rate, episodes}}``."""
