@@ -32,6 +32,17 @@ from agents.video import (
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = REPO / "scripts" / "evaluate.py"
 MAX_STEPS = 12
+# A small thalamus agent on one env with short episodes (config overrides).
+SMALL_AGENT = [
+    "env.n_envs=1",
+    "ppo.n_steps=16",
+    "ppo.batch_size=16",
+    f"env.env_kwargs.max_steps={MAX_STEPS}",
+    "thalamus.d_model=32",
+    "thalamus.d_task=32",
+    "thalamus.d_workspace=32",
+    "train.device=cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +50,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory holding an (untrained) small thalamus agent and its config."""
     config = load_config(
         DEFAULT_CONFIG,
-        [
-            "env.n_envs=1",
-            "ppo.n_steps=16",
-            "ppo.batch_size=16",
-            f"env.env_kwargs.max_steps={MAX_STEPS}",
-            "thalamus.d_model=32",
-            "thalamus.d_task=32",
-            "thalamus.d_workspace=32",
-            "train.device=cpu",
-        ],
+        SMALL_AGENT,
     )
     root = tmp_path_factory.mktemp("run")
     venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)
@@ -236,18 +238,7 @@ def test_trial_episodes_are_split_into_attempts(tmp_path: Path) -> None:
     """On a 2-attempt trial env, run_episode and evaluate.py report each attempt."""
     config = load_config(
         DEFAULT_CONFIG,
-        [
-            "env.id=MiniGrid-Empty-5x5-v0",
-            "env.n_envs=1",
-            "env.trial_episodes=2",
-            "ppo.n_steps=16",
-            "ppo.batch_size=16",
-            f"env.env_kwargs.max_steps={MAX_STEPS}",
-            "thalamus.d_model=32",
-            "thalamus.d_task=32",
-            "thalamus.d_workspace=32",
-            "train.device=cpu",
-        ],
+        [*SMALL_AGENT, "env.id=MiniGrid-Empty-5x5-v0", "env.trial_episodes=2"],
     )
     venv = envs.make_vec_env(
         config.env.id, n_envs=1, seed=0, trial_episodes=2, **config.env.env_kwargs
