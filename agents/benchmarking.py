@@ -108,6 +108,7 @@ __all__ = [
     "execute_run",
     "first_reach",
     "git_commit",
+    "load_record",
     "load_records",
     "load_suite",
     "pending_runs",
@@ -428,10 +429,7 @@ def load_suite(
                     f"{run_where}: label names one agent but agents = {agents}; give one "
                     "entry per agent"
                 )
-            if not isinstance(label, str) or not _NAME.match(label):
-                raise BenchmarkError(
-                    f"{run_where}: label = {label!r} must be letters, digits, '.', '_', '-'"
-                )
+            _label(label, f"{run_where}: label")
         overrides = _overrides(raw.get("overrides", []), f"{run_where}.overrides")
         shared_with = raw.get("shared_with")
         entry_runs = [
@@ -448,9 +446,9 @@ def load_suite(
             for agent in agents
             for seed in seeds
         ]
-        if shared_with is not None and not resolve_shared:
-            continue
         if shared_with is not None:
+            if not resolve_shared:
+                continue
             entry_runs = _shared_runs(entry_runs, shared_with, path, name, run_where, check_configs)
         runs.extend(entry_runs)
     seen: dict[str, RunSpec] = {}
@@ -522,7 +520,7 @@ def _shared_runs(
         )
     except BenchmarkError as exc:
         raise BenchmarkError(f"{where}: shared_with = {other_name!r}: {exc}") from None
-    theirs = {r.key: r for r in other.runs if r.shared_with is None}
+    theirs = {r.key: r for r in other.runs}  # its own runs: shared entries were left out
     shared = []
     for run in runs:
         match = theirs.get(run.key)
@@ -1225,14 +1223,16 @@ def validate_record(record: Any, source: str = "record") -> dict[str, Any]:
 
 def load_records(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every ``*.json`` record in ``folder``, validated, sorted by file name."""
-    records = []
-    for path in sorted(Path(folder).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{path} is not valid JSON: {exc}") from None
-        records.append(validate_record(data, str(path)))
-    return records
+    return [load_record(path) for path in sorted(Path(folder).glob("*.json"))]
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    """One record file, validated (:func:`validate_record`)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BenchmarkError(f"{path} is not valid JSON: {exc}") from None
+    return validate_record(data, str(path))
 
 
 def _median_range(values: Sequence[float]) -> tuple[float, float, float] | None:
@@ -1622,7 +1622,7 @@ def write_report(suites: Iterable[Suite], out: str | os.PathLike[str]) -> Path:
     sections = []
     for suite in suites:
         records = load_records(out / "records" / suite.name) + [
-            validate_record(json.loads(path.read_text()), str(path))
+            load_record(path)
             for run in suite.runs
             if run.shared_with is not None and (path := record_path(out, run)).is_file()
         ]
