@@ -40,7 +40,7 @@ def random_state(core: ThalamusCore, batch: int):
     "overrides",
     [
         {},
-        {"n_iterations": 1},
+        {"n_iterations": 2},
         {"n_iterations": 3},
         {"use_feedback": False},
         {"gate_enabled": False},
@@ -49,7 +49,7 @@ def random_state(core: ThalamusCore, batch: int):
     ],
     ids=[
         "default",
-        "one-iteration",
+        "two-iterations",
         "three-iterations",
         "no-feedback",
         "gate-off",
@@ -167,7 +167,6 @@ def test_outputs_and_stats():
         "gate_entropy",
         "selected_salience",
         "temperature",
-        "fatigue_strength",
         "phase_scale",
         "feedback_gain",
         "stream_weight/visual",
@@ -177,6 +176,9 @@ def test_outputs_and_stats():
     assert all(
         v.ndim == 0 and torch.isfinite(v) and not v.requires_grad for v in out.stats.values()
     )
+    # The fatigue (and its strength) exists from the second feedback iteration on.
+    out, _ = make(n_iterations=2)(*inputs(2, 7))
+    assert set(out.stats) == expected | {"fatigue_strength"}
 
 
 def test_config_from_dicts_and_validation():

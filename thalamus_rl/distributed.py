@@ -174,7 +174,7 @@ class DistributedMamba(nn.Module):
         d_model: int,
         streams: list[StreamConfig] | None = None,
         d_workspace: int = 64,
-        n_iterations: int = 2,
+        n_iterations: int = 1,
         fatigue_decay: float = 0.9,
         min_temperature: float = 0.05,
         chunk_size: int = 64,
@@ -209,8 +209,12 @@ class DistributedMamba(nn.Module):
         self.score = nn.Linear(d_workspace, 1)
         # Workspace feedback into each stream (iterations >= 2); small init so that the
         # feedback starts as a perturbation of the feed-forward streams.
-        self.feedback = nn.ModuleList(nn.Linear(d_workspace, d_model, bias=False) for _ in streams)
-        for lin in self.feedback:
+        self.feedback = (
+            nn.ModuleList(nn.Linear(d_workspace, d_model, bias=False) for _ in streams)
+            if n_iterations > 1
+            else None
+        )
+        for lin in self.feedback or ():
             nn.init.normal_(lin.weight, std=0.1 / math.sqrt(d_workspace))
         # τ = min_temperature + softplus(ρ), initialised to τ = 1.
         self.temperature_raw = nn.Parameter(
@@ -287,6 +291,7 @@ class DistributedMamba(nn.Module):
 
     def _feedback_input(self, w_prev: Tensor) -> Tensor:
         """``F_m w_prev`` for every stream: ``[..., d_workspace]`` -> ``[..., M, d_model]``."""
+        assert self.feedback is not None  # only iterations >= 2 read the workspace
         weight = torch.cat([fb.weight for fb in self.feedback])  # [M * d_model, d_workspace]
         return F.linear(w_prev, weight).unflatten(-1, (self.n_streams, self.d_model))
 
