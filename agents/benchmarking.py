@@ -86,6 +86,7 @@ from agents.config import (
     find_config_for_env,
     load_config,
     resolve_yaml_file,
+    sections_ignored_by,
 )
 from agents.factory import AGENT_KINDS
 from agents.training import RunCallbacks, RunPaths
@@ -922,7 +923,9 @@ def _config_differences(
     shared_keys_only: bool = False,
 ) -> list[str]:
     """Dotted keys whose values differ between two configs (``train.total_timesteps``,
-    ``train.runs_dir``, ``train.progress`` and ``train.log_every_s`` ignored).
+    ``train.runs_dir``, ``train.progress`` and ``train.log_every_s`` ignored, and for two
+    configs of the same agent kind the sections that kind does not read: a thalamus default
+    does not make a PPO record stale).
 
     :param a: a config, or one as a nested dict (a record's ``config``).
     :param shared_keys_only: compare only keys both have (a record written before a key
@@ -947,7 +950,13 @@ def _config_differences(
 
     fa, fb = flat(a), flat(b)
     keys = fa.keys() & fb.keys() if shared_keys_only else fa.keys() | fb.keys()
-    return sorted(k for k in keys if k not in ignored and not same(fa.get(k), fb.get(k)))
+    kind = fa.get("agent.kind")
+    unread = sections_ignored_by(kind) if kind == fb.get("agent.kind") else set()
+    return sorted(
+        k
+        for k in keys
+        if k not in ignored and k.split(".", 1)[0] not in unread and not same(fa.get(k), fb.get(k))
+    )
 
 
 def execute_run(

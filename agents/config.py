@@ -269,6 +269,26 @@ class TrainConfig:
     runs_dir: str = _param("runs", "Where run directories are created.")
 
 
+#: The config sections that only one agent kind reads (:func:`agents.training.build_agent`);
+#: every other section is shared. A ``ppo`` run ignores all of these, an ``lstm`` run the
+#: thalamus' sections, so two configs that differ only there train the same agent.
+AGENT_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {
+    "thalamus": ("thalamus", "tokenizer", "policy", "thalamus_ppo"),
+    "ppo": (),
+    "lstm": ("lstm",),
+}
+
+
+def sections_ignored_by(kind: str) -> set[str]:
+    """The config sections an agent of ``kind`` does not read."""
+    return {
+        section
+        for other, sections in AGENT_ONLY_SECTIONS.items()
+        if other != kind
+        for section in sections
+    }
+
+
 @dataclass
 class ExperimentConfig:
     """One training run: env, agent, PPO, thalamus/tokenizer/policy and LSTM settings, the loop."""

@@ -299,6 +299,34 @@ def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> 
     assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
 
 
+def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None:
+    def config(kind: str, **sections: dict) -> dict:
+        base = {"agent": {"kind": kind}, "ppo": {"n_epochs": 10}, "thalamus": {"top_k": 16}}
+        base["lstm"] = {"lstm_hidden_size": 64}
+        return {**base, **sections}
+
+    thalamus_changed = {"thalamus": {"top_k": 8}}
+    assert bm._config_differences(config("ppo"), config("ppo", **thalamus_changed)) == []
+    assert bm._config_differences(config("lstm"), config("lstm", **thalamus_changed)) == []
+    assert bm._config_differences(config("thalamus"), config("thalamus", **thalamus_changed)) == [
+        "thalamus.top_k"
+    ]
+    lstm_changed = {"lstm": {"lstm_hidden_size": 128}}
+    assert bm._config_differences(config("lstm"), config("lstm", **lstm_changed)) == [
+        "lstm.lstm_hidden_size"
+    ]
+    assert bm._config_differences(config("thalamus"), config("thalamus", **lstm_changed)) == []
+    shared_changed = {"ppo": {"n_epochs": 4}}
+    assert bm._config_differences(config("ppo"), config("ppo", **shared_changed)) == [
+        "ppo.n_epochs"
+    ]
+    # Different kinds: every section counts.
+    assert bm._config_differences(config("ppo"), config("lstm", **thalamus_changed)) == [
+        "agent.kind",
+        "thalamus.top_k",
+    ]
+
+
 SHARING = """\
 name: abl
 overrides: [train.eval_freq=1000]

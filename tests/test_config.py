@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -146,3 +147,16 @@ def test_reference_lists_every_key_once_and_the_readme_documents_them() -> None:
     readme = (CONFIG_DIR.parent / "README.md").read_text()
     missing = [key for key in keys if f"`{key}`" not in readme]
     assert not missing, f"README's config reference lacks {missing}"
+
+
+def test_agent_only_sections_name_agent_kinds_and_config_sections() -> None:
+    from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
+    from agents.factory import AGENT_KINDS
+
+    assert set(AGENT_ONLY_SECTIONS) == set(AGENT_KINDS)
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    owned = [s for sections in AGENT_ONLY_SECTIONS.values() for s in sections]
+    assert set(owned) <= fields and len(owned) == len(set(owned))
+    assert sections_ignored_by("ppo") == set(owned)
+    assert sections_ignored_by("lstm") == {"thalamus", "tokenizer", "policy", "thalamus_ppo"}
+    assert sections_ignored_by("thalamus") == {"lstm"}
