@@ -1569,17 +1569,21 @@ def plot_curves(
     One panel per task with records, one line per agent (the median over seeds, the range
     shaded); the wall-clock plot uses training seconds (evaluation excluded).
 
-    :return: ``{"steps": path, "wall": path}``; empty if there is nothing to plot.
+    :return: ``{"steps": path, "wall": path}``; empty if there is nothing to plot (and the
+        suite's plots from an earlier report, which would show records no longer there,
+        are deleted).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    folder = Path(folder)
     tasks = [t for t in suite.tasks.values() if any(r["task"] == t.name for r in records)]
     if not tasks:
+        for kind in ("steps", "wall"):
+            (folder / f"{suite.name}_reward_vs_{kind}.png").unlink(missing_ok=True)
         return {}
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     cols = min(3, len(tasks))

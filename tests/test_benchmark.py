@@ -286,6 +286,12 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
         png = tmp_path / "plots" / f"fixture_reward_vs_{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](plots/fixture_reward_vs_{kind}.png)" in text
+    # Its records gone (archived), the suite's plots go too rather than show them.
+    shutil.rmtree(tmp_path / "records" / "fixture")
+    (tmp_path / "records" / "fixture").mkdir()
+    benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
+    assert not list((tmp_path / "plots").glob("fixture_*.png"))
+    assert "0 of 10 runs have records" in (tmp_path / "README.md").read_text()
 
 
 def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ lets the streams' votes compete by softmax, and writes the workspace ``w^(i)``. 
 ``α^(i)`` up to ``t - 1``. Nothing flows nonlinearly from ``t - 1`` to ``t`` within one
 iteration (DESIGN.md rule 3), so the sequence pass and the step pass compute the same
 function, and with ``I`` iterations information crosses streams ``I - 1`` times.
+
+The default is one iteration (no workspace feedback, no fatigue): two learned more slowly on
+MiniGrid DoorKey-5x5 and MemoryS7 and cost ~1.2x the time (README, benchmark ablations).
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ class MambaStream(nn.Module):
 
 
 class DistributedMamba(nn.Module):
-    """Named Mamba-2 streams competing for a global workspace, with workspace feedback.
+    """Named Mamba-2 streams competing for a global workspace, with workspace feedback from
+    the second iteration on (``n_iterations >= 2``).
 
     Per iteration ``i`` and step ``t``::
 
