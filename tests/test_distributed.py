@@ -137,6 +137,14 @@ def test_one_stream_works():
     torch.testing.assert_close(alpha, torch.ones(2, 5, 1))
 
 
+def test_one_iteration_has_no_feedback_or_fatigue_parameters():
+    one, two = make(1), make(2)
+    assert one.feedback is None and one.fatigue_strength_raw is None
+    names = {n for n, _ in two.named_parameters()} - {n for n, _ in one.named_parameters()}
+    assert names == {"fatigue_strength_raw"} | {f"feedback.{m}.weight" for m in range(2)}
+    assert float(one.fatigue_strength) == 0.0
+
+
 def test_bad_configuration_and_input_raise():
     with pytest.raises(ValueError, match="unique"):
         DistributedMamba(16, [StreamConfig("a"), StreamConfig("a")])
