@@ -58,10 +58,10 @@ def warm_state(policy: ThalamusPolicy, space: spaces.Dict, batch: int) -> Thalam
         {},
         {"use_feedback": False},
         {"gate_enabled": False},
-        {"n_iterations": 2},
+        {"n_iterations": 1},
         {"streams": [dict(name="only", dt_min=0.01, dt_max=0.1)]},
     ],
-    ids=["full", "no_feedback", "no_gate", "two_iterations", "one_stream"],
+    ids=["full", "no_feedback", "no_gate", "one_iteration", "one_stream"],
 )
 def test_act_step_by_step_equals_evaluate_actions(
     observation_space: spaces.Dict, ablation: dict[str, Any]

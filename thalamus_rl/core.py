@@ -40,10 +40,10 @@ class ThalamusConfig:
         FLOPs: 1.0 halves them against the usual 2.0 at little cost in capacity.
     :param d_workspace: width of the global workspace = the output features.
     :param streams: the Mamba-2 streams, each with its own time scale.
-    :param n_iterations: feedback iterations (1 = no workspace feedback, no fatigue). 2 feeds
-        the previous step's workspace back into the streams; on DoorKey-5x5 and MemoryS7 it
-        learned more slowly than 1 (README, ablations) and trains ~1.2x slower, so it is an
-        option, not the default.
+    :param n_iterations: feedback iterations (1 = no workspace feedback, no fatigue; 2 feeds
+        the previous step's workspace back into the streams). 1 trains ~1.1x faster and
+        learned DoorKey-5x5 faster, but learned MemoryS7's recall on 0 of 3 seeds against 2
+        of 3 (README, ``docs/benchmarks/archive/one-iteration``).
     :param fatigue_decay: EMA factor of the competition fatigue.
     :param init_fatigue_strength: initial strength κ of the (learned) fatigue term; small, so
         the competition starts without it (see :class:`DistributedMamba`).
@@ -64,7 +64,7 @@ class ThalamusConfig:
     workspace_mlp_ratio: float = 1.0
     d_workspace: int = 64
     streams: list[StreamConfig] = field(default_factory=default_streams)
-    n_iterations: int = 1
+    n_iterations: int = 2
     fatigue_decay: float = 0.9
     init_fatigue_strength: float = 0.01
     min_temperature: float = 0.05

@@ -6,9 +6,6 @@ lets the streams' votes compete by softmax, and writes the workspace ``w^(i)``. 
 ``α^(i)`` up to ``t - 1``. Nothing flows nonlinearly from ``t - 1`` to ``t`` within one
 iteration (DESIGN.md rule 3), so the sequence pass and the step pass compute the same
 function, and with ``I`` iterations information crosses streams ``I - 1`` times.
-
-The default is one iteration (no workspace feedback, no fatigue): two learned more slowly on
-MiniGrid DoorKey-5x5 and MemoryS7 and cost ~1.2x the time (README, benchmark ablations).
 """
 
 from __future__ import annotations
@@ -178,7 +175,7 @@ class DistributedMamba(nn.Module):
         d_model: int,
         streams: list[StreamConfig] | None = None,
         d_workspace: int = 64,
-        n_iterations: int = 1,
+        n_iterations: int = 2,
         fatigue_decay: float = 0.9,
         min_temperature: float = 0.05,
         chunk_size: int = 64,
