@@ -1579,19 +1579,20 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
+    x_axes = (
+        ("steps", "timesteps", "env steps"),
+        ("wall", "train_wall_s", "training wall-clock (s, evaluation excluded)"),
+    )
     tasks = [t for t in suite.tasks.values() if any(r["task"] == t.name for r in records)]
     if not tasks:
-        for kind in ("steps", "wall"):
+        for kind, _, _ in x_axes:
             (folder / f"{suite.name}_reward_vs_{kind}.png").unlink(missing_ok=True)
         return {}
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     cols = min(3, len(tasks))
     rows = math.ceil(len(tasks) / cols)
-    for kind, x_key, xlabel in (
-        ("steps", "timesteps", "env steps"),
-        ("wall", "train_wall_s", "training wall-clock (s, evaluation excluded)"),
-    ):
+    for kind, x_key, xlabel in x_axes:
         fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
         for ax, task in zip(axes.flat, tasks, strict=False):
             for label in suite.labels(task.name):
