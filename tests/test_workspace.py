@@ -128,6 +128,37 @@ def test_sdpa_forward_matches_explicit_reference():
     assert (probs.masked_select(~mask[:, :, None, None, None, :]) == 0).all()
 
 
+def test_batches_over_the_sdpa_limit_run_in_slices_with_the_same_result(monkeypatch):
+    """Batches above SDPA_MAX_BATCH (65535: PyTorch's CUDA efficient-attention backward breaks
+    there) are cut into slices; forward and gradients equal the one-call result."""
+    import thalamus_rl.workspace as workspace_module
+
+    ws = make_workspace()
+    tokens, phase, mask = make_inputs(batch=(10,))
+
+    def run():
+        x = tokens.clone().requires_grad_(True)
+        out = ws(x, phase, mask)
+        grads = torch.autograd.grad(out.square().sum(), [x, *ws.parameters()])
+        return out, grads
+
+    whole, whole_grads = run()
+    calls = []
+    real_sdpa = workspace_module.F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(workspace_module, "SDPA_MAX_BATCH", 4)
+    monkeypatch.setattr(workspace_module.F, "scaled_dot_product_attention", counting_sdpa)
+    sliced, sliced_grads = run()
+    assert calls == [4, 4, 2] * 2  # two layers, 10 rows in slices of 4
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+    for a, b in zip(sliced_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_masked_slots_do_not_influence_valid_outputs():
     ws = make_workspace()
     tokens, phase, mask = make_inputs(batch=(6,))

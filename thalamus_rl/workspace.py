@@ -19,6 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# PyTorch's memory-efficient attention backward (CUDA; torch 2.11 on an H100) fails for a
+# float mask that needs a gradient once the batch reaches 65536 ("The size of tensor a (65536)
+# must match the size of tensor b (65535)", a grid-size limit). Larger batches (a GPU minibatch
+# of 64 envs x 1024 steps) run in slices of at most this many rows: the same function.
+SDPA_MAX_BATCH = 65535
+
+
+def batched_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+    """``F.scaled_dot_product_attention`` over ``[B, H, L, d_h]`` in batch slices of at most
+    :data:`SDPA_MAX_BATCH` rows (one call when ``B`` is smaller). ``attn_mask`` has batch
+    ``B`` or 1."""
+    batch = q.shape[0]
+    if batch <= SDPA_MAX_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    per_row = attn_mask.shape[0] == batch
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[i : i + SDPA_MAX_BATCH],
+                k[i : i + SDPA_MAX_BATCH],
+                v[i : i + SDPA_MAX_BATCH],
+                attn_mask=attn_mask[i : i + SDPA_MAX_BATCH] if per_row else attn_mask,
+            )
+            for i in range(0, batch, SDPA_MAX_BATCH)
+        ]
+    )
+
 
 class PhaseAttentionBlock(nn.Module):
     """One pre-LN transformer layer: ``x + Attn(LN(x)); x + MLP(LN(x))``.
@@ -66,7 +93,7 @@ class PhaseAttentionBlock(nn.Module):
         :return: ``[B, K, d]``.
         """
         q, k, v = self._qkv(x)
-        return self._finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias))
+        return self._finish(x, batched_sdpa(q, k, v, attn_bias))
 
     def forward_explicit(self, x: Tensor, attn_bias: Tensor) -> tuple[Tensor, Tensor]:
         """Reference path with an explicit softmax; also returns the attention probabilities.
