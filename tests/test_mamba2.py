@@ -207,6 +207,22 @@ def test_kernel_backend_without_cuda_says_what_to_do():
         block(torch.randn(1, 4, 16))
 
 
+def test_backend_choice(monkeypatch):
+    import thalamus_rl.mamba2 as mamba2
+
+    rows = mamba2.AUTO_KERNEL_MIN_ROWS
+    assert not mamba2.use_kernel_path("pure", 10 * rows, on_cuda=True)
+    assert not mamba2.use_kernel_path("auto", 10 * rows, on_cuda=False)
+    with pytest.raises(RuntimeError, match="backend='pure'/'auto'"):
+        mamba2.use_kernel_path("kernel", 1, on_cuda=False)
+    monkeypatch.setattr(mamba2, "kernels_available", lambda: True)
+    # auto: the kernels only pay for long inputs (measured on an H100); kernel: always.
+    assert not mamba2.use_kernel_path("auto", rows - 1, on_cuda=True)
+    assert mamba2.use_kernel_path("auto", rows, on_cuda=True)
+    assert mamba2.use_kernel_path("kernel", 1, on_cuda=True)
+    assert not mamba2.use_kernel_path("auto", rows, on_cuda=False)
+
+
 def _kernels():
     from thalamus_rl import kernels_available
 

@@ -51,7 +51,9 @@ class ThalamusConfig:
     :param use_feedback: ablation switch: False removes the reward FeedbackLayer.
     :param gate_enabled: ablation switch: False keeps all tokens (no top-K).
     :param chunk_size: chunk length of the SSD scan.
-    :param backend: ``"auto"``, ``"pure"`` or ``"kernel"`` (mamba-ssm, CUDA only).
+    :param backend: ``"auto"``, ``"pure"`` or ``"kernel"`` (mamba-ssm, CUDA only); ``"auto"``
+        takes the kernels on CUDA for long sequences only
+        (:func:`~thalamus_rl.mamba2.use_kernel_path`).
     """
 
     d_model: int = 64

@@ -10,6 +10,7 @@ runs the same weights through ``causal_conv1d_fn`` and ``mamba_chunk_scan_combin
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -27,6 +28,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_each",
     "kernels_available",
+    "use_kernel_path",
+    "AUTO_KERNEL_MIN_ROWS",
     "BACKENDS",
     "blocks_fusable",
     "mamba2_forward_multi",
@@ -35,17 +38,52 @@ __all__ = [
 
 BACKENDS = ("auto", "pure", "kernel")
 
+# Rows (batch x time) from which backend="auto" takes the kernel path. On an H100
+# (scripts/benchmark_kernels.py, docs/benchmarks/kernels.md) ThalamusCore's forward + backward
+# ran 0.64-0.76x as fast on the kernels as on the pure path at PPO minibatches (8-64 envs x 128
+# steps: launch-bound, and the kernels run the streams one by one where the pure path fuses
+# them), 1.0x at 256 x 128 and 1.25x at 64 x 1024.
+AUTO_KERNEL_MIN_ROWS = 32768
 
-def kernels_available() -> bool:
-    """True when mamba-ssm's and causal-conv1d's CUDA kernels can be imported and CUDA is up."""
-    if not torch.cuda.is_available():
+
+def use_kernel_path(backend: str, rows: int, on_cuda: bool) -> bool:
+    """Whether a sequence of ``rows = B * T`` steps runs on the mamba-ssm kernels.
+
+    ``"pure"``: never; ``"kernel"``: always (an error if they cannot run); ``"auto"``: on CUDA
+    with the kernels installed, from :data:`AUTO_KERNEL_MIN_ROWS` rows on.
+    """
+    if backend == "pure":
         return False
+    available = on_cuda and kernels_available()
+    if backend == "kernel" and not available:
+        reason = "the inputs are not on CUDA" if not on_cuda else kernel_unavailable_reason()
+        raise RuntimeError(
+            f"backend='kernel' needs CUDA inputs and the mamba-ssm + causal-conv1d kernels, but "
+            f"{reason}; install them with `pip install -e .[cuda]` on a GPU machine, or use "
+            "backend='pure'/'auto'"
+        )
+    return available and (backend == "kernel" or rows >= AUTO_KERNEL_MIN_ROWS)
+
+
+@functools.cache
+def kernel_unavailable_reason() -> str | None:
+    """Why the mamba-ssm + causal-conv1d kernels cannot run here, or None when they can.
+
+    Cached: a failed import is not retried on every forward.
+    """
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
     try:
         import causal_conv1d  # noqa: F401
         import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as err:  # mamba-ssm 2.2.x also fails here with transformers>=5
+        return f"importing them failed: {type(err).__name__}: {err}"
+    return None
+
+
+def kernels_available() -> bool:
+    """True when mamba-ssm's and causal-conv1d's CUDA kernels can be imported and CUDA is up."""
+    return kernel_unavailable_reason() is None
 
 
 class Mamba2State(NamedTuple):
@@ -116,7 +154,8 @@ class Mamba2Block(nn.Module):
     :param dt_init_floor: lower clamp of the initial ``dt``.
     :param chunk_size: chunk length of the chunked scan.
     :param backend: ``"pure"`` (PyTorch), ``"kernel"`` (mamba-ssm, CUDA only) or ``"auto"``
-        (kernel when the inputs are on CUDA and the kernels import, else pure).
+        (kernel when the inputs are on CUDA, the kernels import and the sequence has at least
+        :data:`AUTO_KERNEL_MIN_ROWS` steps in all, else pure: see :func:`use_kernel_path`).
 
     >>> block = Mamba2Block(d_model=16, d_state=8, headdim=8)
     >>> y, state = block(torch.randn(2, 5, 16))
@@ -236,16 +275,8 @@ class Mamba2Block(nn.Module):
         )
 
     def _use_kernel(self, x: Tensor) -> bool:
-        if self.backend == "pure":
-            return False
-        available = x.is_cuda and kernels_available()
-        if self.backend == "kernel" and not available:
-            raise RuntimeError(
-                "backend='kernel' needs CUDA inputs and the mamba-ssm + causal-conv1d kernels "
-                f"(inputs on {x.device}, CUDA available: {torch.cuda.is_available()}); install "
-                "them with `pip install -e .[cuda]` on a GPU machine, or use backend='pure'/'auto'"
-            )
-        return available
+        """For ``x: [B, T, ...]`` (a sequence; steps always run the pure path)."""
+        return use_kernel_path(self.backend, x.shape[0] * x.shape[1], x.is_cuda)
 
     def _check_input(self, x: Tensor, state: Mamba2State | None, ndim: int) -> None:
         if x.ndim != ndim or x.shape[-1] != self.d_model:
