@@ -149,6 +149,38 @@ def test_reference_lists_every_key_once_and_the_readme_documents_them() -> None:
     assert not missing, f"README's config reference lacks {missing}"
 
 
+@pytest.mark.parametrize("kind", ["thalamus", "ppo", "lstm"])
+def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypatch) -> None:
+    """AGENT_ONLY_SECTIONS (what the stale-record check ignores) agrees with build_agent: a
+    change in a section of another agent leaves the agent's arguments alone, a change in one
+    of its own sections reaches them."""
+    import agents
+    from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
+    from agents.training import build_agent
+
+    calls = []
+    monkeypatch.setattr(agents, "make_agent", lambda *args, **kwargs: calls.append((args, kwargs)))
+
+    def agent_args(section: str | None = None) -> tuple:
+        config = ExperimentConfig()
+        config.agent.kind = kind
+        if section is not None:  # change the section's first setting
+            part = getattr(config, section)
+            name = dataclasses.fields(part)[0].name
+            value = getattr(part, name)
+            setattr(
+                part, name, 5 if value is None else value + ("x" if isinstance(value, str) else 1)
+            )
+        build_agent(config, env=None)
+        return calls[-1]
+
+    base = agent_args()
+    for section in sections_ignored_by(kind):
+        assert agent_args(section) == base, f"{kind} reads {section}"
+    for section in AGENT_ONLY_SECTIONS[kind]:
+        assert agent_args(section) != base, f"{kind} ignores {section}"
+
+
 def test_agent_only_sections_name_agent_kinds_and_config_sections() -> None:
     from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
     from agents.factory import AGENT_KINDS
