@@ -209,7 +209,9 @@ class DistributedMamba(nn.Module):
         self.vote = nn.ModuleList(nn.Linear(d_model, d_workspace) for _ in streams)
         self.score = nn.Linear(d_workspace, 1)
         # Workspace feedback into each stream (iterations >= 2); small init so that the
-        # feedback starts as a perturbation of the feed-forward streams.
+        # feedback starts as a perturbation of the feed-forward streams. Not zero: a zero init
+        # (two iterations then start as exactly one) learned DoorKey-5x5 slower: mean eval
+        # reward at 100k 0.13, 0.19, 0.90 on the benchmark's seeds 0-2 against 0.70, 0.69, 0.94.
         self.feedback = (
             nn.ModuleList(nn.Linear(d_workspace, d_model, bias=False) for _ in streams)
             if n_iterations > 1
