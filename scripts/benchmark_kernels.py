@@ -24,12 +24,16 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from thalamus_rl import ThalamusConfig, ThalamusCore, kernels_available
 from thalamus_rl.mamba2 import Mamba2Block, Mamba2State
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_core import lstm_sb3_style  # noqa: E402  (the baseline, timed the same way)
 
 # (name, relative error) rows; errors are against the float64 pure path.
 CheckRows = list[tuple[str, float]]
@@ -189,18 +193,6 @@ def check_core(
 
 
 # ---------------------------------------------------------------------------- timing
-def lstm_sb3_style(lstm: nn.LSTM, x: Tensor, starts: Tensor, state: tuple[Tensor, Tensor]):
-    """sb3-contrib's RecurrentPPO sequence loop: one LSTM call per step, the state masked by
-    ``1 - episode_start`` (``x: [T, B, d]``, ``starts: [T, B]``)."""
-    h, c = state
-    outs = []
-    for t in range(x.shape[0]):
-        keep = (1.0 - starts[t].float()).view(1, -1, 1)
-        out, (h, c) = lstm(x[t : t + 1], (keep * h, keep * c))
-        outs.append(out)
-    return torch.cat(outs), (h, c)
-
-
 def fwd_bwd(model: Callable[[], Tensor]) -> Callable[[], None]:
     """A closure that runs ``model()`` and backpropagates the mean square of its output."""
 
