@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from thalamus_rl import ThalamusConfig, ThalamusCore
 
@@ -35,6 +35,37 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def random_starts(batch: int, length: int, p: float, generator: torch.Generator) -> Tensor:
+    """Episode starts with a reset at t=0 in env 0 and back-to-back resets in env 1."""
+    starts = torch.rand(batch, length, generator=generator) < p
+    starts[0, 0] = True
+    if batch > 1 and length > 4:
+        starts[1, 3] = starts[1, 4] = True
+    return starts
+
+
+def core_inputs(
+    cfg: ThalamusConfig,
+    batch: int,
+    length: int,
+    device: torch.device,
+    seed: int = 0,
+    mission_words: int = 10,
+    reset_p: float = 0.05,
+) -> tuple[Tensor, ...]:
+    """MiniGrid-sized token sets: 49 cells + mission words (half padded) + 1 proprio token."""
+    g = torch.Generator().manual_seed(seed)
+    n = 49 + mission_words + 1
+    tokens = torch.randn(batch, length, n, cfg.d_model, generator=g)
+    mask = torch.ones(batch, length, n, dtype=torch.bool)
+    mask[:, :, 49 + mission_words // 2 : 49 + mission_words] = False
+    task = torch.randn(batch, length, cfg.d_task, generator=g)
+    feedback = torch.randn(batch, length, cfg.n_feedback_signals, generator=g)
+    positions = torch.rand(batch, length, n, 2, generator=g)
+    starts = random_starts(batch, length, reset_p, g)
+    return tuple(t.to(device) for t in (tokens, mask, task, feedback, positions, starts))
 
 
 def lstm_sb3_style(lstm: nn.LSTM, x: torch.Tensor, starts: torch.Tensor, state):
@@ -66,15 +97,9 @@ def main() -> None:
     cfg = ThalamusConfig(d_model=args.d_model, d_task=args.d_model, backend="pure")
     core = ThalamusCore(cfg)
     B, T, d = args.batch, args.length, cfg.d_model
-    N = 49 + args.mission_words + 1
-    tokens = torch.randn(B, T, N, d)
-    mask = torch.ones(B, T, N, dtype=torch.bool)
-    mask[:, :, 49 + args.mission_words // 2 : 49 + args.mission_words] = False  # padded words
-    task = torch.randn(B, T, cfg.d_task)
-    feedback = torch.randn(B, T, cfg.n_feedback_signals)
-    positions = torch.rand(B, T, N, 2)
-    starts = torch.rand(B, T) < 0.05
-    starts[:, 0] = True
+    tokens, mask, task, feedback, positions, starts = core_inputs(
+        cfg, B, T, torch.device("cpu"), mission_words=args.mission_words
+    )
 
     def core_train():
         out, _ = core(tokens, mask, task, feedback, positions, None, starts)
@@ -139,7 +164,7 @@ def main() -> None:
     ]
     n_params = sum(p.numel() for p in core.parameters())
     print(
-        f"# B={B} T={T} N={N} d_model={d} K={cfg.top_k} streams={len(cfg.streams)} "
+        f"# B={B} T={T} N={tokens.shape[2]} d_model={d} K={cfg.top_k} streams={len(cfg.streams)} "
         f"iterations={cfg.n_iterations} params={n_params} threads={args.threads} "
         f"torch={torch.__version__}"
     )

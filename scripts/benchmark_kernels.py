@@ -33,7 +33,7 @@ from thalamus_rl import ThalamusConfig, ThalamusCore, kernels_available
 from thalamus_rl.mamba2 import Mamba2Block, Mamba2State
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_core import lstm_sb3_style  # noqa: E402  (the baseline, timed the same way)
+from benchmark_core import core_inputs, lstm_sb3_style, random_starts  # noqa: E402
 
 # (name, relative error) rows; errors are against the float64 pure path.
 CheckRows = list[tuple[str, float]]
@@ -43,15 +43,6 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64 (NaN anywhere gives NaN)."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def random_starts(batch: int, length: int, p: float, generator: torch.Generator) -> Tensor:
-    """Episode starts with a reset at t=0 in env 0 and back-to-back resets in env 1."""
-    starts = torch.rand(batch, length, generator=generator) < p
-    starts[0, 0] = True
-    if batch > 1 and length > 4:
-        starts[1, 3] = starts[1, 4] = True
-    return starts
 
 
 def time_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 3) -> float:
@@ -133,28 +124,6 @@ def check_block(
 
 
 # ---------------------------------------------------------------------------- ThalamusCore
-def core_inputs(
-    cfg: ThalamusConfig,
-    batch: int,
-    length: int,
-    device: torch.device,
-    seed: int = 0,
-    mission_words: int = 10,
-    reset_p: float = 0.05,
-) -> tuple[Tensor, ...]:
-    """MiniGrid-sized token sets: 49 cells + mission words (half padded) + 1 proprio token."""
-    g = torch.Generator().manual_seed(seed)
-    n = 49 + mission_words + 1
-    tokens = torch.randn(batch, length, n, cfg.d_model, generator=g)
-    mask = torch.ones(batch, length, n, dtype=torch.bool)
-    mask[:, :, 49 + mission_words // 2 : 49 + mission_words] = False
-    task = torch.randn(batch, length, cfg.d_task, generator=g)
-    feedback = torch.randn(batch, length, cfg.n_feedback_signals, generator=g)
-    positions = torch.rand(batch, length, n, 2, generator=g)
-    starts = random_starts(batch, length, reset_p, g)
-    return tuple(t.to(device) for t in (tokens, mask, task, feedback, positions, starts))
-
-
 def check_core(
     backends: list[str], device: torch.device, batch: int = 4, length: int = 70, seed: int = 0
 ) -> dict[str, CheckRows]:
