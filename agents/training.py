@@ -56,6 +56,7 @@ from agents.config import (
     save_config,
     validate_config,
 )
+from agents.runtime import tune_allocator
 
 __all__ = [
     "EVAL_SEED_OFFSET",
@@ -218,7 +219,9 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
         raise ConfigError(f"agent settings rejected: {exc}") from None
 
 
-def _set_threads(config: ExperimentConfig) -> None:
+def _configure_process(config: ExperimentConfig) -> None:
+    """Torch threads as configured, and an allocator that keeps freed activations."""
+    tune_allocator()
     if config.train.torch_threads is not None:
         import torch
 
@@ -425,7 +428,7 @@ def train(
         checkpoint is kept.
     """
     validate_config(config)
-    _set_threads(config)
+    _configure_process(config)
     train_env, eval_env = _make_envs(config)
     try:
         model = build_agent(config, train_env)
@@ -497,7 +500,7 @@ def resume(
         )
     meta = checkpoint.load_meta()
 
-    _set_threads(config)
+    _configure_process(config)
     train_env, eval_env = _make_envs(config)
     model = agent_class(config.agent.kind).load(
         checkpoint.model_path,
