@@ -12,18 +12,17 @@ from agents.runtime import tune_allocator
 
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 
-# Allocates three 4 MiB tensors at once and frees them, ten times after three warm-up rounds,
-# and prints the page faults of those ten rounds. In a fresh process: glibc's malloc adapts
-# its thresholds to what the process has freed before. With its defaults (glibc 2.36) these
-# ten rounds fault ~10k times: the blocks go back to the kernel until, after about seven
-# rounds, the adaptive threshold catches up with this one fixed pattern (training's varied
-# sizes kept it faulting: 40k-140k faults per ThalamusPPO update on DoorKey).
+# Tunes the allocator, allocates three 4 MiB tensors at once and frees them, ten times after
+# three warm-up rounds, and prints the page faults of those ten rounds. In a fresh process:
+# glibc's malloc adapts its thresholds to what the process has freed before. With its
+# defaults (glibc 2.36) these ten rounds fault ~10k times: the blocks go back to the kernel
+# until, after about seven rounds, the adaptive threshold catches up with this one fixed
+# pattern (training's varied sizes kept it faulting: 40k-140k faults per ThalamusPPO update).
 _FAULTS_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch
-    if sys.argv[1] == "tuned":
-        from agents.runtime import tune_allocator
-        assert tune_allocator()
+    import resource, torch
+    from agents.runtime import tune_allocator
+    assert tune_allocator()
     def rounds(n):
         for _ in range(n):
             tensors = [torch.ones(1 << 20) for _ in range(3)]
@@ -36,10 +35,10 @@ _FAULTS_SCRIPT = textwrap.dedent(
 )
 
 
-def _faults(mode: str) -> int:
-    """Page faults of the script's ten rounds; ``mode``: "tuned" or "default"."""
+def _faults_after_tuning() -> int:
+    """Page faults of the script's ten rounds, in a fresh process."""
     out = subprocess.run(
-        [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True
     )
     return int(out.stdout.strip())
 
@@ -53,5 +52,5 @@ def test_tune_allocator_is_idempotent() -> None:
 @glibc_only
 def test_freed_activations_are_reused_without_page_faults() -> None:
     # A round touches 3 x 1024 fresh 4 KiB pages if the memory went back to the kernel.
-    tuned = _faults("tuned")
+    tuned = _faults_after_tuning()
     assert tuned < 512, f"{tuned} page faults in 10 rounds: freed blocks were not reused"
