@@ -113,6 +113,38 @@ def _as_index(x: th.Tensor) -> th.Tensor:
     return x.round().long() if x.is_floating_point() else x.long()
 
 
+class _SummedEmbedding(th.autograd.Function):
+    """``weight[index].sum(1)`` with a backward of one ``index_add_`` per index column.
+
+    The same function as ``nn.EmbeddingBag(mode="sum")``, whose dense CPU backward sorts the
+    indices: on a DoorKey minibatch (12544 cells x 3 channels into 768 rows, d = 64) its
+    forward + backward took 3.1 ms against 0.85 ms here, with identical gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: th.Tensor, index: th.Tensor) -> th.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.n_rows = weight.shape[0]
+        return nn.functional.embedding_bag(index, weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: th.Tensor) -> tuple[th.Tensor, None]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        grad_weight = grad.new_zeros(ctx.n_rows, grad.shape[-1])
+        for column in index.unbind(1):
+            grad_weight.index_add_(0, column, grad)
+        return grad_weight, None
+
+
+def summed_embedding(weight: th.Tensor, index: th.Tensor) -> th.Tensor:
+    """``weight[index].sum(1)`` (``nn.EmbeddingBag(mode="sum")``): ``index: [M, C]``,
+    ``weight: [V, d]`` -> ``[M, d]``, with the faster CPU backward of
+    :class:`_SummedEmbedding` (other devices keep the native kernels)."""
+    if weight.device.type != "cpu":
+        return nn.functional.embedding_bag(index, weight, mode="sum")
+    return _SummedEmbedding.apply(weight, index)
+
+
 def symlog(x: th.Tensor) -> th.Tensor:
     """``sign(x) * log(1 + |x|)``: compresses unbounded returns into a well-scaled input."""
     return th.sign(x) * th.log1p(th.abs(x))
@@ -375,7 +407,9 @@ class Tokenizer(nn.Module):
         if self.image_key is not None:
             height, width = self.token_layout.grid_shape
             image = _as_index(obs[self.image_key].reshape(m * height * width, -1))
-            cells = self.cell_embedding(image + self.channel_offsets).view(m, height * width, d)
+            cells = summed_embedding(self.cell_embedding.weight, image + self.channel_offsets).view(
+                m, height * width, d
+            )
             # Position and type as one [H*W, d] table, added once: the backward then reduces
             # one [m, H*W, d] gradient instead of one per broadcast term.
             table = self.row_embedding.weight[:, None, :] + self.col_embedding.weight + types[0]
@@ -385,8 +419,9 @@ class Tokenizer(nn.Module):
         proprio = types[2].expand(m, d)
         if self.discrete_keys:
             values = _as_index(th.cat([obs[k].reshape(m, -1) for k in self.discrete_keys], dim=1))
-            proprio = proprio + self.discrete_embedding(
-                values - self.discrete_starts + self.discrete_offsets
+            proprio = proprio + summed_embedding(
+                self.discrete_embedding.weight,
+                values - self.discrete_starts + self.discrete_offsets,
             )
         if self.feedback_keys:
             feedback = th.cat([obs[k].reshape(m, -1) for k in self.feedback_keys], dim=1).float()

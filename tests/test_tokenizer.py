@@ -7,7 +7,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from agents.tokenizer import Tokenizer, classify_observation_space, symlog
+from agents.tokenizer import Tokenizer, classify_observation_space, summed_embedding, symlog
 
 H, W, L = 7, 7, 6
 
@@ -227,6 +227,22 @@ def test_unsupported_spaces_get_a_clear_error(space: spaces.Space, message: str)
         classify_observation_space(space)
     with pytest.raises((TypeError, ValueError), match=message):
         Tokenizer(space, d_model=8, d_task=4)
+
+
+def test_summed_embedding_equals_embedding_bag_in_value_and_gradient() -> None:
+    """The tokenizer's index_add backward computes what nn.EmbeddingBag's does, repeated
+    rows included (a grid holds the same object in many cells)."""
+    th.manual_seed(0)
+    bag = th.nn.EmbeddingBag(30, 8, mode="sum").double()
+    index = th.stack([th.randint(0, 5, (200,)), 10 + th.randint(0, 3, (200,))], dim=1)
+    grad = th.randn(200, 8, dtype=th.float64)
+    ours = summed_embedding(bag.weight, index)
+    (weight_grad,) = th.autograd.grad(ours, bag.weight, grad)
+    reference = bag(index)
+    (reference_grad,) = th.autograd.grad(reference, bag.weight, grad)
+    th.testing.assert_close(ours, reference)
+    th.testing.assert_close(weight_grad, reference_grad)
+    assert th.autograd.gradcheck(lambda w: summed_embedding(w, index[:6]), bag.weight)
 
 
 def test_symlog() -> None:
