@@ -153,20 +153,22 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         obs: Mapping[str, th.Tensor],
         state: ThalamusState | None,
         episode_starts: th.Tensor | None,
+        with_stats: bool = True,
     ) -> tuple[ThalamusOutput, ThalamusState]:
         """One step: ``obs`` entries ``[B, ...]``, ``episode_starts`` ``[B]`` bool."""
-        return self._tokenize_and_run(self.core.step, obs, state, episode_starts)
+        return self._tokenize_and_run(self.core.step, obs, state, episode_starts, with_stats)
 
     def sequence(
         self,
         obs: Mapping[str, th.Tensor],
         state: ThalamusState | None,
         episode_starts: th.Tensor | None,
+        with_stats: bool = True,
     ) -> tuple[ThalamusOutput, ThalamusState]:
         """Whole sequences: ``obs`` entries ``[B, T, ...]``, ``episode_starts`` ``[B, T]`` bool."""
-        return self._tokenize_and_run(self.core, obs, state, episode_starts)
+        return self._tokenize_and_run(self.core, obs, state, episode_starts, with_stats)
 
-    def _tokenize_and_run(self, run, obs, state, episode_starts):
+    def _tokenize_and_run(self, run, obs, state, episode_starts, with_stats):
         """Tokenize ``obs`` and feed the tokens to ``run`` (``core.step`` or ``core``)."""
         t: TokenizedObs = self.tokenizer(obs)
         return run(
@@ -177,6 +179,7 @@ class ThalamusExtractor(BaseFeaturesExtractor):
             positions=t.positions,
             state=state,
             episode_starts=episode_starts,
+            with_stats=with_stats,
         )
 
 
@@ -207,7 +210,10 @@ class ThalamusPolicy(ActorCriticPolicy):
     :param squash_output: gSDE option, as in SB3.
     :param normalize_images: unused (images are embedded as categories); kept for SB3's API.
     :param optimizer_class: optimizer class.
-    :param optimizer_kwargs: optimizer arguments besides the learning rate.
+    :param optimizer_kwargs: optimizer arguments besides the learning rate. Adam and AdamW
+        default to ``fused=True`` (unless ``fused`` or ``foreach`` is given): the policy has
+        ~90 parameter tensors, and the per-tensor loop PyTorch runs on CPU took 2.3 ms a
+        step against 0.4 ms fused (DoorKey-5x5, one thread), ~4% of a minibatch update.
     :param core_lr_scale: the tokenizer and core train at ``core_lr_scale`` times the learning
         rate (the heads at the full rate). Adam moves every parameter by about the learning
         rate per step whatever its gradient, and the core's ~190k parameters sit behind
@@ -248,6 +254,11 @@ class ThalamusPolicy(ActorCriticPolicy):
             )
         self.thalamus_kwargs = dict(thalamus or {})
         self.tokenizer_kwargs = dict(tokenizer or {})
+        optimizer_kwargs = dict(optimizer_kwargs or {})
+        if optimizer_class in (th.optim.Adam, th.optim.AdamW) and not (
+            {"fused", "foreach"} & optimizer_kwargs.keys()
+        ):
+            optimizer_kwargs["fused"] = True
         super().__init__(
             observation_space,
             action_space,
@@ -340,6 +351,7 @@ class ThalamusPolicy(ActorCriticPolicy):
         state: ThalamusState | None,
         episode_starts: th.Tensor | None,
         deterministic: bool = False,
+        with_stats: bool = True,
     ) -> PolicyStep:
         """One step for ``B`` envs; the function used by rollouts, evaluation and videos.
 
@@ -347,9 +359,10 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param state: the state after the previous step (``None``: zeros).
         :param episode_starts: ``[B]`` bool, True where ``obs`` starts a new episode.
         :param deterministic: take the distribution's mode instead of sampling.
+        :param with_stats: fill ``PolicyStep.thalamus.stats`` (False: empty, faster).
         :return: a :class:`PolicyStep`.
         """
-        out, state = self.features_extractor.step(obs, state, episode_starts)
+        out, state = self.features_extractor.step(obs, state, episode_starts, with_stats)
         distribution, values = self._heads(out.features)
         actions = distribution.get_actions(deterministic=deterministic)
         log_probs = distribution.log_prob(actions)
@@ -364,7 +377,7 @@ class ThalamusPolicy(ActorCriticPolicy):
         deterministic: bool = False,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor, ThalamusState]:
         """sb3-contrib's recurrent ``forward``: ``(actions, values [B], log_probs [B], state)``."""
-        step = self.act(obs, state, episode_starts, deterministic)
+        step = self.act(obs, state, episode_starts, deterministic, with_stats=False)
         return step.actions, step.values, step.log_probs, step.state
 
     def predict_values(  # type: ignore[override]
@@ -374,7 +387,7 @@ class ThalamusPolicy(ActorCriticPolicy):
         episode_starts: th.Tensor | None = None,
     ) -> th.Tensor:
         """Values ``[B]`` of one step of ``B`` envs from ``state`` (``None``: zeros)."""
-        out, _ = self.features_extractor.step(obs, state, episode_starts)
+        out, _ = self.features_extractor.step(obs, state, episode_starts, with_stats=False)
         latent_vf = self.mlp_extractor.forward_critic(out.features)
         return self.value_net(latent_vf).squeeze(-1)
 
@@ -385,7 +398,7 @@ class ThalamusPolicy(ActorCriticPolicy):
         episode_starts: th.Tensor | None = None,
     ) -> tuple[Distribution, ThalamusState]:
         """The action distribution of one step of ``B`` envs, and the next state."""
-        out, state = self.features_extractor.step(obs, state, episode_starts)
+        out, state = self.features_extractor.step(obs, state, episode_starts, with_stats=False)
         latent_pi = self.mlp_extractor.forward_actor(out.features)
         return self._get_action_dist_from_latent(latent_pi), state
 
@@ -404,7 +417,7 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param episode_starts: ``[B, T]`` bool; the core resets inside the scan.
         :return: a :class:`SequenceEvaluation` with ``[B, T]`` values, log-probs, entropies.
         """
-        out, _ = self.features_extractor.sequence(obs, state, episode_starts)
+        out, _ = self.features_extractor.sequence(obs, state, episode_starts, with_stats=False)
         batch, steps = episode_starts.shape
         distribution, values = self._heads(out.features.reshape(batch * steps, -1))
         log_prob = distribution.log_prob(actions.reshape(batch * steps, *actions.shape[2:]))

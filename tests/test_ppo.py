@@ -34,8 +34,7 @@ def make_model(env: VecEnv, n_steps: int = 16, batch_size: int = 32, **kwargs: A
         batch_size=batch_size,
         n_epochs=2,
         device="cpu",
-        policy_kwargs=dict(thalamus=SMALL),
-        **kwargs,
+        **{"policy_kwargs": dict(thalamus=SMALL), **kwargs},
     )
 
 
@@ -433,3 +432,19 @@ def test_core_trains_at_core_lr_scale_times_the_schedule(tmp_path: Path) -> None
         ThalamusPPO(
             "ThalamusPolicy", env, n_steps=16, batch_size=32, policy_kwargs={"core_lr_scale": 0.0}
         )
+
+
+def test_adam_is_fused_unless_the_user_picks_an_implementation(tmp_path: Path) -> None:
+    env = make_venv()
+    model = make_model(env)
+    assert all(g["fused"] for g in model.policy.optimizer.param_groups)
+    model.learn(32)  # a fused step runs on CPU
+    model.save(tmp_path / "model.zip")
+    loaded = ThalamusPPO.load(tmp_path / "model.zip", device="cpu")
+    assert all(g["fused"] for g in loaded.policy.optimizer.param_groups)
+    chosen = make_model(
+        env, policy_kwargs={"thalamus": SMALL, "optimizer_kwargs": {"foreach": True}}
+    )
+    assert all(g["foreach"] and not g["fused"] for g in chosen.policy.optimizer.param_groups)
+    sgd = make_model(env, policy_kwargs={"thalamus": SMALL, "optimizer_class": th.optim.SGD})
+    assert "fused" not in sgd.policy.optimizer_kwargs
