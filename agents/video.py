@@ -410,7 +410,11 @@ def run_episode(
         obs_tensor, _ = policy.obs_to_tensor(observation)
         with th.no_grad():
             step = policy.act(
-                obs_tensor, state, th.as_tensor(starts, device=policy.device), deterministic
+                obs_tensor,
+                state,
+                th.as_tensor(starts, device=policy.device),
+                deterministic,
+                with_stats=False,
             )
         state = step.state
         action = step.actions[0].cpu().numpy()

@@ -182,6 +182,19 @@ def test_outputs_and_stats():
     assert set(out.stats) == expected - {"fatigue_strength"}
 
 
+def test_stats_can_be_skipped_without_changing_the_outputs():
+    core = make()
+    x = inputs(2, 5)
+    with_stats, state_a = core(*x)
+    without, state_b = core(*x, with_stats=False)
+    assert without.stats == {} and with_stats.stats
+    torch.testing.assert_close(without.features, with_stats.features, rtol=0, atol=0)
+    torch.testing.assert_close(state_b.prev_workspace, state_a.prev_workspace, rtol=0, atol=0)
+    step, _ = core.step(*(t[:, 0] for t in x), with_stats=False)
+    assert step.stats == {}
+    torch.testing.assert_close(step.features, with_stats.features[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_config_from_dicts_and_validation():
     cfg = ThalamusConfig(streams=[{"name": "a"}, {"name": "b", "dt_min": 0.01, "dt_max": 0.02}])
     assert [s.name for s in cfg.streams] == ["a", "b"]
