@@ -99,9 +99,27 @@ def test_repository_suites_load_and_match_the_issue() -> None:
     assert trial.load_config().env.trial_episodes == 2
 
 
+def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
+    """DoorKey-5x5 at the shared PPO settings, thalamus and LSTM-PPO paired seed by seed
+    (so --parallel 2 puts them side by side), one and two torch threads as separate tasks."""
+    speed = bm.load_suite("speed")
+    assert [(r.task, r.agent) for r in speed.runs[:2]] == [
+        ("DoorKey-1thread", "thalamus"),
+        ("DoorKey-1thread", "lstm"),
+    ]
+    threads = {"DoorKey-1thread": 1, "DoorKey-2threads": 2}
+    for run in speed.runs:
+        config = run.load_config()
+        assert config.env.id == "MiniGrid-DoorKey-5x5-v0"
+        assert (config.env.n_envs, config.ppo.n_steps) == (8, 128)
+        assert (config.ppo.batch_size, config.ppo.n_epochs) == (256, 10)
+        assert config.train.torch_threads == threads[run.task]
+        assert run.budget == 51_200
+
+
 def test_suite_folder_does_not_disturb_per_env_configs() -> None:
     """find_config_for_env and train_agent.py's --config only look at configs/*.yaml."""
-    for suite in ("quick", "full", "ablations"):
+    for suite in ("quick", "full", "ablations", "speed"):
         assert (bm.SUITE_DIR / f"{suite}.yaml").is_file()
     assert bm.SUITE_DIR.parent == CONFIG_DIR
     assert all(p.parent == CONFIG_DIR for p in CONFIG_DIR.glob("*.yaml"))
