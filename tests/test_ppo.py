@@ -27,6 +27,7 @@ def make_venv(n_envs: int = 4, max_steps: int = 12, seed: int = 0) -> VecEnv:
 
 def make_model(env: VecEnv, n_steps: int = 16, batch_size: int = 32, **kwargs: Any) -> ThalamusPPO:
     kwargs.setdefault("seed", 0)
+    kwargs.setdefault("policy_kwargs", dict(thalamus=SMALL))
     return ThalamusPPO(
         "ThalamusPolicy",
         env,
@@ -34,7 +35,7 @@ def make_model(env: VecEnv, n_steps: int = 16, batch_size: int = 32, **kwargs: A
         batch_size=batch_size,
         n_epochs=2,
         device="cpu",
-        **{"policy_kwargs": dict(thalamus=SMALL), **kwargs},
+        **kwargs,
     )
 
 
