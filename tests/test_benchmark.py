@@ -340,6 +340,9 @@ def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None
         "lstm.lstm_hidden_size"
     ]
     assert bm._config_differences(config("thalamus"), config("thalamus", **lstm_changed)) == []
+    # The SSD chunk length and backend pick how the scan is computed, not what it computes.
+    schedule_changed = {"thalamus": {"top_k": 16, "chunk_size": 32, "backend": "pure"}}
+    assert bm._config_differences(config("thalamus"), config("thalamus", **schedule_changed)) == []
     shared_changed = {"ppo": {"n_epochs": 4}}
     assert bm._config_differences(config("ppo"), config("ppo", **shared_changed)) == [
         "ppo.n_epochs"
