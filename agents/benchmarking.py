@@ -918,8 +918,9 @@ def pending_runs(suite: Suite, out: Path, only: Sequence[str] = ()) -> list[RunS
 
 #: Config keys that change how a run is computed or reported but not the function it
 #: trains: the SSD scan computes the same function at any ``chunk_size`` and on either
-#: ``backend`` (tests/test_mamba2.py holds them to the float64 reference), so a record run
-#: with another chunk length is the same agent rounded differently, not a stale one.
+#: ``backend`` (tests/test_mamba2.py: every chunk length against the float64 reference, the
+#: mamba-ssm kernels against the pure path on CUDA), so a record run with another chunk
+#: length or backend is the same agent rounded differently, not a stale one.
 SCHEDULE_ONLY_KEYS = frozenset(
     {
         "train.total_timesteps",
