@@ -947,7 +947,6 @@ def _config_differences(
     :param shared_keys_only: compare only keys both have (a record written before a key
         was added to the schema is not stale for lacking it).
     """
-    ignored = SCHEDULE_ONLY_KEYS
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if dataclasses.is_dataclass(node):
@@ -971,7 +970,9 @@ def _config_differences(
     return sorted(
         k
         for k in keys
-        if k not in ignored and k.split(".", 1)[0] not in unread and not same(fa.get(k), fb.get(k))
+        if k not in SCHEDULE_ONLY_KEYS
+        and k.split(".", 1)[0] not in unread
+        and not same(fa.get(k), fb.get(k))
     )
 
 
