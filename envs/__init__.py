@@ -17,7 +17,12 @@ from envs.vocab import (
     default_vocabulary,
     tokenize,
 )
-from envs.wrappers import MissionObservationWrapper, RewardFeedbackWrapper, TrialWrapper
+from envs.wrappers import (
+    MissionObservationWrapper,
+    QuietLevelSamplingWrapper,
+    RewardFeedbackWrapper,
+    TrialWrapper,
+)
 
 __all__ = [
     "MAX_MISSION_LEN",
@@ -27,6 +32,7 @@ __all__ = [
     "VEC_ENV_KINDS",
     "MissionObservationWrapper",
     "MissionVocabulary",
+    "QuietLevelSamplingWrapper",
     "RewardFeedbackWrapper",
     "TrialWrapper",
     "check_env_id",

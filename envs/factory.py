@@ -11,10 +11,16 @@ import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import gymnasium as gym
+from minigrid.envs.babyai.core.roomgrid_level import RoomGridLevel
 
 from envs.registry import check_env_id
 from envs.vocab import MissionVocabulary
-from envs.wrappers import MissionObservationWrapper, RewardFeedbackWrapper, TrialWrapper
+from envs.wrappers import (
+    MissionObservationWrapper,
+    QuietLevelSamplingWrapper,
+    RewardFeedbackWrapper,
+    TrialWrapper,
+)
 
 if TYPE_CHECKING:
     from stable_baselines3.common.vec_env import VecEnv
@@ -64,6 +70,8 @@ def make_env(
             f"{env_id!r} rejected env_kwargs {sorted(env_kwargs)}: {error}. Pass only keyword "
             f"arguments of its constructor ({gym.registry[env_id].entry_point})."
         ) from error
+    if isinstance(env.unwrapped, RoomGridLevel):
+        env = QuietLevelSamplingWrapper(env)
     env = MissionObservationWrapper(env, vocabulary)
     env = RewardFeedbackWrapper(env)
     env = TrialWrapper(env, trial_episodes=trial_episodes, seed=seed)

@@ -16,9 +16,7 @@ Both are cross-checked in the tests against missions sampled from real resets.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
 import itertools
 from collections.abc import Iterable, Sequence
 
@@ -40,6 +38,7 @@ from minigrid.envs.babyai.core.verifier import (
 )
 
 from envs.vocab import tokenize
+from envs.wrappers import QuietLevelSamplingWrapper
 
 __all__ = [
     "babyai_grammar_missions",
@@ -172,18 +171,17 @@ def env_missions(env_id: str) -> list[str]:
 
 def sample_missions(env_id: str, seeds: Iterable[int]) -> list[str]:
     """The missions of ``env_id`` after ``reset(seed=s)`` for each seed (BabyAI's rejection-sampling
-    chatter on stdout is swallowed).
+    messages are kept off stdout by :class:`envs.wrappers.QuietLevelSamplingWrapper`).
 
     :param env_id: a constructible MiniGrid/BabyAI env id.
     :param seeds: reset seeds.
     """
-    env = gym.make(env_id, disable_env_checker=True)
+    env = QuietLevelSamplingWrapper(gym.make(env_id, disable_env_checker=True))
     missions = []
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            for seed in seeds:
-                obs, _ = env.reset(seed=int(seed))
-                missions.append(obs["mission"])
+        for seed in seeds:
+            obs, _ = env.reset(seed=int(seed))
+            missions.append(obs["mission"])
     finally:
         env.close()
     return missions

@@ -2,7 +2,10 @@
 
 Stacked by :func:`envs.make_env`, innermost first::
 
-    MiniGrid env --> MissionObservationWrapper --> RewardFeedbackWrapper --> TrialWrapper
+    MiniGrid env --> [QuietLevelSamplingWrapper] --> MissionObservationWrapper
+        --> RewardFeedbackWrapper --> TrialWrapper
+
+(the first only on BabyAI levels, whose layout generation prints to stdout).
 
 The feedback wrapper sits *inside* the trial wrapper, so it sees every inner episode of a trial
 as an episode of its own (its keys reset at each attempt), while the trial wrapper carries what
@@ -11,6 +14,9 @@ must survive an attempt (``last_episode_return``, ``trial_episode``).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -19,7 +25,12 @@ from gymnasium import spaces
 
 from envs.vocab import MissionVocabulary, default_vocabulary
 
-__all__ = ["MissionObservationWrapper", "RewardFeedbackWrapper", "TrialWrapper"]
+__all__ = [
+    "MissionObservationWrapper",
+    "QuietLevelSamplingWrapper",
+    "RewardFeedbackWrapper",
+    "TrialWrapper",
+]
 
 ObsDict = dict[str, Any]
 
@@ -48,6 +59,53 @@ def _add_keys(space: spaces.Dict, new: dict[str, spaces.Space], wrapper: str) ->
             f"apply {wrapper} only once"
         )
     return spaces.Dict({**space.spaces, **new})
+
+
+#: The lines BabyAI's ``RoomGridLevel._gen_grid`` prints for each layout it rejects and retries.
+LEVEL_SAMPLING_MESSAGES = ("Sampling rejected:", "Timeout during mission generation:")
+
+
+class QuietLevelSamplingWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Keeps BabyAI's layout-retry messages off stdout and counts them instead.
+
+    BabyAI levels draw their layout and mission by rejection sampling and ``print`` one line per
+    rejected draw (``Sampling rejected: unreachable object at (1, 6)``). On BabyAI-GoToLocal-v0
+    that is about 10,000 lines per 2M env steps, which buries the training progress lines.
+    ``reset()`` captures stdout, drops those lines, adds them up in ``rejected_samples``, and
+    writes any other output through unchanged. Observations, rewards and seeding are untouched.
+
+    :param env: any env; only its ``reset()`` output is filtered.
+
+    >>> import gymnasium as gym
+    >>> env = QuietLevelSamplingWrapper(gym.make("BabyAI-GoToLocal-v0"))
+    >>> _ = [env.reset(seed=seed) for seed in range(50)]  # prints nothing
+    >>> env.rejected_samples > 0
+    True
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.Wrapper.__init__(self, env)
+        #: Layout draws rejected (and retried) by the level since this wrapper was made.
+        self.rejected_samples = 0
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[ObsDict, dict[str, Any]]:
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(captured):
+                return self.env.reset(seed=seed, options=options)
+        finally:
+            # In ``finally`` so that what the env printed before an exception is not lost.
+            kept = []
+            for line in captured.getvalue().splitlines(keepends=True):
+                if line.startswith(LEVEL_SAMPLING_MESSAGES):
+                    self.rejected_samples += 1
+                else:
+                    kept.append(line)
+            if kept:
+                sys.stdout.write("".join(kept))
 
 
 class MissionObservationWrapper(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):

@@ -282,3 +282,64 @@ def test_rgb_render_is_the_full_grid_with_the_view_highlighted(trial_episodes: i
     env.step(2)
     raw.step(2)
     np.testing.assert_array_equal(env.render(), raw.render())
+
+
+class _ChattyResetEnv(gym.Env):
+    """Prints like a BabyAI level during ``reset()``, then optionally fails."""
+
+    observation_space = spaces.Discrete(2)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        print("Sampling rejected: unreachable object at (1, 6)")
+        print("a message of the user's own")
+        print("Timeout during mission generation: maximum recursion depth exceeded")
+        if self.fail:
+            raise RuntimeError("layout generation failed")
+        return 0, {}
+
+
+def test_quiet_level_sampling_drops_only_the_retry_lines(capsys: pytest.CaptureFixture) -> None:
+    env = envs.QuietLevelSamplingWrapper(_ChattyResetEnv())
+    env.reset(seed=0)
+    env.reset()
+    assert capsys.readouterr().out == "a message of the user's own\n" * 2
+    assert env.rejected_samples == 4
+
+
+def test_quiet_level_sampling_keeps_other_output_when_reset_raises(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    env = envs.QuietLevelSamplingWrapper(_ChattyResetEnv(fail=True))
+    with pytest.raises(RuntimeError, match="layout generation failed"):
+        env.reset(seed=0)
+    assert capsys.readouterr().out == "a message of the user's own\n"
+    assert env.rejected_samples == 2
+
+
+def test_babyai_envs_reset_silently_with_unchanged_observations(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """BabyAI-GoToLocal rejects layouts on most seeds; make_env keeps stdout clean without
+    changing what the agent sees."""
+    env = make_env("BabyAI-GoToLocal-v0")
+    assert env.get_wrapper_attr("rejected_samples") == 0
+    observations = [env.reset(seed=seed)[0] for seed in range(30)]
+    assert capsys.readouterr().out == ""
+    assert env.get_wrapper_attr("rejected_samples") > 0
+
+    unquiet = RewardFeedbackWrapper(MissionObservationWrapper(gym.make("BabyAI-GoToLocal-v0")))
+    for seed, obs in enumerate(observations):
+        expected, _ = unquiet.reset(seed=seed)
+        for key in expected:
+            np.testing.assert_array_equal(obs[key], expected[key], err_msg=key)
+    assert "Sampling rejected" in capsys.readouterr().out  # the seeds do hit rejections
+
+
+def test_minigrid_envs_are_not_wrapped_for_quiet_sampling() -> None:
+    with pytest.raises(AttributeError):
+        make_env("MiniGrid-DoorKey-5x5-v0").get_wrapper_attr("rejected_samples")
