@@ -1465,11 +1465,18 @@ def report_markdown(
     lines += ["### Targets", "", "| task | target | measured (median over seeds) | status |"]
     lines.append("|---|---|---|---|")
     results = []
+    partial = []  # targets judged on fewer seeds than the suite runs
     for task in suite.tasks.values():
         task_records = [r for r in records if r["task"] == task.name]
         for target in task.targets:
             result = target_result(target, task_records, mode)
             results.append((task, result))
+            planned = sum(1 for r in suite.runs if (r.task, r.label) == (task.name, target.agent))
+            seeds_note = ""
+            if result.per_seed and len(result.per_seed) < planned:
+                seed_count = f"{len(result.per_seed)} of {planned} seeds"
+                seeds_note = f" ({seed_count})"
+                partial.append(f"{task.name} ({target.describe()}: {seed_count})")
             if result.median is None:
                 measured = "–"
             else:
@@ -1479,7 +1486,9 @@ def report_markdown(
                 )
                 measured = f"{result.median:.2f} ({seeds})"
             status = {"met": "met", "MISSED": "**MISSED**", "no runs": "not run"}[result.status]
-            lines.append(f"| {task.name} | {target.describe()} | {measured} | {status} |")
+            lines.append(
+                f"| {task.name} | {target.describe()} | {measured} | {status}{seeds_note} |"
+            )
     if not results:
         lines.append("| – | no targets in this suite | – | – |")
     missed = [f"{t.name} ({r.target.describe()})" for t, r in results if r.status == "MISSED"]
@@ -1489,8 +1498,13 @@ def report_markdown(
         lines.append(f"**Targets missed:** {'; '.join(missed)}.")
     if not_run:
         lines.append(f"**Targets not yet measured:** {'; '.join(not_run)}.")
+    if partial:
+        lines.append(
+            f"**Judged on fewer seeds than the suite runs:** {'; '.join(partial)}; the status "
+            "may change as the other seeds come in."
+        )
     if results and not missed and not not_run:
-        lines.append("All targets met.")
+        lines.append("All targets met." if not partial else "All targets met so far.")
     lines.append("")
 
     # Tables.

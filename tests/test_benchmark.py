@@ -312,6 +312,24 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
     assert "0 of 10 runs have records" in (tmp_path / "README.md").read_text()
 
 
+def test_report_says_when_a_target_is_judged_on_fewer_seeds_than_planned(tmp_path: Path) -> None:
+    folder = tmp_path / "records" / "fixture"
+    shutil.copytree(FIXTURES / "records", folder)
+    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    text = bm.write_report([suite], tmp_path).read_text()
+    assert "fewer seeds" not in text and " of 3 seeds)" not in text
+    (folder / "MiniGrid-Empty-5x5-v0__ppo__2.json").unlink()
+    text = bm.write_report([suite], tmp_path).read_text()
+    assert (
+        "| ppo: eval success rate >= 0.9 at the end | 1.00 (seed 0: 1.00, seed 1: 1.00) | "
+        "met (2 of 3 seeds) |" in text
+    )
+    assert (
+        "**Judged on fewer seeds than the suite runs:** MiniGrid-Empty-5x5-v0 (ppo: eval success "
+        "rate >= 0.9 at the end: 2 of 3 seeds); the status may change" in text
+    )
+
+
 def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> None:
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
