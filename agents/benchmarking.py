@@ -937,15 +937,17 @@ def _config_differences(
     a: ExperimentConfig | dict[str, Any],
     b: ExperimentConfig | dict[str, Any],
     *,
-    shared_keys_only: bool = False,
+    defaults: ExperimentConfig | None = None,
 ) -> list[str]:
     """Dotted keys whose values differ between two configs (:data:`SCHEDULE_ONLY_KEYS`
     ignored, and for two configs of the same agent kind the sections that kind does not
     read: a thalamus default does not make a PPO record stale).
 
     :param a: a config, or one as a nested dict (a record's ``config``).
-    :param shared_keys_only: compare only keys both have (a record written before a key
-        was added to the schema is not stale for lacking it).
+    :param defaults: for ``a`` written under an older schema: compare ``b``'s keys only, and
+        read a key that ``a`` lacks from ``defaults``. A key is added with a default that
+        keeps the old behaviour, so a record that lacks it ran with that default: it is
+        stale if ``b`` sets the key to anything else. A key since removed is not compared.
     """
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -964,7 +966,11 @@ def _config_differences(
         return x == y
 
     fa, fb = flat(a), flat(b)
-    keys = fa.keys() & fb.keys() if shared_keys_only else fa.keys() | fb.keys()
+    if defaults is None:
+        keys = fa.keys() | fb.keys()
+    else:
+        fa = {**flat(defaults), **fa}
+        keys = fb.keys()
     kind = fa.get("agent.kind")
     unread = sections_ignored_by(kind) if kind == fb.get("agent.kind") else set()
     return sorted(
@@ -1416,7 +1422,7 @@ def _stale_records(suite: Suite, records: Sequence[dict[str, Any]]) -> list[str]
             continue
         try:
             changed = _config_differences(
-                record["config"], spec.load_config(), shared_keys_only=True
+                record["config"], spec.load_config(), defaults=ExperimentConfig()
             )
         except ConfigError as exc:
             changed = [f"the suite's config no longer loads: {exc}"]

@@ -3,6 +3,7 @@ beyond two tiny PPO runs on MiniGrid-Empty-5x5-v0)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -339,6 +340,41 @@ def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> 
     suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     text = bm.write_report([suite], tmp_path).read_text()
     assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
+
+
+def test_stale_records_compare_the_resolved_config_and_defaults_for_newer_keys(
+    tmp_path: Path,
+) -> None:
+    suite = bm.load_suite(write_suite(tmp_path, valid_text()))
+    (spec,) = suite.runs
+    config = dataclasses.asdict(spec.load_config())
+    record = {
+        "task": spec.task,
+        "agent": spec.label,
+        "seed": spec.seed,
+        "budget": spec.budget,
+        "overrides": list(spec.overrides),
+        "config": config,
+    }
+
+    def stale(**section_edits: dict) -> list[str]:
+        edited = copy.deepcopy(config)
+        for section, edit in section_edits.items():
+            for key, value in edit.items():
+                if value is None:
+                    del edited[section][key]
+                else:
+                    edited[section][key] = value
+        return bm._stale_records(suite, [{**record, "config": edited}])
+
+    assert stale() == []
+    assert stale(ppo={"gamma": 0.9}) == [f"{spec.key} (ppo.gamma)"]
+    # A record written before a key existed ran with the key's default: stale only if the
+    # suite now sets it to something else (the tiny suite sets ppo.n_epochs=1, default 10).
+    assert stale(ppo={"gamma": None}) == []
+    assert stale(ppo={"n_epochs": None}) == [f"{spec.key} (ppo.n_epochs)"]
+    # A key since removed from the schema is not compared.
+    assert stale(ppo={"retired_knob": 3}) == []
 
 
 def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None:
