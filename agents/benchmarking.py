@@ -79,7 +79,7 @@ import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from agents.callbacks import atomic_write_text, latest_checkpoint
+from agents.callbacks import atomic_write_text, global_rng_preserved, latest_checkpoint
 from agents.config import (
     ConfigError,
     ExperimentConfig,
@@ -672,15 +672,16 @@ def _evaluate(model: Any, env: Any, n_episodes: int, deterministic: bool) -> dic
             if success is not None:
                 successes.append(float(success))
 
-    rewards, _ = evaluate_policy(
-        model,
-        env,
-        n_eval_episodes=n_episodes,
-        deterministic=deterministic,
-        return_episode_rewards=True,
-        callback=collect,
-        warn=False,
-    )
+    with global_rng_preserved():  # recording both modes must not change training
+        rewards, _ = evaluate_policy(
+            model,
+            env,
+            n_eval_episodes=n_episodes,
+            deterministic=deterministic,
+            return_episode_rewards=True,
+            callback=collect,
+            warn=False,
+        )
     return {
         "mean_reward": float(np.mean(rewards)),
         "success_rate": float(np.mean(successes)) if successes else None,

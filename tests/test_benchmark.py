@@ -593,3 +593,20 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
         "interrupted at step 256; a checkpoint was saved: run the same benchmark command again "
         "to continue it"
     )
+
+
+def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> None:
+    import torch
+
+    import envs
+    from agents import make_agent
+
+    venv = envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=2, seed=0)
+    try:
+        model = make_agent("ppo", venv, seed=0, device="cpu", n_steps=16, batch_size=32)
+        before = torch.get_rng_state()
+        result = bm._evaluate(model, venv, n_episodes=2, deterministic=False)
+        assert result["episodes"] == 2
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        venv.close()

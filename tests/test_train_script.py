@@ -27,8 +27,8 @@ from agents.callbacks import (
     list_checkpoints,
     save_checkpoint,
 )
-from agents.config import load_config
-from agents.training import agent_class
+from agents.config import DEFAULT_CONFIG, load_config
+from agents.training import agent_class, train
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_agent.py"
@@ -274,3 +274,33 @@ def test_checkpoints_are_complete_only_with_their_sidecar_and_are_pruned(
     loaded = agent_class("ppo").load(latest_checkpoint(tmp_path).model_path, device="cpu")
     for a, b in zip(loaded.policy.parameters(), tiny_ppo.policy.parameters(), strict=True):
         np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
+
+
+@pytest.mark.parametrize("agent", ["ppo", "thalamus"])
+def test_evaluation_does_not_change_training(tmp_path: Path, agent: str) -> None:
+    """Stochastic evaluation draws from a copy of the global RNGs: the same seed trains the
+    same weights whether or not (and however often) the run evaluates."""
+    overrides = [
+        f"agent.kind={agent}",
+        "env.n_envs=2",
+        "train.device=cpu",
+        "train.total_timesteps=96",
+        "train.checkpoint_freq=0",
+        "train.progress=none",
+        "train.eval_episodes=2",
+        "train.eval_deterministic=false",
+        *(o for o in TINY if not o.startswith(("--", "train.progress", "train.log_every"))),
+    ]
+    weights = []
+    for eval_freq in (0, 32):
+        runs_dir = tmp_path / str(eval_freq)
+        config = load_config(
+            DEFAULT_CONFIG,
+            [*overrides, f"train.eval_freq={eval_freq}", f"train.runs_dir={runs_dir}"],
+        )
+        run_dir = train(config)
+        model = agent_class(agent).load(run_dir / "final_model.zip", device="cpu")
+        weights.append(model.policy.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert th.equal(value, weights[1][name]), f"{name} differs once the run evaluates"
