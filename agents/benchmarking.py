@@ -703,8 +703,11 @@ class EvalRecorder(BaseCallback):
     """Record the evaluation curve in both action modes and a clock without evaluation time.
 
     After each :class:`agents.callbacks.PeriodicEval` evaluation (the run's own, in
-    ``train.eval_deterministic`` mode) it evaluates the same number of episodes on the same
-    eval envs in the other mode, and appends one point (:data:`POINT_KEYS`). When the budget
+    ``train.eval_deterministic`` mode) it evaluates the same number of episodes in the other
+    mode, and appends one point (:data:`POINT_KEYS`). The other mode plays on ``other_env``,
+    a copy of the run's eval envs (:func:`agents.training.make_eval_env`), so the run's own
+    evaluations see the episodes they would see under ``scripts/train_agent.py``; without
+    ``other_env`` it plays on the run's eval envs and moves them on. When the budget
     is reached it evaluates both modes once more unless the last evaluation was at that step.
     The state is written to ``<run_dir>/benchmark_progress.json`` after every evaluation and
     every checkpoint, with the clock at each checkpoint, so a resumed run continues the curve
@@ -714,6 +717,7 @@ class EvalRecorder(BaseCallback):
     :param progress_path: where the state goes.
     :param total_timesteps: the budget (the final evaluation happens when it is reached).
     :param state: the state to continue (see :func:`_state_at_checkpoint`), or None.
+    :param other_env: eval envs for the other mode (the caller closes them), or None.
     """
 
     def __init__(
@@ -722,12 +726,15 @@ class EvalRecorder(BaseCallback):
         progress_path: str | os.PathLike[str],
         total_timesteps: int,
         state: dict[str, Any] | None = None,
+        other_env: Any = None,
     ) -> None:
         super().__init__()
         if run.evaluation is None:
             raise BenchmarkError("a benchmark run needs train.eval_freq > 0")
         self.evaluation = run.evaluation
         self.checkpoint = run.checkpoint
+        self._other_env = other_env
+        self.other_env: Any = None  # other_env wrapped for the model, at training start
         self.progress_path = Path(progress_path)
         self.total_timesteps = total_timesteps
         state = state or {}
@@ -755,6 +762,12 @@ class EvalRecorder(BaseCallback):
     # Callback hooks ----------------------------------------------------------------
 
     def _on_training_start(self) -> None:
+        own = self.evaluation.eval_env
+        self.other_env = (
+            own
+            if self._other_env is None
+            else type(self.model)._wrap_env(self._other_env, verbose=0, monitor_wrapper=False)
+        )
         self._t0 = time.monotonic()
         self._seen = self.evaluation.n_evaluations
 
@@ -778,7 +791,7 @@ class EvalRecorder(BaseCallback):
         started = time.monotonic()
         other = not self.evaluation.deterministic
         point[_mode(other)] = _evaluate(
-            self.model, self.evaluation.eval_env, self.evaluation.n_eval_episodes, other
+            self.model, self.other_env, self.evaluation.n_eval_episodes, other
         )
         self._eval_s += eval_seconds + time.monotonic() - started
         self.curve.append(point)
@@ -800,9 +813,10 @@ class EvalRecorder(BaseCallback):
                 "train_wall_s": wall_at - self._eval_s,
             }
             for deterministic in (False, True):
+                own = deterministic == self.evaluation.deterministic
                 point[_mode(deterministic)] = _evaluate(
                     self.model,
-                    self.evaluation.eval_env,
+                    self.evaluation.eval_env if own else self.other_env,
                     self.evaluation.n_eval_episodes,
                     deterministic,
                 )
@@ -1007,7 +1021,7 @@ def execute_run(
     :raises BenchmarkError: the run directory holds a run with a different config.
     :raises agents.training.TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
     """
-    from agents.training import resume, train
+    from agents.training import make_eval_env, resume, train
 
     out_path = record_path(Path(out), run)
     if out_path.is_file():
@@ -1029,16 +1043,19 @@ def execute_run(
         shutil.rmtree(run_dir)  # started but no checkpoint: nothing to continue
         checkpoint = None
 
-    if checkpoint is None:
-        train(config, run_dir, extra_callbacks=_recorder(progress, run.budget, None))
-    elif checkpoint.timesteps < run.budget:
-        state = json.loads(progress.read_text()) if progress.is_file() else {}
-        state = _state_at_checkpoint(state, checkpoint.timesteps)
-        resume(
-            run_dir,
-            total_timesteps=run.budget,
-            extra_callbacks=_recorder(progress, run.budget, state),
-        )
+    if checkpoint is None or checkpoint.timesteps < run.budget:
+        other_env = make_eval_env(config)
+        try:
+            if checkpoint is None:
+                recorder = _recorder(progress, run.budget, None, other_env)
+                train(config, run_dir, extra_callbacks=recorder)
+            else:
+                state = json.loads(progress.read_text()) if progress.is_file() else {}
+                state = _state_at_checkpoint(state, checkpoint.timesteps)
+                recorder = _recorder(progress, run.budget, state, other_env)
+                resume(run_dir, total_timesteps=run.budget, extra_callbacks=recorder)
+        finally:
+            other_env.close()
     if not progress.is_file():
         raise BenchmarkError(
             f"{run_dir} reached its budget but has no {PROGRESS_FILE}; delete the folder to "
@@ -1051,12 +1068,12 @@ def execute_run(
 
 
 def _recorder(
-    progress: Path, budget: int, state: dict[str, Any] | None
+    progress: Path, budget: int, state: dict[str, Any] | None, other_env: Any
 ) -> Callable[[RunCallbacks], list[BaseCallback]]:
     """The ``extra_callbacks`` factory that adds an :class:`EvalRecorder` to a run."""
 
     def factory(own: RunCallbacks) -> list[BaseCallback]:
-        return [EvalRecorder(own, progress, budget, state)]
+        return [EvalRecorder(own, progress, budget, state, other_env)]
 
     return factory
 

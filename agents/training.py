@@ -69,6 +69,7 @@ __all__ = [
     "agent_class",
     "build_agent",
     "load_model",
+    "make_eval_env",
     "make_run_dir",
     "resume",
     "train",
@@ -228,29 +229,40 @@ def _configure_process(config: ExperimentConfig) -> None:
         torch.set_num_threads(config.train.torch_threads)
 
 
-def _make_envs(config: ExperimentConfig) -> tuple[VecEnv, VecEnv | None]:
-    """Training envs and (if evaluating) eval envs, built with SIGINT ignored in workers."""
-
-    def build(n_envs: int, seed: int) -> VecEnv:
-        return envs.make_vec_env(
-            config.env.id,
-            n_envs=n_envs,
-            seed=seed,
-            vec_env=config.env.vec_env,  # type: ignore[arg-type]
-            trial_episodes=config.env.trial_episodes,
-            **config.env.env_kwargs,
-        )
-
+def _build_vec_env(config: ExperimentConfig, n_envs: int, seed: int) -> VecEnv:
+    """``config``'s env as a vec env, built with SIGINT ignored in workers."""
     try:
-        train_env = with_sigint_ignored(lambda: build(config.env.n_envs, config.train.seed))
-        eval_env = None
-        if config.train.eval_freq > 0:
-            eval_env = with_sigint_ignored(
-                lambda: build(config.train.eval_n_envs, config.train.seed + EVAL_SEED_OFFSET)
+        return with_sigint_ignored(
+            lambda: envs.make_vec_env(
+                config.env.id,
+                n_envs=n_envs,
+                seed=seed,
+                vec_env=config.env.vec_env,  # type: ignore[arg-type]
+                trial_episodes=config.env.trial_episodes,
+                **config.env.env_kwargs,
             )
+        )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"env settings (env.*) rejected: {exc}") from None
-    return train_env, eval_env
+
+
+def make_eval_env(config: ExperimentConfig) -> VecEnv:
+    """The eval envs of a run of ``config``: ``train.eval_n_envs`` envs seeded from
+    ``train.seed + EVAL_SEED_OFFSET``. A second one plays the same episodes as the run's own
+    (the benchmark evaluates its other action mode on one)."""
+    return _build_vec_env(config, config.train.eval_n_envs, config.train.seed + EVAL_SEED_OFFSET)
+
+
+def _make_envs(config: ExperimentConfig) -> tuple[VecEnv, VecEnv | None]:
+    """Training envs and (if evaluating) eval envs."""
+    train_env = _build_vec_env(config, config.env.n_envs, config.train.seed)
+    if config.train.eval_freq == 0:
+        return train_env, None
+    try:
+        return train_env, make_eval_env(config)
+    except BaseException:
+        train_env.close()
+        raise
 
 
 def _configure_logger(model: BaseAlgorithm, paths: RunPaths) -> None:

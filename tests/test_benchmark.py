@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import agents.training
 from agents import benchmarking as bm
@@ -596,8 +597,6 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
 
 
 def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> None:
-    import torch
-
     import envs
     from agents import make_agent
 
@@ -610,3 +609,40 @@ def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> 
         assert torch.equal(torch.get_rng_state(), before)
     finally:
         venv.close()
+
+
+def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path) -> None:
+    """The recorder's second evaluation mode plays on its own copy of the eval envs and
+    samples from a copy of the RNGs: the run's weights and its own-mode curve are those of
+    ``agents.training.train`` on the same config (random layouts, so shared envs would show)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents.training import agent_class
+
+    text = (
+        valid_text(tmp_path / "out", budget=768)
+        .replace("MiniGrid-Empty-5x5-v0", "MiniGrid-Empty-Random-5x5-v0")
+        .replace("max_steps=20", "max_steps=100")  # a random walk finds the goal at times
+        .replace("eval_episodes=2", "eval_episodes=4")
+    )
+    suite = bm.load_suite(write_suite(tmp_path, text))
+    (run,) = suite.runs
+    results = bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=print)
+    assert results == {run.key: None}
+    record = json.loads(bm.record_path(tmp_path / "out", run).read_text())
+
+    alone = agents.training.train(run.load_config(), tmp_path / "alone")
+    events = EventAccumulator(str(alone / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("eval/mean_reward")]
+    assert curve == [
+        (p["timesteps"], pytest.approx(p["stochastic"]["mean_reward"])) for p in record["curve"]
+    ]
+    benchmarked = agent_class("ppo").load(
+        bm.run_dir_of(tmp_path / "runs", run) / "final_model.zip", device="cpu"
+    )
+    trained = agent_class("ppo").load(alone / "final_model.zip", device="cpu")
+    for (name, a), b in zip(
+        benchmarked.policy.state_dict().items(), trained.policy.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
