@@ -153,15 +153,11 @@ def global_rng_preserved() -> Iterator[None]:
     the same updates until the 30k evaluation, then eval reward 0.79 vs 0.86 at 100k). The
     block draws from a copy of the current states (python, numpy, torch CPU and CUDA).
     """
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()  # noqa: NPY002
-    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    state = capture_rng_state()
     try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
+        yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)  # noqa: NPY002
+        restore_rng_state(state)
 
 
 @dataclass(frozen=True)
