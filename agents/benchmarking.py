@@ -78,6 +78,7 @@ import numpy as np
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv
 
 from agents.callbacks import atomic_write_text, global_rng_preserved, latest_checkpoint
 from agents.config import (
@@ -706,9 +707,8 @@ class EvalRecorder(BaseCallback):
     ``train.eval_deterministic`` mode) it evaluates the same number of episodes in the other
     mode, and appends one point (:data:`POINT_KEYS`). The other mode plays on ``other_env``,
     a copy of the run's eval envs (:func:`agents.training.make_eval_env`), so the run's own
-    evaluations see the episodes they would see under ``scripts/train_agent.py``; without
-    ``other_env`` it plays on the run's eval envs and moves them on. When the budget
-    is reached it evaluates both modes once more unless the last evaluation was at that step.
+    evaluations see the episodes they would see under ``scripts/train_agent.py``. When the
+    budget is reached it evaluates both modes once more unless the last evaluation was at that step.
     The state is written to ``<run_dir>/benchmark_progress.json`` after every evaluation and
     every checkpoint, with the clock at each checkpoint, so a resumed run continues the curve
     and the clock from its checkpoint.
@@ -717,7 +717,7 @@ class EvalRecorder(BaseCallback):
     :param progress_path: where the state goes.
     :param total_timesteps: the budget (the final evaluation happens when it is reached).
     :param state: the state to continue (see :func:`_state_at_checkpoint`), or None.
-    :param other_env: eval envs for the other mode (the caller closes them), or None.
+    :param other_env: eval envs for the other mode (the caller closes them).
     """
 
     def __init__(
@@ -725,16 +725,15 @@ class EvalRecorder(BaseCallback):
         run: RunCallbacks,
         progress_path: str | os.PathLike[str],
         total_timesteps: int,
-        state: dict[str, Any] | None = None,
-        other_env: Any = None,
+        state: dict[str, Any] | None,
+        other_env: VecEnv,
     ) -> None:
         super().__init__()
         if run.evaluation is None:
             raise BenchmarkError("a benchmark run needs train.eval_freq > 0")
         self.evaluation = run.evaluation
         self.checkpoint = run.checkpoint
-        self._other_env = other_env
-        self.other_env: Any = None  # other_env wrapped for the model, at training start
+        self.other_env = other_env  # wrapped for the model at training start
         self.progress_path = Path(progress_path)
         self.total_timesteps = total_timesteps
         state = state or {}
@@ -762,11 +761,8 @@ class EvalRecorder(BaseCallback):
     # Callback hooks ----------------------------------------------------------------
 
     def _on_training_start(self) -> None:
-        own = self.evaluation.eval_env
-        self.other_env = (
-            own
-            if self._other_env is None
-            else type(self.model)._wrap_env(self._other_env, verbose=0, monitor_wrapper=False)
+        self.other_env = type(self.model)._wrap_env(
+            self.other_env, verbose=0, monitor_wrapper=False
         )
         self._t0 = time.monotonic()
         self._seen = self.evaluation.n_evaluations
@@ -1068,7 +1064,7 @@ def execute_run(
 
 
 def _recorder(
-    progress: Path, budget: int, state: dict[str, Any] | None, other_env: Any
+    progress: Path, budget: int, state: dict[str, Any] | None, other_env: VecEnv
 ) -> Callable[[RunCallbacks], list[BaseCallback]]:
     """The ``extra_callbacks`` factory that adds an :class:`EvalRecorder` to a run."""
 
