@@ -37,6 +37,7 @@ from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
 
 __all__ = [
+    "ADAM_EPS",
     "DEFAULT_CORE_LR_SCALE",
     "PolicyStep",
     "SequenceEvaluation",
@@ -183,6 +184,13 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         )
 
 
+#: Adam's (and AdamW's) ``eps`` unless ``optimizer_kwargs`` gives one: SB3's choice for its
+#: actor-critic policies, so ThalamusPPO and the baselines share it. Adam's step is
+#: ``lr * m / (sqrt(v) + eps)``: with PyTorch's 1e-8 a parameter moves by about the full rate
+#: whatever its gradient's size, with 1e-5 one whose gradients stay under ~1e-5 moves less. In
+#: the first DoorKey-5x5 update 39% of the core's gradients were under 1e-5 (median 3.7e-5).
+ADAM_EPS = 1e-5
+
 #: Default ``core_lr_scale`` of :class:`ThalamusPolicy` (and of ``policy.core_lr_scale``).
 DEFAULT_CORE_LR_SCALE = 0.25
 
@@ -211,7 +219,8 @@ class ThalamusPolicy(ActorCriticPolicy):
     :param normalize_images: unused (images are embedded as categories); kept for SB3's API.
     :param optimizer_class: optimizer class.
     :param optimizer_kwargs: optimizer arguments besides the learning rate. Adam and AdamW
-        default to ``fused=True`` (unless ``fused`` or ``foreach`` is given): the policy has
+        default to ``eps=ADAM_EPS`` (1e-5, as SB3's policies and so the baselines) and to
+        ``fused=True`` (unless ``fused`` or ``foreach`` is given): the policy has
         ~90 parameter tensors, and the per-tensor loop PyTorch runs on CPU took 2.3 ms a
         step against 0.4 ms fused (DoorKey-5x5, one thread), ~4% of a minibatch update.
     :param core_lr_scale: the tokenizer and core train at ``core_lr_scale`` times the learning
@@ -255,10 +264,13 @@ class ThalamusPolicy(ActorCriticPolicy):
         self.thalamus_kwargs = dict(thalamus or {})
         self.tokenizer_kwargs = dict(tokenizer or {})
         optimizer_kwargs = dict(optimizer_kwargs or {})
-        if optimizer_class in (th.optim.Adam, th.optim.AdamW) and not (
-            {"fused", "foreach"} & optimizer_kwargs.keys()
-        ):
-            optimizer_kwargs["fused"] = True
+        if optimizer_class in (th.optim.Adam, th.optim.AdamW):
+            # SB3's ActorCriticPolicy sets Adam's eps to 1e-5 only when optimizer_kwargs is
+            # None, and we always pass a dict: without this line the policy would train with
+            # PyTorch's 1e-8, unlike the PPO and LSTM-PPO baselines.
+            optimizer_kwargs.setdefault("eps", ADAM_EPS)
+            if not {"fused", "foreach"} & optimizer_kwargs.keys():
+                optimizer_kwargs["fused"] = True
         super().__init__(
             observation_space,
             action_space,

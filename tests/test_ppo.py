@@ -449,3 +449,22 @@ def test_adam_is_fused_unless_the_user_picks_an_implementation(tmp_path: Path) -
     assert all(g["foreach"] and not g["fused"] for g in chosen.policy.optimizer.param_groups)
     sgd = make_model(env, policy_kwargs={"thalamus": SMALL, "optimizer_class": th.optim.SGD})
     assert "fused" not in sgd.policy.optimizer_kwargs
+
+
+def test_adam_eps_is_the_baselines_unless_the_user_sets_it(tmp_path: Path) -> None:
+    # SB3 gives Adam eps=1e-5 only when optimizer_kwargs is None; the policy always passes a
+    # dict (fused=True), so it must set the same eps itself or train differently from the
+    # PPO and LSTM-PPO it is compared with.
+    env = make_venv()
+    shared = dict(n_steps=16, batch_size=32, seed=0, device="cpu")
+    eps = {
+        kind: {g["eps"] for g in make_agent(kind, env, **shared).policy.optimizer.param_groups}
+        for kind in ("thalamus", "ppo", "lstm")
+    }
+    assert eps["thalamus"] == eps["ppo"] == eps["lstm"] == {1e-5}
+    model = make_model(env)
+    model.save(tmp_path / "model.zip")
+    loaded = ThalamusPPO.load(tmp_path / "model.zip", device="cpu")
+    assert {g["eps"] for g in loaded.policy.optimizer.param_groups} == {1e-5}
+    chosen = make_model(env, policy_kwargs={"thalamus": SMALL, "optimizer_kwargs": {"eps": 1e-7}})
+    assert {g["eps"] for g in chosen.policy.optimizer.param_groups} == {1e-7}
