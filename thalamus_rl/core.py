@@ -42,7 +42,7 @@ class ThalamusConfig:
     :param streams: the Mamba-2 streams, each with its own time scale.
     :param n_iterations: feedback iterations (1 = no workspace feedback, no fatigue; 2 feeds
         the previous step's workspace back into the streams). 1 trains ~1.1x faster and
-        learned DoorKey-5x5 faster (median eval reward at 100k 0.89 against 0.31 over the
+        learned DoorKey-5x5 faster (median eval reward at 100k 0.93 against 0.49 over the
         same 13 seeds; ``configs/doorkey_5x5.yaml`` sets it), but learned MemoryS7's recall
         in 1 of 6 runs against 2 of 3 (README, ``docs/benchmarks/archive/one-iteration``,
         the ablation suite).
