@@ -1,0 +1,141 @@
+"""scripts/diagnose_memory.py: cue visibility on MiniGrid-Memory and the linear cue probe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+import envs
+from agents.config import DEFAULT_CONFIG, load_config, save_config
+from agents.training import build_agent
+
+REPO = Path(__file__).resolve().parents[1]
+MEMORY_ENV = "MiniGrid-MemoryS7-v0"
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "diagnose_memory", REPO / "scripts" / "diagnose_memory.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+diagnose_memory = _load_script()
+
+
+def _small_run(root: Path, agent: str, env_id: str) -> Path:
+    """An untrained small agent of kind ``agent`` on ``env_id``, saved as a run directory."""
+    overrides = [
+        f"agent.kind={agent}",
+        f"env.id={env_id}",
+        "env.n_envs=1",
+        "ppo.n_steps=16",
+        "ppo.batch_size=16",
+        "env.env_kwargs.max_steps=12",
+        "thalamus.d_model=32",
+        "thalamus.d_task=32",
+        "thalamus.d_workspace=32",
+        "lstm.lstm_hidden_size=16",
+        "train.device=cpu",
+    ]
+    config = load_config(DEFAULT_CONFIG, overrides)
+    venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)
+    build_agent(config, venv).save(root / "final_model.zip")
+    venv.close()
+    save_config(config, root / "config.yaml")
+    return root
+
+
+@pytest.fixture(scope="module")
+def memory_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        agent: _small_run(tmp_path_factory.mktemp(agent), agent, MEMORY_ENV)
+        for agent in ("thalamus", "lstm", "ppo")
+    }
+
+
+def test_probe_decodes_a_linearly_coded_label_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(600) < 0.5
+    noise = rng.normal(size=(600, 32))
+    coded = noise.copy()
+    coded[:, 3] += np.where(labels, 2.0, -2.0)  # one feature carries the label
+    decoded = diagnose_memory.fit_probe(coded, labels)
+    assert decoded["accuracy"] > 0.95
+    assert decoded["n_train"] + decoded["n_test"] == 600
+    chance = diagnose_memory.fit_probe(noise, labels)
+    assert abs(chance["accuracy"] - 0.5) < 0.12
+    assert 0.5 <= chance["majority"] < 0.6
+
+
+@pytest.mark.parametrize("agent", ["thalamus", "lstm", "ppo"])
+def test_episodes_record_whether_the_cue_was_in_view(
+    memory_runs: dict[str, Path], agent: str
+) -> None:
+    result = diagnose_memory.diagnose(
+        str(memory_runs[agent]), episodes=24, env_id=None, seed=5, deterministic=False
+    )
+    episodes = result["per_episode"]
+    assert len(episodes) == 24 and result["env_id"] == MEMORY_ENV
+    # The agent starts facing east at (start_x, 3), the cue at (1, 2): it is in view at the
+    # first step from column 1 (one cell to the agent's left) and behind it from columns 2-4.
+    for e in episodes:
+        assert e["cue"] in ("key", "ball")
+        assert 1 <= e["start_x"] <= 4
+        assert e["cue_seen"] == (e["first_seen_step"] is not None)
+        assert (e["first_seen_step"] == 0) == (e["start_x"] == 1)
+        assert e["outcome"] in ("success", "failure", "timeout")
+        assert 1 <= e["length"] <= 12
+    assert {e["start_x"] for e in episodes} >= {1, 2}
+    seen = [e["outcome"] == "success" for e in episodes if e["cue_seen"]]
+    assert result["cue_seen_rate"] == pytest.approx(np.mean([e["cue_seen"] for e in episodes]))
+    assert result["success_if_seen"] == (pytest.approx(np.mean(seen)) if seen else None)
+    assert result["probe_episodes"] == sum(
+        e["cue_seen"] and e["outcome"] != "timeout" for e in episodes
+    )
+
+
+@pytest.mark.parametrize("agent", ["thalamus", "lstm", "ppo"])
+def test_features_at_the_last_step_are_what_the_policy_acts_on(
+    memory_runs: dict[str, Path], agent: str
+) -> None:
+    from agents.training import load_model
+
+    model = load_model(memory_runs[agent], device="cpu").model
+    env = envs.make_env(MEMORY_ENV, max_steps=12)
+    episode, features = diagnose_memory.play(model, env, seed=3, deterministic=True)
+    env.close()
+    expected = {
+        "thalamus": model.policy.features_dim,  # the core's output features
+        "lstm": 16,  # the actor LSTM's hidden state (lstm.lstm_hidden_size)
+        "ppo": model.policy.mlp_extractor.latent_dim_pi,  # the actor's latent
+    }[agent]
+    assert features.shape == (expected,)
+    assert np.isfinite(features).all() and np.abs(features).sum() > 0
+    assert 1 <= episode.length <= 12
+
+
+def test_cli_writes_json_and_rejects_a_non_memory_env(
+    memory_runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "diagnosis.json"
+    run = str(memory_runs["thalamus"])
+    assert diagnose_memory.main([run, "--episodes", "3", "--output", str(output)]) == 0
+    (result,) = json.loads(output.read_text())
+    assert result["episodes"] == 3 and len(result["per_episode"]) == 3
+    assert "cue seen" in capsys.readouterr().out
+
+    code = diagnose_memory.main([run, "--episodes", "3", "--env", "MiniGrid-DoorKey-5x5-v0"])
+    assert code == diagnose_memory.EXIT_CONFIG_ERROR
+    assert "not a MiniGrid-Memory env" in capsys.readouterr().err
+    assert diagnose_memory.main([run, "--episodes", "0"]) == diagnose_memory.EXIT_CONFIG_ERROR
