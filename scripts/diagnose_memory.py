@@ -148,7 +148,7 @@ def play(model: Any, env: Any, seed: int, deterministic: bool) -> tuple[MemoryEp
 
     policy = model.policy
     thalamus = isinstance(policy, ThalamusPolicy)
-    recurrent = thalamus or hasattr(policy, "lstm_actor")
+    recurrent = hasattr(policy, "lstm_actor")  # sb3-contrib RecurrentPPO
     obs, _ = env.reset(seed=seed)
     grid = env.unwrapped
     cue_cell = (1, grid.height // 2 - 1)

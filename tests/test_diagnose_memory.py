@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import envs
-from agents.config import DEFAULT_CONFIG, load_config, save_config
-from agents.training import build_agent
+from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_ENV = "MiniGrid-MemoryS7-v0"
@@ -48,12 +47,7 @@ def _small_run(root: Path, agent: str, env_id: str) -> Path:
         "lstm.lstm_hidden_size=16",
         "train.device=cpu",
     ]
-    config = load_config(DEFAULT_CONFIG, overrides)
-    venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)
-    build_agent(config, venv).save(root / "final_model.zip")
-    venv.close()
-    save_config(config, root / "config.yaml")
-    return root
+    return save_untrained_run(root, overrides)
 
 
 @pytest.fixture(scope="module")

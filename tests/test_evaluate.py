@@ -28,6 +28,7 @@ from agents.video import (
     view_to_world,
     write_mp4,
 )
+from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE = REPO / "scripts" / "evaluate.py"
@@ -48,16 +49,7 @@ SMALL_AGENT = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory holding an (untrained) small thalamus agent and its config."""
-    config = load_config(
-        DEFAULT_CONFIG,
-        SMALL_AGENT,
-    )
-    root = tmp_path_factory.mktemp("run")
-    venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)
-    build_agent(config, venv).save(root / "final_model.zip")
-    venv.close()
-    save_config(config, root / "config.yaml")
-    return root
+    return save_untrained_run(tmp_path_factory.mktemp("run"), SMALL_AGENT)
 
 
 def _config(run_dir: Path) -> ExperimentConfig:
