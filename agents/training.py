@@ -61,6 +61,7 @@ from agents.runtime import tune_allocator
 __all__ = [
     "EVAL_SEED_OFFSET",
     "LoadedModel",
+    "FIXED_ON_RESUME_KEYS",
     "RESUMABLE_SECTIONS",
     "ExtraCallbacks",
     "RunCallbacks",
@@ -72,13 +73,17 @@ __all__ = [
     "make_eval_env",
     "make_run_dir",
     "resume",
+    "resumed_config",
     "train",
 ]
 
 EVAL_SEED_OFFSET = 1_000_000
 """Eval env ``i`` gets seed ``train.seed + EVAL_SEED_OFFSET + i``: layouts unseen in training."""
-RESUMABLE_SECTIONS = ("ppo", "train")
+RESUMABLE_SECTIONS = ("ppo", "thalamus_ppo", "train")
 """Config sections that ``resume`` may override; the others fix the env and the network."""
+FIXED_ON_RESUME_KEYS = ("train.seed", "train.runs_dir")
+"""Keys in :data:`RESUMABLE_SECTIONS` that ``resume`` still refuses: the run's envs are seeded
+from ``train.seed`` (the eval envs too), and its directory is already chosen."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -440,6 +445,8 @@ def train(
         checkpoint is kept.
     """
     validate_config(config)
+    if run_dir is not None and Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+        raise ConfigError(f"run directory {run_dir} exists and is not empty; use resume() for it")
     _configure_process(config)
     train_env, eval_env = _make_envs(config)
     try:
@@ -454,14 +461,47 @@ def train(
         root = make_run_dir(config)
     else:
         root = Path(run_dir)
-        if root.exists() and any(root.iterdir()):
-            raise ConfigError(f"run directory {root} exists and is not empty; use resume() for it")
         root.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(root)
     save_config(config, paths.config)
     _configure_logger(model, paths)
     _log_config(model, config)
     return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
+
+
+def resumed_config(
+    run_dir: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    total_timesteps: int | None = None,
+) -> ExperimentConfig:
+    """The config a :func:`resume` of ``run_dir`` with these overrides would train with.
+
+    :raises ConfigError: not a run directory, or an override that a resumed run cannot take
+        (outside :data:`RESUMABLE_SECTIONS`, or one of :data:`FIXED_ON_RESUME_KEYS`).
+    """
+    paths = RunPaths(Path(run_dir))
+    if not paths.config.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+    overrides = list(overrides)
+    if total_timesteps is not None:
+        overrides.append(f"train.total_timesteps={total_timesteps}")
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in RESUMABLE_SECTIONS:
+            raise ConfigError(
+                f"override '{item}' cannot change a resumed run: only "
+                f"{', '.join(s + '.*' for s in RESUMABLE_SECTIONS)} may change (env.*, agent.*, "
+                "thalamus.*, tokenizer.*, policy.* and lstm.* fix the data and the network); "
+                "start a new run instead"
+            )
+        if key in FIXED_ON_RESUME_KEYS:
+            raise ConfigError(
+                f"override '{item}' cannot change a resumed run: {key} stays what the run "
+                "started with (the envs are seeded from train.seed, and the run directory is "
+                "given); start a new run instead"
+            )
+    return load_config(paths.config, overrides, defaults_file=None)
 
 
 def resume(
@@ -479,32 +519,23 @@ def resume(
     replay the run's first layouts.
 
     :param run_dir: a run directory written by :func:`train`.
-    :param overrides: dotted ``key=value`` changes, only under ``ppo.`` and ``train.``
-        (e.g. ``train.total_timesteps=400000``, ``ppo.learning_rate=1e-4``).
+    :param overrides: dotted ``key=value`` changes, only under ``ppo.``, ``thalamus_ppo.`` and
+        ``train.`` (e.g. ``train.total_timesteps=400000``, ``ppo.learning_rate=1e-4``), and
+        not ``train.seed`` or ``train.runs_dir``.
     :param total_timesteps: shorthand for ``train.total_timesteps=...``.
     :param extra_callbacks: as for :func:`train`.
     :raises ConfigError: not a run directory, no checkpoint, a forbidden override, or nothing
         left to train.
     """
     paths = RunPaths(Path(run_dir))
-    if not paths.config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
-    overrides = list(overrides)
-    if total_timesteps is not None:
-        overrides.append(f"train.total_timesteps={total_timesteps}")
-    for item in overrides:
-        section = item.partition("=")[0].strip().split(".")[0]
-        if section not in RESUMABLE_SECTIONS:
-            raise ConfigError(
-                f"override '{item}' cannot change a resumed run: only "
-                f"{', '.join(s + '.*' for s in RESUMABLE_SECTIONS)} may change (env.*, agent.*, "
-                "thalamus.*, tokenizer.* and lstm.* fix the data and the network); start a new "
-                "run instead"
-            )
-    config = load_config(paths.config, overrides, defaults_file=None)
+    config = resumed_config(paths.root, overrides, total_timesteps=total_timesteps)
     checkpoint = latest_checkpoint(paths.checkpoints)
     if checkpoint is None:
-        raise ConfigError(f"{paths.checkpoints} holds no complete checkpoint to resume from")
+        raise ConfigError(
+            f"{paths.checkpoints} holds no complete checkpoint to resume from (the run stopped "
+            "before its first one); start it again with the same config: "
+            f"scripts/train_agent.py --config {paths.config}"
+        )
     if checkpoint.timesteps >= config.train.total_timesteps:
         raise ConfigError(
             f"the run already reached step {checkpoint.timesteps:,} of train.total_timesteps = "

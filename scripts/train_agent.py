@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
             resume:
               --resume RUN_DIR continues the run from its latest checkpoint in the same
               directory and tensorboard curve. With it, only --total-timesteps, --device
-              and ppo.* / train.* overrides may be given.
+              and ppo.* / thalamus_ppo.* / train.* overrides (not train.seed or
+              train.runs_dir) may be given; --print-config shows the config it would use.
 
             exit codes: 0 done, 2 invalid config, 3 non-finite loss or parameter,
             128+N stopped by signal N (a checkpoint was saved).
@@ -149,19 +150,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from agents.callbacks import NonFiniteTrainingError
-    from agents.training import TrainingInterrupted, resume, train
+    from agents.training import TrainingInterrupted, resume, resumed_config, train
 
     try:
         if args.resume is not None:
-            clashes = [f"--{n.replace('_', '-')}" for n in FIXED_ON_RESUME if getattr(args, n)]
+            clashes = [
+                f"--{n.replace('_', '-')}" for n in FIXED_ON_RESUME if getattr(args, n) is not None
+            ]
             if clashes:
                 raise ConfigError(
                     f"{', '.join(clashes)} cannot be combined with --resume: a resumed run keeps "
-                    "its config (only --total-timesteps, --device, ppo.* and train.* may change)"
+                    "its config (only --total-timesteps, --device and ppo.*, thalamus_ppo.* and "
+                    "train.* overrides may change)"
                 )
             overrides = list(args.overrides)
             if args.device is not None:
                 overrides.append(f"train.device={args.device}")
+            if args.print_config:
+                config = resumed_config(
+                    args.resume, overrides, total_timesteps=args.total_timesteps
+                )
+                print(config_to_yaml(config), end="")
+                return 0
             run_dir = resume(args.resume, overrides, total_timesteps=args.total_timesteps)
         else:
             config = load_config(_config_file(args), _overrides(args))
