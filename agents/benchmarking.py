@@ -80,7 +80,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.callbacks import atomic_write_text, global_rng_preserved, latest_checkpoint
+from agents.callbacks import (
+    CheckpointInfo,
+    atomic_write_text,
+    global_rng_preserved,
+    latest_checkpoint,
+)
 from agents.config import (
     ConfigError,
     ExperimentConfig,
@@ -1058,9 +1063,63 @@ def execute_run(
             "run it again"
         )
     state = json.loads(progress.read_text())
+    if not state.get("finished"):
+        # The process died between its last checkpoint (at the budget) and the final
+        # evaluation: evaluate that checkpoint now rather than lose the run.
+        final = latest_checkpoint(paths.checkpoints)
+        if final is None or final.timesteps < run.budget:
+            raise BenchmarkError(
+                f"{run_dir} has no checkpoint at its budget of {run.budget:,} steps; run the "
+                "same benchmark command again to continue it"
+            )
+        state = _finish_from_checkpoint(config, state, final)
+        atomic_write_text(progress, json.dumps(state, indent=1))
     record = build_record(run, config, state, threshold, eval_mode, commit or git_commit(), run_dir)
     atomic_write_text(out_path, json.dumps(record, indent=1) + "\n")
     return out_path
+
+
+def _finish_from_checkpoint(
+    config: ExperimentConfig, state: dict[str, Any], checkpoint: CheckpointInfo
+) -> dict[str, Any]:
+    """The recorder state of a run whose final checkpoint was saved but not evaluated.
+
+    The state is cut back to ``checkpoint`` (:func:`_state_at_checkpoint`) and, unless an
+    evaluation already happened at that step, one point is added: both action modes, each on
+    fresh eval envs (:func:`agents.training.make_eval_env`), with the clock at the checkpoint.
+    """
+    from agents.training import agent_class, make_eval_env
+
+    state = _state_at_checkpoint(state, checkpoint.timesteps)
+    curve = list(state["curve"])
+    if not curve or curve[-1]["timesteps"] != checkpoint.timesteps:
+        model = agent_class(config.agent.kind).load(
+            checkpoint.model_path, device=config.train.device
+        )
+        clock = state["clock"]
+        point: dict[str, Any] = {
+            "timesteps": checkpoint.timesteps,
+            "wall_s": float(clock["wall_s"]),
+            "train_wall_s": float(clock["wall_s"]) - float(clock["eval_wall_s"]),
+        }
+        for deterministic in (False, True):
+            env = type(model)._wrap_env(make_eval_env(config), verbose=0, monitor_wrapper=False)
+            try:
+                point[_mode(deterministic)] = _evaluate(
+                    model, env, config.train.eval_episodes, deterministic
+                )
+            finally:
+                env.close()
+        curve.append(point)
+    clock = {**state["clock"]}
+    clock.setdefault("train_wall_s", float(clock["wall_s"]) - float(clock["eval_wall_s"]))
+    return {
+        **state,
+        "curve": curve,
+        "clock": clock,
+        "timesteps": checkpoint.timesteps,
+        "finished": True,
+    }
 
 
 def _recorder(
@@ -1156,8 +1215,20 @@ def first_reach(
     return None
 
 
-def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
-    """Worker entry point: ``execute_run(*args)`` -> ``(key, error or None)``."""
+def _interrupted_message(exc: Any) -> str:
+    step = f" at step {exc.checkpoint.timesteps:,}" if exc.checkpoint is not None else ""
+    return (
+        f"interrupted{step}; a checkpoint was saved: run the same benchmark command again to "
+        "continue it"
+    )
+
+
+def _run_one(args: tuple[Any, ...], reraise_interrupt: bool = False) -> tuple[str, str | None]:
+    """Worker entry point: ``execute_run(*args)`` -> ``(key, error or None)``.
+
+    :param reraise_interrupt: let :class:`agents.training.TrainingInterrupted` through (in
+        process, Ctrl-C must stop the suite, not just the run).
+    """
     run = args[0]
     print(f"start {run.key}", flush=True)
     from agents.training import TrainingInterrupted
@@ -1165,11 +1236,9 @@ def _run_one(args: tuple[Any, ...]) -> tuple[str, str | None]:
     try:
         execute_run(*args)
     except TrainingInterrupted as exc:
-        step = f" at step {exc.checkpoint.timesteps:,}" if exc.checkpoint is not None else ""
-        return run.key, (
-            f"interrupted{step}; a checkpoint was saved: run the same benchmark command again "
-            "to continue it"
-        )
+        if reraise_interrupt:
+            raise
+        return run.key, _interrupted_message(exc)
     except Exception as exc:  # reported by the parent; the other runs go on
         return run.key, f"{type(exc).__name__}: {exc}"
     return run.key, None
@@ -1192,6 +1261,8 @@ def run_suite(
     :param in_process: run one after another in this process (for debugging; the peak
         memory is then this process' peak).
     :return: ``{run key: error message or None}`` for the runs attempted.
+    :raises KeyboardInterrupt: SIGINT/SIGTERM stopped a run (its checkpoint was saved); the
+        runs after it were not started.
     """
     if parallel < 1:
         raise BenchmarkError(f"parallel = {parallel} must be >= 1")
@@ -1215,8 +1286,14 @@ def run_suite(
         log(f"[{len(results)}/{len(jobs)}] {key}: {status}")
 
     if in_process:
+        from agents.training import TrainingInterrupted
+
         for job in jobs:
-            report(*_run_one(job))
+            try:
+                report(*_run_one(job, reraise_interrupt=True))
+            except TrainingInterrupted as exc:  # Ctrl-C/SIGTERM: stop here, as a pool would
+                report(job[0].key, _interrupted_message(exc))
+                raise KeyboardInterrupt from exc
         return results
 
     import concurrent.futures as futures

@@ -8,7 +8,7 @@ Examples::
     python scripts/benchmark.py full --parallel 4          # the full suite, 4 runs at a time
     python scripts/benchmark.py full --list                # each run's status, no training
     python scripts/benchmark.py full --only 'MiniGrid-MemoryS7-v0__*'
-    python scripts/benchmark.py full ablations --report    # docs/benchmarks/README.md
+    python scripts/benchmark.py full ablations speed --report    # docs/benchmarks/README.md
 
 Every run trains through agents.training (the code scripts/train_agent.py uses) and writes
 one JSON record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SUITE",
         help=(
             f"suite files or names in {SUITE_DIR.relative_to(REPO_ROOT)}/ (quick, full, "
-            "ablations). With --report and none given: every suite with records in --out"
+            "ablations, speed). With --report and none given: every suite with records in --out"
         ),
     )
     parser.add_argument(

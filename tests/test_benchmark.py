@@ -577,22 +577,51 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     # --list shows it as done.
     assert benchmark_script.main([str(tmp_path / "bigger.yaml"), "--list", "--out", str(out)]) == 0
 
+    # Killed after the final checkpoint, before the final evaluation: the next call evaluates
+    # that checkpoint instead of recording a curve that stops short of the budget.
+    progress = bm.run_dir_of(runs, run) / bm.PROGRESS_FILE
+    state = json.loads(progress.read_text())
+    state["curve"] = state["curve"][:-1]
+    state["finished"] = False
+    progress.write_text(json.dumps(state))
+    bm.record_path(out, run).unlink()
+    assert bm.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
+        "MiniGrid-Empty-5x5-v0__ppo__0": None
+    }
+    finished = json.loads(bm.record_path(out, run).read_text())
+    bm.validate_record(finished)
+    assert [p["timesteps"] for p in finished["curve"]] == [256, 512, 768, 1024]
+    assert finished["curve"][:3] == resumed["curve"][:3]
+    assert all(finished["final"][mode]["episodes"] == 2 for mode in bm.EVAL_MODES)
+    assert finished["sessions"] == 2 and json.loads(progress.read_text())["finished"]
+
 
 def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch) -> None:
     from agents.callbacks import CheckpointInfo
 
-    suite = bm.load_suite(write_suite(tmp_path, valid_text(tmp_path / "out")))
-    (run,) = suite.runs
+    text = valid_text(tmp_path / "out").replace("seeds: [0]", "seeds: [0, 1]")
+    suite = bm.load_suite(write_suite(tmp_path, text))
+    first, second = suite.runs
+    started = []
 
-    def interrupted(*args, **kwargs):
+    def interrupted(config, *args, **kwargs):
+        started.append(config.train.seed)
         checkpoint = CheckpointInfo(256, tmp_path / "a.zip", tmp_path / "a.json")
         raise agents.training.TrainingInterrupted(tmp_path, 2, checkpoint)
 
     monkeypatch.setattr(agents.training, "train", interrupted)
-    results = bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=print)
-    assert results[run.key] == (
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=lines.append)
+    assert started == [0]  # the second run was not started
+    assert lines[-1] == (
+        f"[1/2] {first.key}: FAILED: interrupted at step 256; a checkpoint was saved: run the "
+        "same benchmark command again to continue it"
+    )
+    assert bm._run_one((second, tmp_path / "out", tmp_path / "runs", None, "stochastic", "c")) == (
+        second.key,
         "interrupted at step 256; a checkpoint was saved: run the same benchmark command again "
-        "to continue it"
+        "to continue it",
     )
 
 
