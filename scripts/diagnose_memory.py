@@ -127,8 +127,8 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[s
         return float(((x[ids] @ w + b > 0).double() == y[ids]).double().mean())
 
     inner = len(train) * 3 // 4
-    scores = [(accuracy(train[inner:], *fit(train[:inner], l2)), -l2) for l2 in PROBE_L2_GRID]
-    l2 = -max(scores)[1]  # best inner accuracy; ties go to the stronger L2
+    scores = [(accuracy(train[inner:], *fit(train[:inner], l2)), l2) for l2 in PROBE_L2_GRID]
+    l2 = max(scores)[1]  # best inner accuracy; ties go to the stronger L2 (the larger)
     w, b = fit(train, l2)
     share = float(y[test].mean())
     return {

@@ -72,6 +72,14 @@ def test_probe_decodes_a_linearly_coded_label_and_not_noise() -> None:
     assert 0.5 <= chance["majority"] < 0.6
 
 
+def test_probe_ties_on_inner_accuracy_go_to_the_strongest_l2() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.random(200) < 0.5
+    coded = rng.normal(size=(200, 8))
+    coded[:, 0] = np.where(labels, 5.0, -5.0)  # separable: every L2 scores 1.0 on the inner split
+    assert diagnose_memory.fit_probe(coded, labels)["l2"] == max(diagnose_memory.PROBE_L2_GRID)
+
+
 @pytest.mark.parametrize("agent", ["thalamus", "lstm", "ppo"])
 def test_episodes_record_whether_the_cue_was_in_view(
     memory_runs: dict[str, Path], agent: str
