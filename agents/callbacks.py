@@ -626,7 +626,8 @@ class EvalVideo(BaseCallback):
 
     :param make_env: builds a single env with ``render_mode="rgb_array"`` from a seed.
     :param video_dir: where the MP4 files go.
-    :param seed: seed of the first recorded episode (each later one adds 1).
+    :param seed: base seed; the episode recorded at step ``t`` resets with ``seed + t``, so a
+        resumed run records new layouts rather than replaying its first ones.
     :param fps: frames per second.
     :param deterministic: take the most likely action.
     """
@@ -645,13 +646,11 @@ class EvalVideo(BaseCallback):
         self._seed = seed
         self.fps = fps
         self.deterministic = deterministic
-        self._count = 0
 
     def _on_step(self) -> bool:
         from agents.video import encode_gif, run_episode, write_mp4
 
-        env = self._make_env(self._seed + self._count)
-        self._count += 1
+        env = self._make_env(self._seed + self.num_timesteps)
         try:
             episode = run_episode(
                 self.model, env, deterministic=self.deterministic, frames="overlay"

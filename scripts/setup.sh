@@ -10,6 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q torch==2.13.0
+  # Where pip's index serves CUDA wheels for Linux, set TORCH_INDEX_URL (e.g.
+  # https://download.pytorch.org/whl/cpu) to keep the CPU build.
+  .venv/bin/python -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 .venv/bin/python -m pip install -q -e ".[dev]"
