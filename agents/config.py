@@ -66,6 +66,7 @@ __all__ = [
     "TokenizerConfig",
     "TrainConfig",
     "config_reference",
+    "config_reference_markdown",
     "config_to_yaml",
     "find_config_for_env",
     "load_config",
@@ -552,7 +553,10 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             f"(ppo.n_steps * env.n_envs = {config.ppo.n_steps} * {config.env.n_envs} = "
             f"{rollout}); lower ppo.batch_size or raise ppo.n_steps / env.n_envs"
         )
-    if config.ppo.normalize_advantage and config.ppo.batch_size < 2:
+    per_rollout = (
+        config.agent.kind == "thalamus" and config.thalamus_ppo.advantage_normalization == "rollout"
+    )
+    if config.ppo.normalize_advantage and config.ppo.batch_size < 2 and not per_rollout:
         raise ConfigError(
             f"ppo.batch_size = {config.ppo.batch_size} must be >= 2 with "
             "ppo.normalize_advantage = true (advantages are normalised per minibatch)"
@@ -666,11 +670,15 @@ def save_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, config_to_yaml(config))
 
 
-def config_reference() -> list[tuple[str, str, str, str]]:
+def config_reference(base: ExperimentConfig | None = None) -> list[tuple[str, str, str, str]]:
     """One row per config key: ``(key, type, default, help with valid range)``.
 
-    This is the table ``--help-config`` prints and the README's config reference. List items
-    (``thalamus.streams``) get one row per field, with each item's default joined by ``/``.
+    This is the table ``--help-config`` prints and the README's config reference
+    (:func:`config_reference_markdown`). List items (``thalamus.streams``) get one row per
+    field, with each item's default joined by ``/``.
+
+    :param base: where the defaults come from; ``None``: the schema with
+        ``configs/defaults.yaml`` over it, what every run starts from before its per-env file.
 
     >>> rows = {key: rest for key, *rest in config_reference()}
     >>> rows["ppo.n_steps"]
@@ -706,8 +714,23 @@ def config_reference() -> list[tuple[str, str, str, str]]:
             shown = " / ".join(dict.fromkeys(_format_default(v) for v in values))
             rows.append((key, _type_name(annotation), shown, help_text))
 
-    walk(ExperimentConfig, [ExperimentConfig()], "")
+    if base is None:
+        base = load_config(None, check_env_id=False)
+    walk(ExperimentConfig, [base], "")
     return rows
+
+
+def config_reference_markdown() -> str:
+    """:func:`config_reference` as the README's Markdown table (docstring markup made plain)."""
+
+    def plain(text: str) -> str:
+        text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"`\1`", text)  # :func:`~a.b.f` -> `f`
+        return text.replace("``", "`").replace("|", "\\|")
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, help_text in config_reference():
+        lines.append(f"| `{key}` | {plain(type_name)} | {plain(default)} | {plain(help_text)} |")
+    return "\n".join(lines)
 
 
 def _param_docs(cls: Any) -> dict[str, str]:

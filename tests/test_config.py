@@ -15,6 +15,7 @@ from agents.config import (
     ConfigError,
     ExperimentConfig,
     config_reference,
+    config_reference_markdown,
     config_to_yaml,
     find_config_for_env,
     load_config,
@@ -147,6 +148,17 @@ def test_reference_lists_every_key_once_and_the_readme_documents_them() -> None:
     readme = (CONFIG_DIR.parent / "README.md").read_text()
     missing = [key for key in keys if f"`{key}`" not in readme]
     assert not missing, f"README's config reference lacks {missing}"
+    table = config_reference_markdown()
+    assert table in readme, "README's config reference is stale: paste config_reference_markdown()"
+
+
+def test_reference_defaults_are_those_of_the_defaults_file() -> None:
+    rows = {key: default for key, _, default, _ in config_reference()}
+    defaults = load_config(None)
+    assert rows["ppo.learning_rate"] == str(defaults.ppo.learning_rate)
+    assert rows["ppo.n_epochs"] == str(defaults.ppo.n_epochs)
+    schema = {key: default for key, _, default, _ in config_reference(ExperimentConfig())}
+    assert schema["ppo.n_epochs"] == str(ExperimentConfig().ppo.n_epochs)
 
 
 @pytest.mark.parametrize("kind", ["thalamus", "ppo", "lstm"])
@@ -192,3 +204,22 @@ def test_agent_only_sections_name_agent_kinds_and_config_sections() -> None:
     assert sections_ignored_by("ppo") == set(owned)
     assert sections_ignored_by("lstm") == {"thalamus", "tokenizer", "policy", "thalamus_ppo"}
     assert sections_ignored_by("thalamus") == {"lstm"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["agent.kind=ppo"], True),
+        (["agent.kind=thalamus", "thalamus_ppo.advantage_normalization=minibatch"], True),
+        (["agent.kind=thalamus"], False),  # one mean and scale per rollout: any batch size
+    ],
+)
+def test_single_sample_minibatches_are_refused_only_where_normalised_per_minibatch(
+    overrides: list[str], refused: bool
+) -> None:
+    tiny = ["ppo.n_steps=1", "ppo.batch_size=1", "env.n_envs=1", *overrides]
+    if refused:
+        with pytest.raises(ConfigError, match="normalised per minibatch"):
+            load_config(None, tiny)
+    else:
+        assert load_config(None, tiny).ppo.batch_size == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import signal
@@ -13,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch as th
+import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import envs
-from agents import make_agent
+from agents import make_agent, training
 from agents.callbacks import (
     NonFiniteGuard,
     NonFiniteTrainingError,
@@ -27,8 +29,9 @@ from agents.callbacks import (
     list_checkpoints,
     save_checkpoint,
 )
-from agents.config import DEFAULT_CONFIG, load_config
+from agents.config import DEFAULT_CONFIG, ConfigError, load_config
 from agents.training import agent_class, train
+from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_agent.py"
@@ -165,6 +168,69 @@ def test_resume_continues_the_counter_and_the_same_curve(tmp_path: Path, agent: 
     )
     assert refused.returncode == 2
     assert "thalamus.top_k=4" in refused.stderr and "cannot change a resumed run" in refused.stderr
+
+
+# A run directory saved untrained (tests.helpers.save_untrained_run): enough for --resume's checks.
+SMALL_RUN = ["env.n_envs=1", "ppo.n_steps=16", "ppo.batch_size=16", "thalamus.d_model=32"]
+
+
+def _script_main() -> object:
+    spec = importlib.util.spec_from_file_location("train_agent_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "0"], r"--seed cannot be combined with --resume"),
+        (["--n-envs", "0"], r"--n-envs cannot be combined with --resume"),
+        (["train.seed=3"], r"train\.seed=3.*cannot change a resumed run.*train\.seed stays"),
+        (["train.runs_dir=/elsewhere"], r"train\.runs_dir stays what the run started with"),
+        (["policy.core_lr_scale=1.0"], r"policy\.core_lr_scale=1\.0.*cannot change a resumed"),
+        (["--print-config", "tokenizer.d_token=8"], r"tokenizer\.d_token=8.*cannot change"),
+    ],
+    ids=["seed-0-flag", "n-envs-0-flag", "train.seed", "train.runs_dir", "policy", "print"],
+)
+def test_resume_refuses_what_fixes_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    run_dir = save_untrained_run(tmp_path, SMALL_RUN)
+    assert _script_main()(["--resume", str(run_dir), *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_resume_print_config_prints_the_resumed_config_and_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = save_untrained_run(tmp_path, [*SMALL_RUN, "train.seed=5"])
+    before = sorted(p.name for p in run_dir.iterdir())
+    args = ["--resume", str(run_dir), "--print-config", "--total-timesteps=777",
+            "ppo.learning_rate=0.0001", "thalamus_ppo.adaptive_lr_kl=0.01"]  # fmt: skip
+    assert _script_main()(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["total_timesteps"] == 777 and printed["train"]["seed"] == 5
+    assert printed["ppo"]["learning_rate"] == 0.0001
+    assert printed["thalamus_ppo"]["adaptive_lr_kl"] == 0.01
+    assert printed["thalamus"]["d_model"] == 32
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # config.yaml not rewritten
+    saved = load_config(run_dir / "config.yaml", defaults_file=None)
+    assert saved.train.total_timesteps != 777
+
+
+def test_train_refuses_a_non_empty_run_dir_before_building_envs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "notes.txt").write_text("a user's file")
+
+    def no_envs(config: object) -> None:
+        raise AssertionError("envs were built for a run that cannot start")
+
+    monkeypatch.setattr(training, "_make_envs", no_envs)
+    config = load_config(DEFAULT_CONFIG, ["train.device=cpu"])
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        train(config, run_dir=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -304,3 +370,33 @@ def test_evaluation_does_not_change_training(tmp_path: Path, agent: str) -> None
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():
         assert th.equal(value, weights[1][name]), f"{name} differs once the run evaluates"
+
+
+def test_eval_video_seeds_each_episode_by_its_step(
+    tmp_path: Path, tiny_ppo: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run (a new callback at a later step) records new layouts, not its first ones."""
+    import agents.video
+    from agents.callbacks import EvalVideo
+
+    seeds: list[int] = []
+
+    class Env:
+        def close(self) -> None:
+            pass
+
+    def make_env(seed: int) -> Env:
+        seeds.append(seed)
+        return Env()
+
+    frames = [np.zeros((8, 8, 3), dtype=np.uint8)] * 2
+    monkeypatch.setattr(
+        agents.video, "run_episode", lambda *a, **k: type("E", (), {"frames": frames})
+    )
+    monkeypatch.setattr(agents.video, "write_mp4", lambda *a, **k: None)
+    for steps in (32, 64):  # one session, then a resumed one
+        video = EvalVideo(make_env, tmp_path, seed=1000)
+        video.init_callback(tiny_ppo)
+        tiny_ppo.num_timesteps = steps
+        video.on_step()
+    assert seeds == [1032, 1064]

@@ -44,8 +44,8 @@ class ThalamusConfig:
         the previous step's workspace back into the streams). 1 trains ~1.1x faster and
         learned DoorKey-5x5 faster (median eval reward at 100k 0.93 against 0.49 over the
         same 13 seeds; ``configs/doorkey_5x5.yaml`` sets it), but learned MemoryS7's recall
-        in 1 of 6 runs against 2 of 3 (README, ``docs/benchmarks/archive/one-iteration``,
-        the ablation suite).
+        in 1 of 6 runs against 2 of 3 (the ablation suite and
+        ``docs/benchmarks/archive/one-iteration``; the README's Status).
     :param fatigue_decay: EMA factor of the competition fatigue.
     :param init_fatigue_strength: initial strength κ of the (learned) fatigue term; small, so
         the competition starts without it (see :class:`DistributedMamba`).
