@@ -568,7 +568,8 @@ class ProgressCallback(BaseCallback):
         return (self.num_timesteps - self._start_steps) / elapsed
 
     def summary(self) -> str:
-        """``fps 812 | reward 0.53 | success 0.62 | eval 0.91`` from the latest episodes."""
+        """``fps 812 | reward 0.53 | ep_len 31.2 | success 0.62 | eval 0.91 (success 0.95)``:
+        the latest episodes and evaluation."""
         parts = [f"fps {self.fps():.0f}"]
         episodes = self.model.ep_info_buffer
         if episodes:
