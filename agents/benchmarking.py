@@ -1365,6 +1365,11 @@ def _median_range(values: Sequence[float]) -> tuple[float, float, float] | None:
     return statistics.median(values), min(values), max(values)
 
 
+def _day_span(days: Sequence[str]) -> str:
+    """``2026-11-23`` or ``2026-11-23 to 2026-12-05``."""
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def _metric_at(record: dict[str, Any], metric: str, mode: str, by: int | None) -> float | None:
     """``metric`` at the last evaluation at or before ``by`` env steps (the last one if None)."""
     points = [p for p in record["curve"] if by is None or p["timesteps"] <= by]
@@ -1378,6 +1383,7 @@ class AgentSummary:
     """One row of a task's table; each statistic is ``(median, min, max)`` over seeds or None.
 
     :ivar reached: seeds that reached the threshold, of ``seeds``.
+    :ivar days: the dates (``YYYY-MM-DD``) its runs finished on, sorted.
     """
 
     label: str
@@ -1391,6 +1397,7 @@ class AgentSummary:
     fps_ratio: float | None
     peak_rss_mb: tuple[float, float, float] | None
     budget: int
+    days: tuple[str, ...] = ()
 
 
 def summarize_task(
@@ -1427,6 +1434,7 @@ def summarize_task(
                 fps_ratio=None,
                 peak_rss_mb=_median_range([r["peak_rss_mb"] for r in recs]),
                 budget=max(r["budget"] for r in recs),
+                days=tuple(sorted({str(r["finished_at"])[:10] for r in recs if r["finished_at"]})),
             )
         )
     baseline = next((r for r in rows if r.label == task.fps_baseline), None)
@@ -1435,6 +1443,24 @@ def summarize_task(
             if row.fps is not None:
                 row.fps_ratio = row.fps[0] / baseline.fps[0]
     return rows
+
+
+CROSS_DAY_GAP_DAYS = 2
+"""An fps ratio between rows whose runs all finished at least this many days apart is
+flagged: this machine's speed changes from day to day, so the ratio mixes machine and agent."""
+
+
+def days_apart(row: AgentSummary, baseline: AgentSummary) -> int | None:
+    """The fewest days between a run of ``row`` and one of ``baseline`` (None: a date is
+    missing or unreadable)."""
+    try:
+        ours = [_dt.date.fromisoformat(d) for d in row.days]
+        theirs = [_dt.date.fromisoformat(d) for d in baseline.days]
+    except ValueError:
+        return None
+    if not ours or not theirs:
+        return None
+    return min(abs((a - b).days) for a in ours for b in theirs)
 
 
 @dataclasses.dataclass
@@ -1635,6 +1661,8 @@ def report_markdown(
             f"to threshold (s) | fps | vs {task.fps_baseline} | peak RSS (MB) |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        baseline = next((r for r in rows if r.label == task.fps_baseline), None)
+        cross_day: list[str] = []
         for row in rows:
             n = len(row.seeds)
             if row.reached == 0:
@@ -1644,6 +1672,10 @@ def report_markdown(
                 steps_cell = _cell(row.frames_to_threshold, _steps) + suffix
                 seconds_cell = _cell(row.seconds_to_threshold, _fmt0) + suffix
             ratio = "–" if row.fps_ratio is None else f"{row.fps_ratio:.2f}x"
+            gap = None if baseline is None or row is baseline else days_apart(row, baseline)
+            if row.fps_ratio is not None and gap is not None and gap >= CROSS_DAY_GAP_DAYS:
+                ratio += " †"
+                cross_day.append(f"{row.label} ({_day_span(row.days)})")
             lines.append(
                 f"| {row.label} | {', '.join(map(str, row.seeds))} | {_steps(row.budget)} | "
                 f"{_cell(row.final_reward, _fmt2)} | {_cell(row.final_success, _fmt2)} | "
@@ -1651,6 +1683,14 @@ def report_markdown(
                 f"{_cell(row.peak_rss_mb, _fmt0)} |"
             )
         lines.append("")
+        if cross_day and baseline is not None:
+            lines += [
+                f"† Runs finished at least {CROSS_DAY_GAP_DAYS} days from the "
+                f"{baseline.label} runs ({_day_span(baseline.days)}): "
+                f"{', '.join(cross_day)}. This machine's speed varies between days, so these "
+                "ratios compare machines as much as agents.",
+                "",
+            ]
     if plots:
         lines += ["### Curves", ""]
         for kind, path in plots.items():

@@ -675,3 +675,24 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
         benchmarked.policy.state_dict().items(), trained.policy.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_report_flags_fps_ratios_between_runs_of_different_days(tmp_path: Path) -> None:
+    folder = tmp_path / "records" / "fixture"
+    shutil.copytree(FIXTURES / "records", folder)
+    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    assert "†" not in bm.write_report([suite], tmp_path).read_text()  # all on one day
+    for seed, day in ((0, "2026-01-02"), (1, "2026-01-03"), (2, "2026-01-05")):
+        path = folder / f"MiniGrid-Empty-5x5-v0__thalamus__{seed}.json"
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "finished_at": f"{day}T09:00:00"}))
+    text = bm.write_report([suite], tmp_path).read_text()
+    assert "| 1.50x |" in text  # one day apart (seed 0) is the same machine's run of runs
+    path = folder / "MiniGrid-Empty-5x5-v0__thalamus__0.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "finished_at": "2026-01-04"}))
+    text = bm.write_report([suite], tmp_path).read_text()
+    assert "| 1.50x † |" in text and "| 5.00x |" in text and "| 1.00x |" in text
+    assert (
+        "† Runs finished at least 2 days from the lstm runs (2026-01-01): thalamus (2026-01-03 "
+        "to 2026-01-05)." in text
+    )
