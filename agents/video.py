@@ -319,9 +319,14 @@ def compose_frame(
     unwrapped = env.unwrapped
     if cells:
         frame = draw_selection(frame, cells, tile_size=frame.shape[0] // unwrapped.height)
+    try:  # a mission shown in place of the env's (scripts/evaluate.py --mission)
+        shown = env.get_wrapper_attr("mission_override")
+    except AttributeError:
+        shown = None
+    mission = str(unwrapped.mission) if shown is None else f"{shown} (env: {unwrapped.mission})"
     panel = render_panel(
         frame.shape[1],
-        str(unwrapped.mission),
+        mission,
         step,
         episode_return,
         stream_names,

@@ -36,6 +36,7 @@ def make_env(
     render_mode: str | None = None,
     trial_episodes: int = 1,
     vocabulary: MissionVocabulary | None = None,
+    mission: str | None = None,
     **env_kwargs: Any,
 ) -> gym.Env:
     """Build a fully wrapped MiniGrid/BabyAI env with the thalamus' observation.
@@ -53,8 +54,11 @@ def make_env(
     :param trial_episodes: attempts per Gymnasium episode on the same layout and mission
         (meta-RL trials); 1 for plain episodes.
     :param vocabulary: mission vocabulary; defaults to the shipped ``envs/vocab.json``.
+    :param mission: show the agent this mission text instead of the env's own (see
+        :class:`envs.wrappers.MissionObservationWrapper`); ``None``: the env's.
     :param env_kwargs: passed to ``gym.make`` (e.g. ``max_steps=100``).
-    :raises ValueError: for an unknown env id (the message lists close matches).
+    :raises ValueError: for an unknown env id (the message lists close matches), or a
+        ``mission`` with words outside the vocabulary.
 
     >>> env = make_env("MiniGrid-DoorKey-5x5-v0", seed=0, trial_episodes=2)
     >>> obs, _ = env.reset()
@@ -72,7 +76,7 @@ def make_env(
         ) from error
     if isinstance(env.unwrapped, RoomGridLevel):
         env = QuietLevelSamplingWrapper(env)
-    env = MissionObservationWrapper(env, vocabulary)
+    env = MissionObservationWrapper(env, vocabulary, mission=mission)
     env = RewardFeedbackWrapper(env)
     env = TrialWrapper(env, trial_episodes=trial_episodes, seed=seed)
     if seed is not None:

@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.vocab import MissionVocabulary, default_vocabulary
+from envs.vocab import MissionVocabulary, default_vocabulary, tokenize
 
 __all__ = [
     "MissionObservationWrapper",
@@ -124,6 +124,9 @@ class MissionObservationWrapper(gym.ObservationWrapper, gym.utils.RecordConstruc
 
     :param env: a MiniGrid or BabyAI env (observation with ``image``, ``direction``, ``mission``).
     :param vocabulary: the mission vocabulary; defaults to the one shipped in ``envs/vocab.json``.
+    :param mission: show this text as the mission instead of the env's own (the env still
+        judges success by its own): an evaluation of whether an agent follows its instruction.
+    :raises ValueError: ``mission`` has a word outside the vocabulary.
 
     >>> import gymnasium as gym
     >>> env = MissionObservationWrapper(gym.make("MiniGrid-GoToDoor-5x5-v0"))
@@ -136,10 +139,15 @@ class MissionObservationWrapper(gym.ObservationWrapper, gym.utils.RecordConstruc
     ('go to the purple door', 'go to the purple door')
     """
 
-    def __init__(self, env: gym.Env, vocabulary: MissionVocabulary | None = None) -> None:
+    def __init__(
+        self,
+        env: gym.Env,
+        vocabulary: MissionVocabulary | None = None,
+        mission: str | None = None,
+    ) -> None:
         # Recorded so that ``env.spec`` can rebuild the stack; the vocabulary is shared, not copied.
         gym.utils.RecordConstructorArgs.__init__(
-            self, vocabulary=vocabulary, _disable_deepcopy=True
+            self, vocabulary=vocabulary, mission=mission, _disable_deepcopy=True
         )
         gym.ObservationWrapper.__init__(self, env)
         space = _dict_space(env, "MissionObservationWrapper")
@@ -165,10 +173,18 @@ class MissionObservationWrapper(gym.ObservationWrapper, gym.utils.RecordConstruc
         )
         self._mission_text: str | None = None
         self._mission_ids = np.zeros(self.vocabulary.max_len, dtype=np.int64)
+        self.mission_override = mission
+        if mission is not None:
+            unknown = [w for w in tokenize(mission) if w not in self.vocabulary.word_to_id]
+            if unknown:
+                raise ValueError(
+                    f"mission {mission!r} has words outside the vocabulary: {unknown}; use the "
+                    "words of this env's missions (envs/vocab.json)"
+                )
 
     def observation(self, observation: ObsDict) -> ObsDict:
         """:param observation: MiniGrid's ``{"image", "direction", "mission": str}``."""
-        mission = observation["mission"]
+        mission = self.mission_override or observation["mission"]
         if mission != self._mission_text:  # an identity check per step; encodes once per episode
             self._mission_ids = self.vocabulary.encode(mission)
             self._mission_text = mission

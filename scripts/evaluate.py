@@ -7,6 +7,7 @@ Examples::
     python scripts/evaluate.py RUN_DIR --episodes 50 --stochastic
     python scripts/evaluate.py RUN_DIR/best_model.zip --video-dir videos/ --video-every 5
     python scripts/evaluate.py RUN_DIR --video-dir videos/ --no-overlay
+    python scripts/evaluate.py RUN_DIR --mission "go to the red ball"   # a wrong instruction
 
 With a run directory the model is ``final_model.zip`` (else ``best_model.zip``, else the
 latest checkpoint); a model file needs the run's ``config.yaml`` beside it or one folder up.
@@ -19,6 +20,10 @@ On a trial env (a run with ``env.trial_episodes`` >= 2) an episode is a trial of
 attempts at one layout; the JSON then also holds each attempt's return, length and success,
 and the success rate and mean reward per attempt index (does the agent do better on its
 second attempt, with the first one's reward fed back?).
+
+``--mission TEXT`` shows the agent TEXT in place of each episode's own mission, while the env
+still judges success by its own: an agent that follows its instruction loses success, one that
+ignores it keeps it (BabyAI's GoTo tasks: does the agent read the mission at all?).
 
 Videos are recorded headless from ``render_mode="rgb_array"``; the overlay marks the cells
 the thalamus gate selected at each step (brighter = more salient) and shows the mission, the
@@ -88,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="results JSON (default: evaluation.json in the run directory)",
     )
+    parser.add_argument(
+        "--mission",
+        metavar="TEXT",
+        help="show the agent this mission instead of the env's own (success is still the env's)",
+    )
     parser.add_argument("--device", default="auto", help="torch device (auto)")
     return parser
 
@@ -138,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     fps = args.fps or config.train.video_fps
     video_dir = Path(args.video_dir) if args.video_dir else None
     output = Path(args.output) if args.output else run_dir / "evaluation.json"
-    env = envs.make_env(
-        env_id,
-        render_mode="rgb_array" if video_dir is not None else None,
-        trial_episodes=config.env.trial_episodes,
-        **config.env.env_kwargs,
-    )
+    try:
+        env = envs.make_env(
+            env_id,
+            render_mode="rgb_array" if video_dir is not None else None,
+            trial_episodes=config.env.trial_episodes,
+            mission=args.mission,
+            **config.env.env_kwargs,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     episodes: list[dict[str, Any]] = []
     try:
         for i in range(args.episodes):
@@ -177,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "episodes": len(episodes),
         "deterministic": args.deterministic,
         "seed": seed,
+        "mission": args.mission,
         "mean_reward": float(rewards.mean()),
         "std_reward": float(rewards.std()),
         "success_rate": float(np.mean([e["success"] for e in episodes])),
@@ -192,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model    {model_path}")
     seeds = f"seeds {seed}..{seed + len(episodes) - 1}"
     print(f"env      {env_id}, {len(episodes)} episodes ({policy}, {seeds})")
+    if args.mission is not None:
+        print(f"mission  {args.mission!r} shown in place of each episode's own")
     print(f"reward   {summary['mean_reward']:.3f} +/- {summary['std_reward']:.3f}")
     print(f"success  {summary['success_rate']:.3f}")
     print(f"length   {summary['mean_length']:.1f} +/- {summary['std_length']:.1f}")

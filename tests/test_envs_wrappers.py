@@ -342,3 +342,20 @@ def test_babyai_envs_reset_silently_with_unchanged_observations(
 def test_minigrid_envs_are_not_wrapped_for_quiet_sampling() -> None:
     with pytest.raises(AttributeError):
         make_env("MiniGrid-DoorKey-5x5-v0").get_wrapper_attr("rejected_samples")
+
+
+def test_a_shown_mission_replaces_the_env_mission_for_the_agent_only() -> None:
+    env = envs.make_env("BabyAI-GoToLocal-v0", seed=3, mission="go to the red ball")
+    vocabulary = env.get_wrapper_attr("vocabulary")
+    real = set()
+    for _ in range(4):
+        obs, _ = env.reset()
+        real.add(env.unwrapped.mission)
+        assert vocabulary.decode(obs["mission"]) == "go to the red ball"
+        obs, *_ = env.step(2)
+        assert vocabulary.decode(obs["mission"]) == "go to the red ball"
+    assert real != {"go to the red ball"}  # the env keeps (and judges by) its own missions
+    plain, _ = envs.make_env("BabyAI-GoToLocal-v0", seed=3).reset()
+    assert vocabulary.decode(plain["mission"]) in real
+    with pytest.raises(ValueError, match=r"outside the vocabulary: \['fly', 'moon'\]"):
+        envs.make_env("BabyAI-GoToLocal-v0", mission="fly to the moon")

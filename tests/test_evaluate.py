@@ -226,6 +226,20 @@ def test_evaluate_script_rejects_a_folder_without_a_model(
     assert "holds no final_model.zip" in capsys.readouterr().err
 
 
+def test_evaluate_script_shows_a_given_mission_and_rejects_unknown_words(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "eval.json"
+    args = [str(run_dir), "--episodes=2", f"--output={output}", "--device=cpu"]
+    shown = [*args, "--mission", "get to the green goal square", f"--video-dir={tmp_path}"]
+    assert _evaluate_main()(shown) == 0  # the overlay's panel shows both missions
+    assert json.loads(output.read_text())["mission"] == "get to the green goal square"
+    assert len(list(tmp_path.glob("episode_*.mp4"))) == 2
+    assert "shown in place of each episode's own" in capsys.readouterr().out
+    assert _evaluate_main()([*args, "--mission", "fly to the moon"]) == 2
+    assert "outside the vocabulary: ['fly', 'moon']" in capsys.readouterr().err
+
+
 def test_trial_episodes_are_split_into_attempts(tmp_path: Path) -> None:
     """On a 2-attempt trial env, run_episode and evaluate.py report each attempt."""
     config = load_config(
