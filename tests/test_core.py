@@ -46,6 +46,7 @@ def random_state(core: ThalamusCore, batch: int):
         {"gate_enabled": False},
         {"streams": [StreamConfig(name="only", n_layers=2)]},
         {"workspace_layers": 0},
+        {"readout_salience_bias": True},
     ],
     ids=[
         "default",
@@ -55,6 +56,7 @@ def random_state(core: ThalamusCore, batch: int):
         "gate-off",
         "one-stream",
         "no-workspace",
+        "readout-salience-bias",
     ],
 )
 def test_step_equals_forward_with_resets(overrides):
@@ -235,3 +237,36 @@ def test_long_sequence_is_finite():
     out.features.mean().backward()
     assert torch.isfinite(out.features).all()
     assert all(torch.isfinite(p.grad).all() for p in core.parameters() if p.grad is not None)
+
+
+def _scorer_grad_norm(**overrides) -> float:
+    """|d loss / d gate.key_proj| with K >= N, so the dropped-token summary is empty and the
+    kept tokens' weights are the only way salience reaches the features."""
+    core = make(top_k=N, use_feedback=False, **overrides)
+    tokens, mask, task, feedback, positions = inputs(2, 5)
+    out, _ = core(tokens, mask, task, feedback, positions)
+    g = torch.Generator().manual_seed(7)
+    (
+        out.features * torch.randn(out.features.shape, generator=g, dtype=out.features.dtype)
+    ).sum().backward()
+    return core.gate.key_proj.weight.grad.norm().item()
+
+
+def test_readout_salience_bias_lets_salience_reach_the_features():
+    """Without a workspace the readout's per-token LayerNorm cancels the gate weights: the
+    scorer gets (almost) no gradient. With the readout's log-weight bias it does."""
+    without = _scorer_grad_norm(workspace_layers=0)
+    with_bias = _scorer_grad_norm(workspace_layers=0, readout_salience_bias=True)
+    assert without < 1e-3 * with_bias
+    assert with_bias > 1e-3
+
+
+def test_readout_salience_bias_is_a_no_op_when_the_gate_is_off():
+    """Gate off: every kept weight is 1, so the bias is 0 and the outputs are identical."""
+    tokens, mask, task, feedback, positions = inputs(2, 4)
+    plain = make(gate_enabled=False)
+    biased = make(gate_enabled=False, readout_salience_bias=True)
+    biased.load_state_dict(plain.state_dict())
+    a, _ = plain(tokens, mask, task, feedback, positions)
+    b, _ = biased(tokens, mask, task, feedback, positions)
+    torch.testing.assert_close(a.features, b.features, atol=ATOL, rtol=ATOL)

@@ -60,8 +60,9 @@ def warm_state(policy: ThalamusPolicy, space: spaces.Dict, batch: int) -> Thalam
         {"gate_enabled": False},
         {"n_iterations": 1},
         {"streams": [dict(name="only", dt_min=0.01, dt_max=0.1)]},
+        {"readout_salience_bias": True},
     ],
-    ids=["full", "no_feedback", "no_gate", "one_iteration", "one_stream"],
+    ids=["full", "no_feedback", "no_gate", "one_iteration", "one_stream", "readout_bias"],
 )
 def test_act_step_by_step_equals_evaluate_actions(
     observation_space: spaces.Dict, ablation: dict[str, Any]

@@ -52,6 +52,13 @@ class ThalamusConfig:
     :param min_temperature: lower bound of the competition temperature.
     :param use_feedback: ablation switch: False removes the reward FeedbackLayer.
     :param gate_enabled: ablation switch: False keeps all tokens (no top-K).
+    :param readout_salience_bias: the stream readouts add ``log`` of each kept token's gate
+        weight to their attention logits (``s_j`` up to a constant per step), so salience
+        decides how much of each token the streams read. Without it the readout's per-token
+        LayerNorm cancels the weight's scale and the scorer learns only through the
+        workspace's residual mix and the dropped tokens' summary (none at all with
+        ``workspace_layers=0`` when K covers every token). Off by default: the benchmark
+        records were trained without it.
     :param chunk_size: chunk length of the SSD scan (the same function at any length). 32 ran
         DistributedMamba's forward + backward ~10% faster than 64 on PPO minibatches
         (B=2, T=128, one CPU thread: 19.7-21.0 ms vs 21.9-22.8 ms; 16 was no faster).
@@ -76,6 +83,7 @@ class ThalamusConfig:
     min_temperature: float = 0.05
     use_feedback: bool = True
     gate_enabled: bool = True
+    readout_salience_bias: bool = False
     chunk_size: int = 32
     backend: str = "auto"
 
@@ -160,10 +168,19 @@ class StreamReadout(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.context = nn.Linear(2 * d_model, n_streams * d_model)
 
-    def forward(self, tokens: Tensor, mask: Tensor, query: Tensor, rest: Tensor) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        mask: Tensor,
+        query: Tensor,
+        rest: Tensor,
+        weights: Tensor | None = None,
+    ) -> Tensor:
         """:param tokens: ``[S, K, d]``; :param mask: ``[S, K]`` bool;
         :param query: ``[S, d]`` the gate's task/feedback query;
-        :param rest: ``[S, d]`` the gate's summary of the dropped tokens.
+        :param rest: ``[S, d]`` the gate's summary of the dropped tokens;
+        :param weights: ``[S, K]`` optional gate weights (> 0 where ``mask``); ``log(weights)``
+            is added to every head's attention logits.
         :return: ``[S, M, d]`` one input per stream."""
         steps, k, d = tokens.shape
         m, h = self.n_streams, self.n_heads
@@ -173,7 +190,13 @@ class StreamReadout(nn.Module):
         key = key.view(steps, k, h, d // h).transpose(1, 2)
         value = value.view(steps, k, h, d // h).transpose(1, 2)
         # Every row has at least one kept token (the gate raises otherwise).
-        pooled = F.scaled_dot_product_attention(q, key, value, attn_mask=mask[:, None, None, :])
+        if weights is None:
+            attn_mask = mask[:, None, None, :]
+        else:
+            # A float mask is added to the logits; clamp keeps log finite at empty slots.
+            bias = weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
+            attn_mask = bias.masked_fill(~mask, float("-inf"))[:, None, None, :]
+        pooled = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask)
         pooled = pooled.transpose(1, 2).reshape(steps, m, d)
         context = self.context(torch.cat([query, rest], dim=-1)).view(steps, m, d)
         return self.out(pooled) + context
@@ -262,7 +285,8 @@ class ThalamusCore(nn.Module):
         kept = gate.tokens
         if self.workspace is not None:
             kept = self.workspace(kept, gate.phase, gate.kept_mask)
-        return gate, self.readout(kept, gate.kept_mask, gate.query, gate.rest)
+        weights = gate.weights if self.config.readout_salience_bias else None
+        return gate, self.readout(kept, gate.kept_mask, gate.query, gate.rest, weights)
 
     def _check(
         self, tokens: Tensor, token_mask: Tensor, task: Tensor, feedback: Tensor, ndim: int

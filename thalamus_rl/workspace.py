@@ -112,7 +112,9 @@ class PhaseWorkspace(nn.Module):
     """Phase-biased self-attention over the kept tokens (the Synthetic Thalamus' workspace).
 
     The residual stream is returned without a final LayerNorm, so the gate weights that
-    scale the kept tokens survive into whatever reads the workspace. Slots where
+    scale the kept tokens set the mix of each token with its attention update (the pre-LN
+    inputs of the attention itself do not see them, and a reader that LayerNorms each
+    token sees only that mix: see ``ThalamusConfig.readout_salience_bias``). Slots where
     ``mask`` is False are ignored as keys and come out as zeros.
 
     :param d_model: token width ``d``; divisible by ``n_heads``.
