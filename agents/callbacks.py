@@ -58,6 +58,7 @@ __all__ = [
     "StopOnSignal",
     "atomic_save_model",
     "atomic_write_text",
+    "best_model_reward",
     "capture_rng_state",
     "global_rng_preserved",
     "latest_checkpoint",
@@ -83,6 +84,10 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600 and os.replace keeps it: give it what open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -319,7 +324,10 @@ class PeriodicCheckpoint(BaseCallback):
     """Checkpoint every ``save_freq`` env steps and when training ends (stop included).
 
     Periodic checkpoints are taken at a rollout start, right after an update, so the saved
-    weights have learned from every step counted in ``num_timesteps``.
+    weights have learned from every step counted in ``num_timesteps``. A stop in the middle
+    of a rollout (SB3 then leaves ``learn`` without training on it) sets ``num_timesteps``
+    back to that rollout's start before the end checkpoint, so a resume collects those steps
+    again instead of skipping them.
 
     :param checkpoint_dir: where ``step_*.zip``/``.json`` go.
     :param save_freq: env steps between checkpoints; 0 saves only at the end.
@@ -342,6 +350,7 @@ class PeriodicCheckpoint(BaseCallback):
         self.keep = keep
         self._extra_state = extra_state
         self._last_check = 0
+        self._rollout_start: int | None = None  # set while a rollout is being collected
         self.last_saved: CheckpointInfo | None = None
 
     def _on_training_start(self) -> None:
@@ -351,11 +360,19 @@ class PeriodicCheckpoint(BaseCallback):
         return True
 
     def _on_rollout_start(self) -> None:
+        self.num_timesteps = self.model.num_timesteps
         if _crossed(self._last_check, self.num_timesteps, self.save_freq):
             self.save()
         self._last_check = self.num_timesteps
+        self._rollout_start = self.num_timesteps
+
+    def _on_rollout_end(self) -> None:
+        self._rollout_start = None
 
     def _on_training_end(self) -> None:
+        if self._rollout_start is not None:  # stopped mid-rollout: those steps were discarded
+            self.model.num_timesteps = self.num_timesteps = self._rollout_start
+            self._rollout_start = None
         if self.last_saved is None or self.last_saved.timesteps != self.num_timesteps:
             self.save()
 
@@ -401,13 +418,20 @@ class StopOnSignal(BaseCallback):
         return self.received is None
 
     def _on_training_end(self) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put back the handlers installed before ``learn`` (idempotent). ``learn`` skips
+        ``on_training_end`` when an exception escapes it, so callers call this in ``finally``."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
 
 class SaveBestModel(BaseCallback):
-    """``callback_on_new_best`` of :class:`PeriodicEval`: save the model atomically."""
+    """``callback_on_new_best`` of :class:`PeriodicEval`: save the model atomically, then
+    its mean reward and step in a ``.json`` beside it (:func:`best_model_reward` reads it
+    back, so a run resumed from an older checkpoint does not replace a better model)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
@@ -415,7 +439,21 @@ class SaveBestModel(BaseCallback):
 
     def _on_step(self) -> bool:
         atomic_save_model(self.model, self.path)
+        best = getattr(self.parent, "best_mean_reward", None)
+        if best is not None and math.isfinite(best):
+            meta = {"mean_reward": float(best), "timesteps": int(self.model.num_timesteps)}
+            atomic_write_text(self.path.with_suffix(".json"), json.dumps(meta) + "\n")
         return True
+
+
+def best_model_reward(path: str | os.PathLike[str]) -> float | None:
+    """The mean reward :class:`SaveBestModel` recorded beside the model at ``path``, or
+    None when there is no readable record."""
+    try:
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+        return float(meta["mean_reward"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class PeriodicEval(EvalCallback):
@@ -471,11 +509,15 @@ class PeriodicEval(EvalCallback):
         best = self.best_mean_reward
         return {"best_mean_reward": None if not math.isfinite(best) else float(best)}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state` from a checkpoint."""
-        best = state.get("best_mean_reward")
-        if best is not None:
-            self.best_mean_reward = float(best)
+    def load_state(self, state: dict[str, Any], best_on_disk: float | None = None) -> None:
+        """Restore :meth:`state` from a checkpoint; ``best_on_disk`` is the reward of the
+        ``best_model.zip`` already written (an evaluation after the checkpoint may have
+        saved a better one before the process died): the larger of the two is kept."""
+        candidates = [
+            float(b) for b in (state.get("best_mean_reward"), best_on_disk) if b is not None
+        ]
+        if candidates:
+            self.best_mean_reward = max(candidates)
 
 
 class ProgressCallback(BaseCallback):

@@ -553,6 +553,11 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             f"(ppo.n_steps * env.n_envs = {config.ppo.n_steps} * {config.env.n_envs} = "
             f"{rollout}); lower ppo.batch_size or raise ppo.n_steps / env.n_envs"
         )
+    if config.train.video and config.train.eval_freq == 0:
+        raise ConfigError(
+            "train.video = true records one episode at each evaluation, but train.eval_freq = 0 "
+            "turns evaluation off; set train.eval_freq > 0 or train.video = false"
+        )
     per_rollout = (
         config.agent.kind == "thalamus" and config.thalamus_ppo.advantage_normalization == "rollout"
     )

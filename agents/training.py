@@ -43,6 +43,7 @@ from agents.callbacks import (
     SaveBestModel,
     StopOnSignal,
     atomic_save_model,
+    best_model_reward,
     latest_checkpoint,
     restore_rng_state,
     tensorboard_writer,
@@ -405,7 +406,10 @@ def _learn(
         # Before the progress callback (the last one), after everything else.
         callbacks[-1:-1] = list(extra_callbacks(RunCallbacks(evaluation, checkpoint)))
     if resumed is not None and evaluation is not None:
-        evaluation.load_state(resumed.load_meta().get("extra", {}).get("eval", {}))
+        evaluation.load_state(
+            resumed.load_meta().get("extra", {}).get("eval", {}),
+            best_on_disk=best_model_reward(paths.best_model),
+        )
     try:
         with guard.watching():
             model.learn(
@@ -415,11 +419,13 @@ def _learn(
                 tb_log_name="",
             )
     finally:
+        stop.restore()  # learn skips on_training_end when an exception escapes it
         model.logger.close()
         model.get_env().close()
         if eval_env is not None:
             eval_env.close()
-    if stop.received is not None:
+    # A signal during the last update still lets the run finish: the budget is trained.
+    if stop.received is not None and model.num_timesteps < total:
         raise TrainingInterrupted(paths.root, stop.received, checkpoint.last_saved)
     atomic_save_model(model, paths.final_model)
     return paths.root

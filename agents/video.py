@@ -404,12 +404,14 @@ def run_episode(
     episode_start = True
     recording = EpisodeRecording(0.0, 0, False)
 
-    def act(observation: dict[str, np.ndarray]) -> tuple[np.ndarray, GateView | None]:
+    def act(
+        observation: dict[str, np.ndarray], greedy: bool = deterministic
+    ) -> tuple[np.ndarray, GateView | None]:
         nonlocal state
         starts = np.array([episode_start])
         if not thalamus:
             action, state = model.predict(
-                observation, state=state, episode_start=starts, deterministic=deterministic
+                observation, state=state, episode_start=starts, deterministic=greedy
             )
             return np.asarray(action).reshape(env.action_space.shape or ()), None
         obs_tensor, _ = policy.obs_to_tensor(observation)
@@ -418,7 +420,7 @@ def run_episode(
                 obs_tensor,
                 state,
                 th.as_tensor(starts, device=policy.device),
-                deterministic,
+                greedy,
                 with_stats=False,
             )
         state = step.state
@@ -468,7 +470,9 @@ def run_episode(
         if terminated or truncated or (max_steps is not None and recording.length >= max_steps):
             break
     if frames == "overlay" and thalamus:
-        _, gate = act(obs)  # the selection the gate makes on the final observation
+        # The gate's selection on the final observation; greedy, so that no action is drawn
+        # from the global RNG (a recorded run must play the same episodes as an unrecorded one).
+        _, gate = act(obs, greedy=True)
         record(gate)
     else:
         record(None)

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch as th
 
     import envs
+    from agents.callbacks import atomic_write_text
     from agents.training import EVAL_SEED_OFFSET, load_model
     from agents.video import run_episode, write_mp4
 
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             mission=args.mission,
             **config.env.env_kwargs,
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError) as exc:  # TypeError: env kwargs this env does not take
+        kwargs = (
+            f" (env.env_kwargs: {dict(config.env.env_kwargs)})" if config.env.env_kwargs else ""
+        )
+        print(f"error: cannot make {env_id}{kwargs}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     episodes: list[dict[str, Any]] = []
     try:
@@ -201,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         **({"attempts": by_attempt} if (by_attempt := _attempt_summary(episodes)) else {}),
         "per_episode": episodes,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output, json.dumps(summary, indent=2) + "\n")
 
     policy = "deterministic" if args.deterministic else "stochastic"
     print(f"model    {model_path}")

@@ -105,6 +105,7 @@ def test_overrides_parse_yaml_values_and_reach_list_items_and_dicts() -> None:
         (["ppo.batch_size=4096"], r"ppo\.batch_size = 4096 is larger than one rollout"),
         (["ppo.batch_size=200"], r"ppo\.batch_size.*multiple of n_steps=128"),
         (["ppo.n_steps"], r"override 'ppo\.n_steps' must look like key=value"),
+        (["train.video=true", "train.eval_freq=0"], r"train\.video = true.*train\.eval_freq = 0"),
     ],
 )
 def test_bad_values_are_rejected_naming_key_value_and_choices(

@@ -219,6 +219,36 @@ def test_evaluate_script_writes_json_and_decodable_videos(
         assert _decode(path) == (episode["length"] + 1, (expected_height, width, 3))
 
 
+def test_recording_an_overlay_does_not_change_the_episodes(run_dir: Path) -> None:
+    """The overlay's extra gate call on the final observation draws no action: the global
+    RNG ends where an unrecorded episode leaves it, so later episodes play the same."""
+    import torch as th
+
+    from agents.training import load_model
+
+    model = load_model(run_dir, device="cpu").model
+    config = _config(run_dir)
+    rng_after = {}
+    for mode in ("none", "overlay"):
+        env = envs.make_env(config.env.id, render_mode="rgb_array", **config.env.env_kwargs)
+        th.manual_seed(0)
+        run_episode(model, env, deterministic=False, frames=mode, seed=3)
+        rng_after[mode] = th.get_rng_state()
+        env.close()
+    assert th.equal(rng_after["none"], rng_after["overlay"])
+
+
+def test_evaluate_script_reports_env_kwargs_the_env_rejects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "run").mkdir()
+    run = save_untrained_run(tmp_path / "run", [*SMALL_AGENT, "env.env_kwargs.size=5"])
+    args = [str(run), "--episodes=1", "--device=cpu", "--env=BabyAI-GoToLocal-v0"]
+    assert _evaluate_main()(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot make BabyAI-GoToLocal-v0" in err and "'size': 5" in err
+
+
 def test_evaluate_script_rejects_a_folder_without_a_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,6 +25,10 @@ from agents.callbacks import (
     NonFiniteGuard,
     NonFiniteTrainingError,
     PeriodicCheckpoint,
+    PeriodicEval,
+    SaveBestModel,
+    atomic_write_text,
+    best_model_reward,
     latest_checkpoint,
     list_checkpoints,
     save_checkpoint,
@@ -400,3 +404,98 @@ def test_eval_video_seeds_each_episode_by_its_step(
         tiny_ppo.num_timesteps = steps
         video.on_step()
     assert seeds == [1032, 1064]
+
+
+class _StopAt(BaseCallback):
+    """Returns False (as StopOnSignal does after a signal) once ``num_timesteps >= at``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def _on_step(self) -> bool:
+        return self.num_timesteps < self.at
+
+
+def test_a_stop_mid_rollout_checkpoints_the_steps_the_weights_learned_from(
+    tmp_path: Path, tiny_ppo: object
+) -> None:
+    """2 envs x 16 steps: the second rollout is cut at step 40 and never trained on, so the
+    end checkpoint (and a resume) counts 32 steps, not 40."""
+    checkpoint = PeriodicCheckpoint(tmp_path, save_freq=0)
+    tiny_ppo.learn(256, callback=[checkpoint, _StopAt(40)])
+    assert tiny_ppo.num_timesteps == 32
+    assert [c.timesteps for c in list_checkpoints(tmp_path)] == [32]
+
+
+def _tiny_config(tmp_path: Path, *overrides: str):
+    flags = [o for o in TINY if not o.startswith(("--", "train.progress", "train.log_every"))]
+    return load_config(
+        DEFAULT_CONFIG,
+        ["agent.kind=ppo", "env.n_envs=2", "train.device=cpu", "train.progress=none",
+         "train.total_timesteps=64", "train.checkpoint_freq=0", "train.eval_freq=0",
+         f"train.runs_dir={tmp_path}", *flags, *overrides],
+    )  # fmt: skip
+
+
+def test_a_signal_during_the_last_update_still_finishes_the_run(tmp_path: Path) -> None:
+    """The budget is trained when the signal lands after the last env step: the run writes
+    final_model.zip and returns instead of asking for a resume that has nothing to do."""
+    import os
+
+    class SignalAtTheEnd(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if self.model.num_timesteps >= 64:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    run_dir = train(_tiny_config(tmp_path), extra_callbacks=lambda run: [SignalAtTheEnd()])
+    assert (run_dir / "final_model.zip").exists()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_signal_handlers_are_restored_when_training_fails(tmp_path: Path) -> None:
+    class Fail(BaseCallback):
+        def _on_step(self) -> bool:
+            raise RuntimeError("boom")
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(RuntimeError, match="boom"):
+        train(_tiny_config(tmp_path), extra_callbacks=lambda run: [Fail()])
+    assert {s: signal.getsignal(s) for s in previous} == previous
+
+
+def test_atomic_files_get_the_umask_mode_not_a_private_one(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_resume_keeps_a_better_best_model_saved_after_its_checkpoint(
+    tmp_path: Path, tiny_ppo: object
+) -> None:
+    """best_model.json records the saved model's reward; on resume the larger of it and the
+    checkpoint's value is the bar a new best must clear."""
+    path = tmp_path / "best_model.zip"
+    evaluation = PeriodicEval(
+        tiny_ppo.get_env(), eval_freq=32, callback_on_new_best=SaveBestModel(path)
+    )
+    evaluation.init_callback(tiny_ppo)
+    evaluation.best_mean_reward = 0.22
+    evaluation.callback_on_new_best.on_step()
+    assert path.exists() and best_model_reward(path) == pytest.approx(0.22)
+
+    resumed = PeriodicEval(tiny_ppo.get_env(), eval_freq=32)
+    resumed.load_state({"best_mean_reward": 0.15}, best_on_disk=best_model_reward(path))
+    assert resumed.best_mean_reward == pytest.approx(0.22)
+    resumed.load_state({"best_mean_reward": 0.3}, best_on_disk=0.22)
+    assert resumed.best_mean_reward == pytest.approx(0.3)
+    assert best_model_reward(tmp_path / "missing.zip") is None
