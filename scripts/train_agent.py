@@ -29,6 +29,7 @@ from agents.config import (
     config_to_yaml,
     find_config_for_env,
     load_config,
+    sections_ignored_by,
 )
 
 # Flags that would change what a resumed run is (its config stays as saved).
@@ -142,6 +143,19 @@ def _config_file(args: argparse.Namespace) -> Path | str | None:
     return DEFAULT_CONFIG
 
 
+def _note_unread_overrides(overrides: list[str], kind: str) -> None:
+    """Say which command-line overrides the chosen agent never reads (e.g. ``thalamus.top_k``
+    with ``--agent ppo``): they are valid keys, so nothing else would flag them."""
+    unread_sections = sections_ignored_by(kind)
+    unread = [o.split("=", 1)[0] for o in overrides if o.split(".", 1)[0] in unread_sections]
+    if unread:
+        print(
+            f"note: agent.kind={kind} does not read {', '.join(unread)}; "
+            f"{'it has' if len(unread) == 1 else 'they have'} no effect on this run",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
@@ -175,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = resume(args.resume, overrides, total_timesteps=args.total_timesteps)
         else:
             config = load_config(_config_file(args), _overrides(args))
+            _note_unread_overrides(args.overrides, config.agent.kind)
             if args.print_config:
                 print(config_to_yaml(config), end="")
                 return 0

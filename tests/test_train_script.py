@@ -499,3 +499,13 @@ def test_a_resume_keeps_a_better_best_model_saved_after_its_checkpoint(
     resumed.load_state({"best_mean_reward": 0.3}, best_on_disk=0.22)
     assert resumed.best_mean_reward == pytest.approx(0.3)
     assert best_model_reward(tmp_path / "missing.zip") is None
+
+
+def test_overrides_the_agent_does_not_read_are_pointed_out(tmp_path: Path) -> None:
+    result = run_script(
+        "--agent=ppo", "thalamus.top_k=8", "ppo.n_steps=64", "--print-config", runs_dir=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "agent.kind=ppo does not read thalamus.top_k; it has no effect" in result.stderr
+    quiet = run_script("--agent=thalamus", "thalamus.top_k=8", "--print-config", runs_dir=tmp_path)
+    assert "does not read" not in quiet.stderr
