@@ -424,10 +424,11 @@ class Tokenizer(nn.Module):
                 values - self.discrete_starts + self.discrete_offsets,
             )
         if self.feedback_keys:
-            feedback = th.cat([obs[k].reshape(m, -1) for k in self.feedback_keys], dim=1).float()
+            feedback = th.cat([obs[k].reshape(m, -1) for k in self.feedback_keys], dim=1)
+            feedback = feedback.to(proprio.dtype)  # the module's dtype (float64 in a .double())
             proprio = proprio + self.feedback_projection(symlog(feedback))
         else:
-            feedback = th.zeros(m, 1, device=device)
+            feedback = th.zeros(m, 1, device=device, dtype=proprio.dtype)
         parts.append(proprio.unsqueeze(1))
         masks.append(th.ones(m, 1, dtype=th.bool, device=device))
 

@@ -196,6 +196,16 @@ def test_space_without_float_entries_gets_one_zero_feedback_signal() -> None:
     assert out.task.shape == (2, 4)
 
 
+@pytest.mark.parametrize("with_feedback", [True, False], ids=["feedback", "no-feedback"])
+def test_a_double_tokenizer_returns_float64_throughout(with_feedback: bool) -> None:
+    space = contract_space()
+    if not with_feedback:
+        space = spaces.Dict({"image": space["image"], "direction": space["direction"]})
+    tok = Tokenizer(space, d_model=8, d_task=4).double()
+    out = tok(sample_batch(space, (3,)))
+    assert out.tokens.dtype == out.task.dtype == out.feedback.dtype == th.float64
+
+
 def test_every_parameter_gets_gradient(tokenizer: Tokenizer) -> None:
     out = tokenizer(sample_batch(contract_space(), (6,)))
     (out.tokens.square().sum() + out.task.square().sum()).backward()
