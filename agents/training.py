@@ -581,7 +581,9 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     """Load a model and its run's config from a run directory or a model zip inside one.
 
     A run directory gives ``final_model.zip``, else ``best_model.zip``, else its latest
-    checkpoint; a zip is looked up in its folder and the folder above for ``config.yaml``.
+    checkpoint; a ``final_model.zip`` older than the latest checkpoint is skipped (the run
+    was resumed past it with a larger budget and has not finished again). A zip is looked
+    up in its folder and the folder above for ``config.yaml``.
 
     :raises ConfigError: no model or no config found.
     """
@@ -589,7 +591,14 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     if path.is_dir():
         paths = RunPaths(path)
         last = latest_checkpoint(paths.checkpoints)
-        for candidate in (paths.final_model, paths.best_model, last.model_path if last else None):
+        final: Path | None = paths.final_model
+        if (
+            last is not None
+            and final.is_file()
+            and last.model_path.stat().st_mtime_ns > final.stat().st_mtime_ns
+        ):
+            final = None  # superseded: the run went on from it
+        for candidate in (final, paths.best_model, last.model_path if last else None):
             if candidate is not None and candidate.is_file():
                 model_path = candidate
                 break

@@ -10,7 +10,8 @@ Examples::
     python scripts/evaluate.py RUN_DIR --mission "go to the red ball"   # a wrong instruction
 
 With a run directory the model is ``final_model.zip`` (else ``best_model.zip``, else the
-latest checkpoint); a model file needs the run's ``config.yaml`` beside it or one folder up.
+latest checkpoint; a final model older than the latest checkpoint, left by a run resumed
+with a larger budget, is skipped); a model file needs the run's ``config.yaml`` beside it or one folder up.
 Episode ``i`` is reset with seed ``--seed + i`` and torch is seeded with ``--seed``, so two
 evaluations with the same seed play the same layouts with the same actions. Actions are
 sampled unless the run's ``train.eval_deterministic`` or ``--deterministic`` says otherwise:

@@ -509,3 +509,19 @@ def test_overrides_the_agent_does_not_read_are_pointed_out(tmp_path: Path) -> No
     assert "agent.kind=ppo does not read thalamus.top_k; it has no effect" in result.stderr
     quiet = run_script("--agent=thalamus", "thalamus.top_k=8", "--print-config", runs_dir=tmp_path)
     assert "does not read" not in quiet.stderr
+
+
+def test_load_model_skips_a_final_model_the_run_was_resumed_past(
+    tmp_path: Path, tiny_ppo: object
+) -> None:
+    import os
+
+    run = save_untrained_run(tmp_path, ["agent.kind=ppo", "train.device=cpu"])
+    final = run / "final_model.zip"
+    assert training.load_model(run, device="cpu").model_path == final
+    tiny_ppo.num_timesteps = 64
+    later = save_checkpoint(tiny_ppo, run / "checkpoints")
+    stamp = final.stat().st_mtime_ns
+    os.utime(final, ns=(stamp, stamp))
+    os.utime(later.model_path, ns=(stamp + 10**9, stamp + 10**9))
+    assert training.load_model(run, device="cpu").model_path == later.model_path
