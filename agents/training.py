@@ -551,12 +551,18 @@ def resume(
 
     _configure_process(config)
     train_env, eval_env = _make_envs(config)
-    model = agent_class(config.agent.kind).load(
-        checkpoint.model_path,
-        env=train_env,
-        device=config.train.device,
-        **_hyperparameters(config),
-    )
+    try:
+        model = agent_class(config.agent.kind).load(
+            checkpoint.model_path,
+            env=train_env,
+            device=config.train.device,
+            **_hyperparameters(config),
+        )
+    except BaseException:  # close the envs (and any subprocess workers) before re-raising
+        train_env.close()
+        if eval_env is not None:
+            eval_env.close()
+        raise
     restore_rng_state(meta["rng"])
     model.get_env().seed(config.train.seed + checkpoint.timesteps)
     save_config(config, paths.config)

@@ -11,11 +11,12 @@ Examples::
 
 With a run directory the model is ``final_model.zip`` (else ``best_model.zip``, else the
 latest checkpoint; a final model older than the latest checkpoint, left by a run resumed
-with a larger budget, is skipped); a model file needs the run's ``config.yaml`` beside it or one folder up.
-Episode ``i`` is reset with seed ``--seed + i`` and torch is seeded with ``--seed``, so two
-evaluations with the same seed play the same layouts with the same actions. Actions are
-sampled unless the run's ``train.eval_deterministic`` or ``--deterministic`` says otherwise:
-under argmax a MiniGrid policy often loops forever (an unchanged view gives the same action).
+with a larger budget, is skipped); a model file needs the run's ``config.yaml`` beside it
+or one folder up. Episode ``i`` is reset with seed ``--seed + i`` and torch is seeded with
+``--seed``, so two evaluations with the same seed play the same layouts with the same
+actions. Actions are sampled unless the run's ``train.eval_deterministic`` or
+``--deterministic`` says otherwise: under argmax a MiniGrid policy often loops forever (an
+unchanged view gives the same action).
 
 On a trial env (a run with ``env.trial_episodes`` >= 2) an episode is a trial of several
 attempts at one layout; the JSON then also holds each attempt's return, length and success,
