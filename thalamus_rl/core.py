@@ -57,8 +57,9 @@ class ThalamusConfig:
         decides how much of each token the streams read. Without it the readout's per-token
         LayerNorm cancels the weight's scale and the scorer learns only through the
         workspace's residual mix and the dropped tokens' summary (none at all with
-        ``workspace_layers=0`` when K covers every token). Off by default: the benchmark
-        records were trained without it.
+        ``workspace_layers=0`` when K covers every token). Off: on DoorKey-5x5 (seeds 0-12,
+        one iteration, 100k steps) it gave median eval reward 0.95 with 8 of 13 reaching 0.9,
+        against 0.93 and 9 of 13 without, and 4 seeds ended under 0.6 (1 without).
     :param chunk_size: chunk length of the SSD scan (the same function at any length). 32 ran
         DistributedMamba's forward + backward ~10% faster than 64 on PPO minibatches
         (B=2, T=128, one CPU thread: 19.7-21.0 ms vs 21.9-22.8 ms; 16 was no faster).
