@@ -271,6 +271,13 @@ def _make_envs(config: ExperimentConfig) -> tuple[VecEnv, VecEnv | None]:
         raise
 
 
+def _close_envs(train_env: VecEnv, eval_env: VecEnv | None) -> None:
+    """Close what :func:`_make_envs` made (subprocess workers included)."""
+    train_env.close()
+    if eval_env is not None:
+        eval_env.close()
+
+
 def _configure_logger(model: BaseAlgorithm, paths: RunPaths) -> None:
     """Log to ``tb/`` only (progress goes through ProgressCallback), the same folder on resume."""
     model.set_logger(configure(str(paths.tensorboard), ["tensorboard"]))
@@ -458,9 +465,7 @@ def train(
     try:
         model = build_agent(config, train_env)
     except ConfigError:
-        train_env.close()
-        if eval_env is not None:
-            eval_env.close()
+        _close_envs(train_env, eval_env)
         raise
 
     if run_dir is None:
@@ -559,9 +564,7 @@ def resume(
             **_hyperparameters(config),
         )
     except BaseException:  # close the envs (and any subprocess workers) before re-raising
-        train_env.close()
-        if eval_env is not None:
-            eval_env.close()
+        _close_envs(train_env, eval_env)
         raise
     restore_rng_state(meta["rng"])
     model.get_env().seed(config.train.seed + checkpoint.timesteps)
