@@ -461,9 +461,12 @@ def load_suite(
     seen: dict[str, RunSpec] = {}
     for run in runs:
         if run.key in seen:
-            raise BenchmarkError(
-                f"{where}: run {run.key} is listed twice; give one of them a different label"
+            fix = (
+                "list each seed once"
+                if (seen[run.key].budget, seen[run.key].overrides) == (run.budget, run.overrides)
+                else "give one of them a different label"
             )
+            raise BenchmarkError(f"{where}: run {run.key} is listed twice; {fix}")
         seen[run.key] = run
     for task in tasks.values():
         labels = {r.label for r in runs if r.task == task.name}
@@ -752,6 +755,9 @@ class EvalRecorder(BaseCallback):
         self.finished = False
         self._t0 = 0.0
         self._seen = 0
+        # The clock when the current rollout began: a stop mid-rollout checkpoints that step
+        # (SB3 discards the partial rollout), so its mark must be this clock, not the stop's.
+        self._rollout_clock: dict[str, float] | None = None
 
     # The clock ---------------------------------------------------------------------
 
@@ -801,8 +807,16 @@ class EvalRecorder(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self._mark_checkpoint()
+        self._rollout_clock = self.clock()
+
+    def _on_rollout_end(self) -> None:
+        self._rollout_clock = None
 
     def _on_training_end(self) -> None:
+        # SB3 does not refresh a callback's count here, and the checkpoint callback (which
+        # runs first) may have wound the model's back to the rollout start.
+        wound_back = self.model.num_timesteps < self.num_timesteps
+        self.num_timesteps = self.model.num_timesteps
         if self.num_timesteps >= self.total_timesteps and (
             not self.curve or self.curve[-1]["timesteps"] != self.num_timesteps
         ):
@@ -824,17 +838,18 @@ class EvalRecorder(BaseCallback):
             self._eval_s += time.monotonic() - started
             self.curve.append(point)
         self.finished = self.num_timesteps >= self.total_timesteps
-        self._mark_checkpoint()
+        self._mark_checkpoint(self._rollout_clock if wound_back else None)
         self._save()
 
     # State -------------------------------------------------------------------------
 
-    def _mark_checkpoint(self) -> None:
+    def _mark_checkpoint(self, clock: dict[str, float] | None = None) -> None:
+        """Store the clock (now, unless given) for a checkpoint saved at the current step."""
         saved = self.checkpoint.last_saved
         if saved is not None and saved.timesteps == self.num_timesteps:
             key = str(saved.timesteps)
             if key not in self.marks:
-                self.marks[key] = self.clock()
+                self.marks[key] = clock if clock is not None else self.clock()
                 self._save()
 
     def state(self) -> dict[str, Any]:
@@ -1032,8 +1047,21 @@ def execute_run(
     paths = RunPaths(run_dir)
     progress = run_dir / PROGRESS_FILE
     checkpoint = latest_checkpoint(paths.checkpoints)
-    if checkpoint is not None and paths.config.is_file():
+    if checkpoint is not None and not paths.config.is_file():
+        raise BenchmarkError(
+            f"{run_dir} has checkpoints but no {paths.config.name}, so which config they were "
+            f"trained with is unknown; put the run's config.yaml back to continue it, or "
+            "delete the folder to start the run again"
+        )
+    if checkpoint is not None:
         saved = load_config(paths.config, defaults_file=None)
+        if saved.train.total_timesteps > run.budget:
+            raise BenchmarkError(
+                f"{run_dir} holds run {run.key} trained for a budget of "
+                f"{saved.train.total_timesteps:,} steps, more than the suite's {run.budget:,}: "
+                "its curve would run past the budget; delete that folder to run it again with "
+                "this budget"
+            )
         differences = _config_differences(saved, config)
         if differences:
             raise BenchmarkError(
@@ -1296,24 +1324,81 @@ def run_suite(
                 raise KeyboardInterrupt from exc
         return results
 
-    import concurrent.futures as futures
+    _run_in_processes([(job[0].key, job) for job in jobs], parallel, report)
+    return results
+
+
+def _send_result(target: Callable[[Any], Any], job: Any, sender: Any) -> None:
+    """Child process entry point: send ``target(job)`` to the parent."""
+    try:
+        sender.send(target(job))
+    finally:
+        sender.close()
+
+
+def _run_in_processes(
+    jobs: Sequence[tuple[str, Any]],
+    parallel: int,
+    report: Callable[[str, str | None], None],
+    target: Callable[[Any], tuple[str, str | None]] = _run_one,
+) -> None:
+    """Run ``target(job)`` for each ``(key, job)``, each in a fresh spawned process,
+    ``parallel`` at a time, and ``report(*result)`` as each ends.
+
+    Not a ``ProcessPoolExecutor``: when one of its workers dies (killed, out of memory) it
+    terminates the others and fails every queued job, so one crash would stop every run.
+    Here a process that exits without a result is reported as died and the others go on.
+    On Ctrl-C (which reaches the children too: they checkpoint and stop) nothing new starts
+    and the running children are waited for.
+    """
     import multiprocessing
+    import multiprocessing.connection
 
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(
-        max_workers=parallel, mp_context=context, max_tasks_per_child=1
-    ) as pool:
-        pending = {pool.submit(_run_one, job): job[0].key for job in jobs}
-        try:
-            for future in futures.as_completed(pending):
-                try:
-                    report(*future.result())
-                except Exception as exc:  # the worker process died (killed, out of memory)
-                    report(pending[future], f"worker died: {type(exc).__name__}: {exc}")
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return results
+    queue = list(jobs)
+    running: dict[Any, tuple[Any, Any, str]] = {}  # sentinel -> (process, receiver, key)
+    received: dict[str, tuple[str, str | None]] = {}
+    read_out: set[str] = set()  # keys whose pipe gave a result or EOF: stop watching it
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                key, job = queue.pop(0)
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_send_result, args=(target, job, sender), name=key, daemon=False
+                )
+                process.start()
+                sender.close()  # the child holds the only sending end: EOF when it exits
+                running[process.sentinel] = (process, receiver, key)
+            receivers = {r: k for _, r, k in running.values() if k not in read_out}
+            ready_ones = multiprocessing.connection.wait([*running, *receivers])
+            # Pipes first: a sentinel's handling closes its pipe.
+            for ready in sorted(ready_ones, key=lambda r: r not in receivers):
+                if ready in receivers:  # read before the exit: a full pipe would block it
+                    read_out.add(receivers[ready])
+                    with contextlib.suppress(EOFError):
+                        received[receivers[ready]] = ready.recv()
+                    continue
+                process, receiver, key = running.pop(ready)
+                process.join()
+                read_out.discard(key)
+                if key not in received and receiver.poll():
+                    with contextlib.suppress(EOFError):
+                        received[key] = receiver.recv()
+                receiver.close()
+                if key in received:
+                    report(*received.pop(key))
+                else:
+                    report(
+                        key,
+                        f"worker died (exit code {process.exitcode}; killed, or out of memory?); "
+                        "run the same command again to continue it from its last checkpoint",
+                    )
+    except KeyboardInterrupt:
+        for process, receiver, _ in running.values():
+            process.join()
+            receiver.close()
+        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -1491,15 +1576,17 @@ def target_result(target: Target, records: Sequence[dict[str, Any]], mode: str) 
 _METRIC_TEXT = {"mean_reward": "mean eval reward", "success_rate": "eval success rate"}
 
 
+# Three significant figures round 999.5 up to 1000, which ``g`` writes as ``1e+03``: the
+# unit changes where the rounded value would reach 1000, not the value itself.
 def _number(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{x:.3g}" if abs(x) < 999.5 else f"{x:,.0f}"
 
 
 def _steps(n: float) -> str:
     """``150000`` -> ``'150k'``, ``2000000`` -> ``'2M'``, ``4096`` -> ``'4.1k'``."""
-    if n >= 1e6:
+    if n >= 999_500:
         return f"{n / 1e6:.3g}M"
-    if n >= 1e3:
+    if n >= 999.5:
         return f"{n / 1e3:.3g}k"
     return f"{n:.0f}"
 
@@ -1521,18 +1608,38 @@ def _fmt0(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _suite_records(
+    suite: Suite, records: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records a suite's report counts, and the keys of those it leaves out.
+
+    A record of a task, agent or seed the suite does not run is left out (it would move the
+    medians and the fps ratios of runs it is not one of). Of two records of one run (a
+    suite's own folder can still hold one for a run it now shares with another suite), the
+    later one in ``records`` is kept.
+    """
+    planned = {(r.task, r.label, r.seed) for r in suite.runs}
+    kept: dict[tuple[str, str, int], dict[str, Any]] = {}
+    left_out = []
+    for record in records:
+        run = (record["task"], record["agent"], record["seed"])
+        if run in planned:
+            kept[run] = record
+        else:
+            left_out.append("__".join(map(str, run)))
+    return list(kept.values()), sorted(left_out)
+
+
 def _stale_records(suite: Suite, records: Sequence[dict[str, Any]]) -> list[str]:
-    """Records that no longer match the suite: ``key`` or ``key (changed config keys)``."""
+    """Records of the suite's runs that no longer match it: ``key`` or ``key (changed keys)``."""
     specs = {(r.task, r.label, r.seed): r for r in suite.runs}
     stale = []
     for record in records:
         key = f"{record['task']}__{record['agent']}__{record['seed']}"
         spec = specs.get((record["task"], record["agent"], record["seed"]))
-        if (
-            spec is None
-            or spec.budget != record["budget"]
-            or list(spec.overrides) != list(record["overrides"])
-        ):
+        if spec is None:
+            continue  # not a run of the suite: _suite_records leaves it out
+        if spec.budget != record["budget"] or list(spec.overrides) != list(record["overrides"]):
             stale.append(key)
             continue
         if "config" not in record:  # written before records held the resolved config
@@ -1557,6 +1664,7 @@ def report_markdown(
     :param base: the folder the Markdown file is in (image links are relative to it).
     """
     mode = suite.eval_mode
+    records, not_in_suite = _suite_records(suite, records)
     lines = [f"## Suite `{suite.name}`", ""]
     if suite.description:
         lines += [suite.description, ""]
@@ -1569,13 +1677,19 @@ def report_markdown(
         + f". Suite file: `{_relative(suite.path)}`. Evaluation: {mode} actions (both modes are "
         "in the records)."
     )
+    if not_in_suite:
+        lines += [
+            "",
+            "**Records of runs the suite file does not have** (left out of everything below; "
+            f"delete them, or add their runs to the suite): {', '.join(not_in_suite)}.",
+        ]
     stale = _stale_records(suite, records)
     if stale:
         lines += [
             "",
-            "**Records that do not match the suite file** (not in it, or its budget, overrides "
-            "or resolved config changed since they ran; delete them and run again): "
-            f"{', '.join(stale)}.",
+            "**Records that do not match the suite file** (its budget, overrides or resolved "
+            "config changed since they ran; they are counted below until you delete them and "
+            f"run again): {', '.join(stale)}.",
         ]
     if missing:
         shown = ", ".join(missing[:12]) + (
@@ -1808,7 +1922,8 @@ def write_report(suites: Iterable[Suite], out: str | os.PathLike[str]) -> Path:
             for run in suite.runs
             if run.shared_with is not None and (path := record_path(out, run)).is_file()
         ]
-        plots = plot_curves(suite, records, out / "plots")
+        # The report names the records it leaves out; of two of one run, the shared one wins.
+        plots = plot_curves(suite, _suite_records(suite, records)[0], out / "plots")
         sections.append(report_markdown(suite, records, plots, out))
     text = "\n".join(
         [

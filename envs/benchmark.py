@@ -52,13 +52,17 @@ def compare(env_id: str, n_steps: int = 20_000, repeats: int = 5) -> dict[str, f
         "wrapped": lambda: make_env(env_id),
     }
     envs = {name: factory() for name, factory in factories.items()}
-    actions = np.random.default_rng(0).integers(envs["raw"].action_space.n, size=n_steps)
-    rates: dict[str, list[float]] = {name: [] for name in envs}
-    for env in envs.values():  # warm-up: first-step checks, caches
-        steps_per_second(env, actions[:500])
-    for _ in range(repeats):
-        for name, env in envs.items():
-            rates[name].append(steps_per_second(env, actions))
+    try:
+        actions = np.random.default_rng(0).integers(envs["raw"].action_space.n, size=n_steps)
+        rates: dict[str, list[float]] = {name: [] for name in envs}
+        for env in envs.values():  # warm-up: first-step checks, caches
+            steps_per_second(env, actions[:500])
+        for _ in range(repeats):
+            for name, env in envs.items():
+                rates[name].append(steps_per_second(env, actions))
+    finally:
+        for env in envs.values():
+            env.close()
     result = {name: statistics.median(values) for name, values in rates.items()}
     result["ratio"] = result["wrapped"] / result["raw"]
     return result

@@ -167,8 +167,12 @@ def test_duplicate_runs_and_unknown_suites_are_rejected(tmp_path: Path) -> None:
     text = (
         valid_text() + "  - {task: MiniGrid-Empty-5x5-v0, agents: [ppo], seeds: [0], budget: 9}\n"
     )
-    with pytest.raises(bm.BenchmarkError, match="listed twice"):
+    with pytest.raises(bm.BenchmarkError, match="listed twice; give one of them a different"):
         bm.load_suite(write_suite(tmp_path, text))
+    twice = valid_text().replace("seeds: [0]", "seeds: [0, 0]")
+    assert twice != valid_text()
+    with pytest.raises(bm.BenchmarkError, match="listed twice; list each seed once"):
+        bm.load_suite(write_suite(tmp_path, twice, "twice.yaml"))
     with pytest.raises(bm.BenchmarkError, match="one of the names in .*quick"):
         bm.load_suite("no-such-suite")
     assert benchmark_script.main(["no-such-suite"]) == benchmark_script.EXIT_INVALID
@@ -263,6 +267,25 @@ def test_fps_baseline_defaults_to_lstm_and_may_be_set_per_suite_or_task(tmp_path
     assert task.fps_baseline == "lstm"
 
 
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (150_000, "150k"),
+        (2_000_000, "2M"),
+        (4096, "4.1k"),
+        (999_499, "999k"),
+        (999_500, "1M"),
+        (999_999, "1M"),
+        (999.7, "1k"),
+        (999, "999"),
+        (0, "0"),
+    ],
+)
+def test_step_counts_never_print_in_exponent_form(n: float, text: str) -> None:
+    assert bm._steps(n) == text
+    assert "e+" not in bm._number(n)
+
+
 def test_targets_met_missed_and_not_run() -> None:
     suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     records = fixture_records()
@@ -341,6 +364,28 @@ def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> 
     suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     text = bm.write_report([suite], tmp_path).read_text()
     assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
+
+
+def test_records_of_runs_the_suite_does_not_have_are_left_out_of_the_numbers(
+    tmp_path: Path,
+) -> None:
+    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    folder = tmp_path / "records" / "fixture"
+    shutil.copytree(FIXTURES / "records", folder)
+    before = bm.write_report([suite], tmp_path).read_text()
+    record = json.loads((folder / "MiniGrid-Empty-5x5-v0__ppo__1.json").read_text())
+    for seed in (7, 8):  # seeds the suite does not run, that would drag the medians down
+        curve = [
+            {**p, **{m: {**p[m], "mean_reward": 0.0, "success_rate": 0.0} for m in bm.EVAL_MODES}}
+            for p in record["curve"]
+        ]
+        extra = {**record, "seed": seed, "curve": curve, "train_fps": 1.0}
+        (folder / f"MiniGrid-Empty-5x5-v0__ppo__{seed}.json").write_text(json.dumps(extra))
+    after = bm.write_report([suite], tmp_path).read_text()
+    warning = next(line for line in after.splitlines() if "does not have" in line)
+    assert "MiniGrid-Empty-5x5-v0__ppo__7, MiniGrid-Empty-5x5-v0__ppo__8" in warning
+    assert "do not match" not in after  # they are not stale runs of the suite
+    assert after.replace("\n\n" + warning, "") == before  # targets, tables: unchanged
 
 
 def test_stale_records_compare_the_resolved_config_and_defaults_for_newer_keys(
@@ -496,6 +541,50 @@ def test_state_at_checkpoint_drops_later_points_and_restores_the_clock() -> None
     assert unmarked["clock"] == {"wall_s": 2.0, "eval_wall_s": pytest.approx(0.5)}
 
 
+def test_a_stop_mid_rollout_marks_the_clock_of_the_rollout_start(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """SB3 discards a partial rollout and the checkpoint callback winds the model back to the
+    rollout start: the recorder marks that checkpoint with the clock it had then, so a resume
+    neither loses the training time before it nor counts the discarded steps' time."""
+    from types import SimpleNamespace
+
+    from agents.training import RunCallbacks
+
+    now = [0.0]
+    monkeypatch.setattr(bm.time, "monotonic", lambda: now[0])
+    evaluation = SimpleNamespace(n_evaluations=0, deterministic=False, last_eval_seconds=0.0)
+    checkpoint = SimpleNamespace(last_saved=None)
+    budget = 600  # the stop's step is past it, the rollout start is not
+    recorder = bm.EvalRecorder(
+        RunCallbacks(evaluation, checkpoint), tmp_path / "progress.json", budget, None, None
+    )
+    model = SimpleNamespace(num_timesteps=0)
+    recorder.model = model  # what init_callback would set; _on_training_start wraps envs
+    recorder._t0 = now[0]
+
+    def rollout(steps: int, seconds: float) -> None:
+        recorder.on_rollout_start()
+        for _ in range(steps // 64):
+            model.num_timesteps += 64
+            now[0] += seconds * 64 / steps
+            assert recorder.on_step()
+
+    rollout(512, 10.0)
+    recorder.on_rollout_end()
+    now[0] += 2.0  # the update
+    rollout(128, 3.0)  # stopped at step 640, mid-rollout
+    model.num_timesteps = 512  # PeriodicCheckpoint._on_training_end, which runs first
+    checkpoint.last_saved = SimpleNamespace(timesteps=512)
+    recorder.on_training_end()
+
+    assert recorder.marks == {"512": {"wall_s": 12.0, "eval_wall_s": 0.0, "train_wall_s": 12.0}}
+    assert not recorder.finished and recorder.curve == []  # 512 < budget: no final evaluation
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert state["timesteps"] == 512 and not state["finished"]
+    assert bm._state_at_checkpoint(state, 512)["clock"]["wall_s"] == 12.0
+
+
 # --------------------------------------------------------------------------------------
 # Running: skip, resume, a tiny real run
 # --------------------------------------------------------------------------------------
@@ -595,6 +684,18 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     assert all(finished["final"][mode]["episodes"] == 2 for mode in bm.EVAL_MODES)
     assert finished["sessions"] == 2 and json.loads(progress.read_text())["finished"]
 
+    # Refused, and nothing deleted: a budget below the one the folder's run trained for (its
+    # curve would run past it), and checkpoints whose config.yaml is gone.
+    bm.record_path(out, run).unlink()
+    threshold = suite.tasks[run.task].threshold
+    with pytest.raises(bm.BenchmarkError, match="1,024 steps, more than the suite's 512"):
+        bm.execute_run(suite.runs[0], out, runs, threshold)
+    config_file = bm.run_dir_of(runs, run) / "config.yaml"
+    config_file.rename(config_file.with_name("moved.yaml"))
+    with pytest.raises(bm.BenchmarkError, match="has checkpoints but no config.yaml"):
+        bm.execute_run(bigger.runs[0], out, runs, threshold)
+    assert list((bm.run_dir_of(runs, run) / "checkpoints").glob("*.zip"))
+
 
 def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch) -> None:
     from agents.callbacks import CheckpointInfo
@@ -623,6 +724,25 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
         "interrupted at step 256; a checkpoint was saved: run the same benchmark command again "
         "to continue it",
     )
+
+
+def test_a_worker_that_dies_fails_its_own_run_only() -> None:
+    """One child killed (no result) must not stop or fail the runs beside and after it, as a
+    ``ProcessPoolExecutor`` would (it terminates every worker once one dies)."""
+    from tests.pool_targets import die_or_finish
+
+    jobs = [
+        ("killed", ("killed", 0.2, True)),
+        ("beside", ("beside", 1.0, False)),
+        ("fails", ("fails", 0.0, False)),
+        ("after", ("after", 0.0, False)),
+    ]
+    results: dict[str, str | None] = {}
+    bm._run_in_processes(jobs, 2, results.__setitem__, target=die_or_finish)
+    assert results.keys() == {"killed", "beside", "fails", "after"}
+    assert results["killed"].startswith("worker died (exit code 9")
+    assert results["beside"] is None and results["after"] is None
+    assert results["fails"] == "ValueError: bad run"
 
 
 def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> None:
