@@ -18,6 +18,7 @@ recording works headless on a fresh machine.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -323,7 +324,10 @@ def compose_frame(
         shown = env.get_wrapper_attr("mission_override")
     except AttributeError:
         shown = None
-    mission = str(unwrapped.mission) if shown is None else f"{shown} (env: {unwrapped.mission})"
+    if shown is None:
+        mission = str(unwrapped.mission)
+    else:
+        mission = f"{shown or '(no mission)'} (env: {unwrapped.mission})"
     panel = render_panel(
         frame.shape[1],
         mission,
@@ -514,8 +518,11 @@ def write_mp4(path: str | os.PathLike[str], frames: Sequence[np.ndarray], fps: i
         raise ValueError("write_mp4 needs at least one frame")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Encoded beside the target, then renamed over it: an encoder error or a Ctrl-C leaves no
+    # truncated video under the real name. The temp name keeps the suffix ffmpeg reads.
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     writer = imageio.get_writer(
-        path,
+        partial,
         format="FFMPEG",
         mode="I",
         fps=fps,
@@ -527,8 +534,13 @@ def write_mp4(path: str | os.PathLike[str], frames: Sequence[np.ndarray], fps: i
     try:
         for frame in frames:
             writer.append_data(_pad_even(np.asarray(frame, dtype=np.uint8)))
-    finally:
         writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 

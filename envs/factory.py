@@ -70,6 +70,8 @@ def make_env(
     try:
         env = gym.make(env_id, render_mode=render_mode, **env_kwargs)
     except TypeError as error:
+        if not env_kwargs:  # the constructor's own error, not a rejected keyword
+            raise
         raise TypeError(
             f"{env_id!r} rejected env_kwargs {sorted(env_kwargs)}: {error}. Pass only keyword "
             f"arguments of its constructor ({gym.registry[env_id].entry_point})."

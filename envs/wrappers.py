@@ -184,7 +184,7 @@ class MissionObservationWrapper(gym.ObservationWrapper, gym.utils.RecordConstruc
 
     def observation(self, observation: ObsDict) -> ObsDict:
         """:param observation: MiniGrid's ``{"image", "direction", "mission": str}``."""
-        mission = self.mission_override or observation["mission"]
+        mission = observation["mission"] if self.mission_override is None else self.mission_override
         if mission != self._mission_text:  # an identity check per step; encodes once per episode
             self._mission_ids = self.vocabulary.encode(mission)
             self._mission_text = mission

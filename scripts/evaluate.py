@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         metavar="FILE",
-        help="results JSON (default: evaluation.json in the run directory)",
+        help="results JSON (default: in the run directory, evaluation.json for the run's own "
+        "model, env, action mode and missions, evaluation-<what differs>.json otherwise)",
     )
     parser.add_argument(
         "--mission",
@@ -119,6 +121,31 @@ def _attempt_summary(episodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def default_output(
+    run_dir: Path,
+    model_path: Path,
+    env_id: str,
+    run_env_id: str,
+    deterministic: bool,
+    run_deterministic: bool,
+    mission: str | None,
+) -> Path:
+    """``evaluation.json`` in the run directory for the default evaluation (the run's model,
+    env and action mode, its own missions); each other setting gets its own file, so that
+    evaluating ``best_model.zip`` or a wrong mission does not replace the plain result:
+    ``evaluation-best_model-stochastic-mission-go-to-the-red-ball.json``."""
+    parts = []
+    if model_path.stem != "final_model":
+        parts.append(model_path.stem)
+    if env_id != run_env_id:
+        parts.append(env_id)
+    if deterministic != run_deterministic:
+        parts.append("deterministic" if deterministic else "stochastic")
+    if mission is not None:
+        parts.append("mission-" + ("-".join(re.findall(r"[a-z0-9]+", mission.lower())) or "none"))
+    return run_dir / ("-".join(["evaluation", *parts]) + ".json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     th.manual_seed(seed)  # sampled actions repeat from run to run
     fps = args.fps or config.train.video_fps
     video_dir = Path(args.video_dir) if args.video_dir else None
-    output = Path(args.output) if args.output else run_dir / "evaluation.json"
+    output = (
+        Path(args.output)
+        if args.output
+        else default_output(
+            run_dir,
+            model_path,
+            env_id,
+            config.env.id,
+            args.deterministic,
+            config.train.eval_deterministic,
+            args.mission,
+        )
+    )
     try:
         env = envs.make_env(
             env_id,

@@ -359,3 +359,12 @@ def test_a_shown_mission_replaces_the_env_mission_for_the_agent_only() -> None:
     assert vocabulary.decode(plain["mission"]) in real
     with pytest.raises(ValueError, match=r"outside the vocabulary: \['fly', 'moon'\]"):
         envs.make_env("BabyAI-GoToLocal-v0", mission="fly to the moon")
+
+
+def test_an_empty_shown_mission_is_shown_as_no_words() -> None:
+    """``--mission ""`` (no instruction at all) must not fall back to the env's mission."""
+    env = envs.make_env("BabyAI-GoToLocal-v0", seed=3, mission="")
+    obs, _ = env.reset()
+    assert env.unwrapped.mission  # the env still has one
+    assert env.get_wrapper_attr("vocabulary").decode(obs["mission"]) == ""
+    assert (obs["mission"] == envs.vocab.PAD_ID).all()

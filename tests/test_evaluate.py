@@ -167,6 +167,20 @@ def test_write_mp4_keeps_frame_count_and_size(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (96, 64, 3), dtype=np.uint8) for _ in range(7)]
     assert _decode(write_mp4(tmp_path / "a.mp4", frames, fps=4)) == (7, (96, 64, 3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
+
+
+def test_a_video_that_fails_to_encode_leaves_no_file(tmp_path: Path) -> None:
+    """An error mid-episode (here a frame of another size) must not leave a truncated
+    ``episode_*.mp4`` that looks like a real recording, nor replace an older one."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (96, 64, 3), dtype=np.uint8) for _ in range(3)]
+    write_mp4(tmp_path / "a.mp4", frames)
+    before = (tmp_path / "a.mp4").read_bytes()
+    with pytest.raises(Exception):  # noqa: B017, PT011  (imageio's error type is its own)
+        write_mp4(tmp_path / "a.mp4", [*frames[::-1], *frames, np.zeros((32, 32, 3), np.uint8)])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
+    assert (tmp_path / "a.mp4").read_bytes() == before
 
 
 def _evaluate_main() -> Callable[[list[str]], int]:
@@ -268,6 +282,24 @@ def test_evaluate_script_shows_a_given_mission_and_rejects_unknown_words(
     assert "shown in place of each episode's own" in capsys.readouterr().out
     assert _evaluate_main()([*args, "--mission", "fly to the moon"]) == 2
     assert "outside the vocabulary: ['fly', 'moon']" in capsys.readouterr().err
+
+
+def test_evaluations_of_other_settings_do_not_replace_the_run_s_own(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    run = save_untrained_run(tmp_path / "run", SMALL_AGENT)
+    main = _evaluate_main()
+    base = [str(run), "--episodes=1", "--device=cpu"]
+    assert main(base) == 0
+    assert main([*base, "--mission", ""]) == 0  # no instruction at all
+    assert main([*base, "--mission", "get to the green goal square", "--deterministic"]) == 0
+    written = {p.name: json.loads(p.read_text()) for p in run.glob("evaluation*.json")}
+    assert {name: summary["mission"] for name, summary in written.items()} == {
+        "evaluation.json": None,
+        "evaluation-mission-none.json": "",
+        "evaluation-deterministic-mission-get-to-the-green-goal-square.json": (
+            "get to the green goal square"
+        ),
+    }
 
 
 def test_trial_episodes_are_split_into_attempts(tmp_path: Path) -> None:
