@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -264,12 +263,18 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int
         text=True,
         cwd=REPO,
     )  # fmt: skip
+    rollout = 2 * 16  # --n-envs=2 x ppo.n_steps=16 (TINY)
     try:
         assert process.stdout is not None
-        deadline = time.monotonic() + 120
-        for line in process.stdout:  # wait until it trains
-            if re.search(r"step [1-9][\d,]*/", line) or time.monotonic() > deadline:
+        # Wait for a progress line past the first rollout, however slow the machine is: a stop
+        # checkpoints the start of the rollout it lands in, which is then step 32 or later (a
+        # signal in the first rollout would rightly checkpoint step 0).
+        for line in process.stdout:
+            match = re.search(r"step ([\d,]+)/", line)
+            if match and int(match.group(1).replace(",", "")) > rollout:
                 break
+        else:
+            pytest.fail(f"the run ended before step {rollout}: {process.communicate()[1]}")
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -279,7 +284,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int
     assert "Traceback" not in stderr
     run_dir = only_run_dir(tmp_path)
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    assert checkpoint is not None and checkpoint.timesteps > 0
+    assert checkpoint is not None and checkpoint.timesteps >= rollout
     assert not (run_dir / "final_model.zip").exists()
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
