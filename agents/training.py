@@ -3,12 +3,17 @@
 Used by ``scripts/train_agent.py`` and by the benchmark harness. A run directory
 ``runs/<env>__<agent>__<seed>__<time>/`` holds::
 
-    config.yaml          the resolved config (load_config(run_dir / "config.yaml") rebuilds it)
-    tb/                  tensorboard events (one curve, continued by every resume)
-    checkpoints/         step_<timesteps>.zip + .json (timesteps, RNG states), atomic
-    best_model.zip       the model with the best evaluation mean reward so far
-    final_model.zip      the model when training reached train.total_timesteps
-    videos/              evaluation videos (train.video=true)
+    config.yaml              the resolved config (load_config(run_dir / "config.yaml") rebuilds it)
+    tb/                      tensorboard events (one curve, continued by every resume)
+    checkpoints/             step_<timesteps>.safetensors + .json (timesteps, RNG states), atomic
+    best_model.safetensors   the model with the best evaluation mean reward so far
+    final_model.safetensors  the model when training reached train.total_timesteps
+    videos/                  evaluation videos (train.video=true)
+
+Every model file is a :mod:`agents.model_files` file: weights and optimizer state as
+safetensors, everything else as JSON/YAML, the run's config included; loading one never
+unpickles anything. Runs saved by older versions as stable-baselines3 zips are converted once
+with ``scripts/convert_run.py RUN --trust-pickle``.
 
 Everything that can be checked is checked before the run directory is created: the config,
 the env id, building the envs and the agent. A run stopped by SIGINT/SIGTERM saves a
@@ -45,6 +50,8 @@ from agents.callbacks import (
     atomic_save_model,
     best_model_reward,
     latest_checkpoint,
+    latest_good_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
     tensorboard_writer,
     with_sigint_ignored,
@@ -56,6 +63,15 @@ from agents.config import (
     load_config,
     save_config,
     validate_config,
+)
+from agents.model_files import (
+    MODEL_SUFFIX,
+    PickledModelError,
+    apply_model_file,
+    attach_config,
+    load_pickled_model,
+    pickled_model_message,
+    read_model_file,
 )
 from agents.runtime import tune_allocator
 
@@ -73,6 +89,7 @@ __all__ = [
     "load_model",
     "make_eval_env",
     "make_run_dir",
+    "refuse_pickled_run",
     "resume",
     "resumed_config",
     "train",
@@ -93,20 +110,37 @@ class TrainingInterrupted(RuntimeError):
     :ivar run_dir: the run directory (pass it to ``resume``).
     :ivar signum: the signal received.
     :ivar checkpoint: the checkpoint saved on the way out.
+    :ivar completed: the signal came while the final model was saved: the save finished and
+        the run is complete (nothing to resume).
     """
 
-    def __init__(self, run_dir: Path, signum: int, checkpoint: CheckpointInfo | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        signum: int,
+        checkpoint: CheckpointInfo | None,
+        completed: bool = False,
+    ) -> None:
         import signal
 
         name = signal.Signals(signum).name
-        where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
-        super().__init__(
-            f"{name} received: stopped{where} and saved a checkpoint in {run_dir / 'checkpoints'}."
-            f" Continue with: python scripts/train_agent.py --resume {run_dir}"
-        )
+        if completed:
+            message = (
+                f"{name} received while the final model was saved: the save finished and the "
+                f"run is complete ({RunPaths(run_dir).final_model})."
+            )
+        else:
+            where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
+            message = (
+                f"{name} received: stopped{where} and saved a checkpoint in "
+                f"{run_dir / 'checkpoints'}. Continue with: python scripts/train_agent.py "
+                f"--resume {run_dir}"
+            )
+        super().__init__(message)
         self.run_dir = run_dir
         self.signum = signum
         self.checkpoint = checkpoint
+        self.completed = completed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +163,11 @@ class RunPaths:
 
     @property
     def best_model(self) -> Path:
-        return self.root / "best_model.zip"
+        return self.root / f"best_model{MODEL_SUFFIX}"
 
     @property
     def final_model(self) -> Path:
-        return self.root / "final_model.zip"
+        return self.root / f"final_model{MODEL_SUFFIX}"
 
     @property
     def videos(self) -> Path:
@@ -214,7 +248,7 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
     elif config.agent.kind == "lstm":
         policy_kwargs = dataclasses.asdict(config.lstm)
     try:
-        return make_agent(
+        model = make_agent(
             config.agent.kind,  # type: ignore[arg-type]
             env,
             seed=config.train.seed,
@@ -224,6 +258,8 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"agent settings rejected: {exc}") from None
+    attach_config(model, config)  # every model file it writes carries its config
+    return model
 
 
 def _configure_process(config: ExperimentConfig) -> None:
@@ -418,23 +454,30 @@ def _learn(
             best_on_disk=best_model_reward(paths.best_model),
         )
     try:
-        with guard.watching():
-            model.learn(
-                total_timesteps=total - model.num_timesteps,
-                callback=CallbackList(callbacks),
-                reset_num_timesteps=resumed is None,
-                tb_log_name="",
+        try:
+            with guard.watching():
+                model.learn(
+                    total_timesteps=total - model.num_timesteps,
+                    callback=CallbackList(callbacks),
+                    reset_num_timesteps=resumed is None,
+                    tb_log_name="",
+                )
+        finally:
+            model.logger.close()
+            model.get_env().close()
+            if eval_env is not None:
+                eval_env.close()
+        # A signal during the last update still lets the run finish: the budget is trained.
+        if stop.received is not None and model.num_timesteps < total:
+            raise TrainingInterrupted(paths.root, stop.received, checkpoint.last_saved)
+        signal_before_final_save = stop.received
+        atomic_save_model(model, paths.final_model)  # a signal now waits for the save
+        if stop.received is not None and signal_before_final_save is None:
+            raise TrainingInterrupted(
+                paths.root, stop.received, checkpoint.last_saved, completed=True
             )
     finally:
-        stop.restore()  # learn skips on_training_end when an exception escapes it
-        model.logger.close()
-        model.get_env().close()
-        if eval_env is not None:
-            eval_env.close()
-    # A signal during the last update still lets the run finish: the budget is trained.
-    if stop.received is not None and model.num_timesteps < total:
-        raise TrainingInterrupted(paths.root, stop.received, checkpoint.last_saved)
-    atomic_save_model(model, paths.final_model)
+        stop.restore()  # kept through on_training_end and the final save, which it protects
     return paths.root
 
 
@@ -540,7 +583,10 @@ def resume(
     """
     paths = RunPaths(Path(run_dir))
     config = resumed_config(paths.root, overrides, total_timesteps=total_timesteps)
-    checkpoint = latest_checkpoint(paths.checkpoints)
+    refuse_pickled_run(paths)
+    for folder in (paths.root, paths.checkpoints):
+        remove_stale_temp_files(folder)  # left by saves a kill -9 or a power cut interrupted
+    checkpoint = latest_good_checkpoint(paths.checkpoints)
     if checkpoint is None:
         raise ConfigError(
             f"{paths.checkpoints} holds no complete checkpoint to resume from (the run stopped "
@@ -553,16 +599,13 @@ def resume(
             f"{config.train.total_timesteps:,}; pass a larger --total-timesteps to train further"
         )
     meta = checkpoint.load_meta()
+    model_file = read_model_file(checkpoint.model_path)
 
     _configure_process(config)
     train_env, eval_env = _make_envs(config)
     try:
-        model = agent_class(config.agent.kind).load(
-            checkpoint.model_path,
-            env=train_env,
-            device=config.train.device,
-            **_hyperparameters(config),
-        )
+        model = build_agent(config, train_env)
+        apply_model_file(model, model_file)
     except BaseException:  # close the envs (and any subprocess workers) before re-raising
         _close_envs(train_env, eval_env)
         raise
@@ -577,8 +620,26 @@ def resume(
     )
 
 
+def refuse_pickled_run(paths: RunPaths) -> None:
+    """Refuse a run saved by an older version (stable-baselines3 zips): point to the converter.
+
+    :raises PickledModelError: the run's checkpoints are zips only.
+    """
+    safe = (
+        list(paths.checkpoints.glob(f"step_*{MODEL_SUFFIX}")) if paths.checkpoints.is_dir() else []
+    )
+    pickled = list(paths.checkpoints.glob("step_*.zip")) if paths.checkpoints.is_dir() else []
+    if pickled and not safe:
+        raise PickledModelError(
+            f"{paths.root} was saved by an older version as stable-baselines3 zips, which hold "
+            "pickled Python objects (loading one runs any code its author put in it). If you "
+            "trust the run, convert it once with: python scripts/convert_run.py "
+            f"{paths.root} --trust-pickle"
+        )
+
+
 class LoadedModel(NamedTuple):
-    """What :func:`load_model` found: the model, its run's config, and where they are."""
+    """What :func:`load_model` found: the model, its config, and where they are."""
 
     model: BaseAlgorithm
     config: ExperimentConfig
@@ -586,52 +647,108 @@ class LoadedModel(NamedTuple):
     run_dir: Path
 
 
-def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a model and its run's config from a run directory or a model zip inside one.
+_PICKLED_NAMES = ("final_model.zip", "best_model.zip")
 
-    A run directory gives ``final_model.zip``, else ``best_model.zip``, else its latest
-    checkpoint; a ``final_model.zip`` older than the latest checkpoint is skipped (the run
-    was resumed past it with a larger budget and has not finished again). A zip is looked
-    up in its folder and the folder above for ``config.yaml``.
 
-    :raises ConfigError: no model or no config found.
-    """
-    path = Path(path)
-    if path.is_dir():
-        paths = RunPaths(path)
-        last = latest_checkpoint(paths.checkpoints)
-        final: Path | None = paths.final_model
+def _run_dir_model(paths: RunPaths) -> Path | None:
+    """The model of a run directory to evaluate: ``final_model``, else ``best_model``, else
+    the newest checkpoint that reads; a final model older than the latest checkpoint is
+    skipped (the run was resumed past it with a larger budget and has not finished again)."""
+    last = latest_checkpoint(paths.checkpoints)
+    final: Path | None = paths.final_model
+    try:
         if (
             last is not None
             and final.is_file()
             and last.model_path.stat().st_mtime_ns > final.stat().st_mtime_ns
         ):
             final = None  # superseded: the run went on from it
-        for candidate in (final, paths.best_model, last.model_path if last else None):
-            if candidate is not None and candidate.is_file():
-                model_path = candidate
+    except FileNotFoundError:  # pruned since it was listed
+        pass
+    for candidate in (final, paths.best_model):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    good = latest_good_checkpoint(paths.checkpoints)
+    return good.model_path if good is not None else None
+
+
+def load_model(
+    path: str | Path, device: str = "auto", *, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load a model and the config it was trained with, from a run directory or a model file.
+
+    A run directory gives ``final_model.safetensors``, else ``best_model.safetensors``, else
+    its newest readable checkpoint (see :func:`_run_dir_model`). A model file carries its
+    config; its run directory (for the default output paths) is the folder holding
+    ``config.yaml``: the file's folder or the one above.
+
+    :param trust_pickle: also read stable-baselines3 ``.zip`` models (old runs, or files made
+        elsewhere), with the ``config.yaml`` beside them. **Loading a zip runs code from it.**
+    :raises ConfigError: no model, an unreadable one (naming the file), a zip without
+        ``trust_pickle``, or no config for a zip.
+    """
+    path = Path(path)
+    if path.is_dir():
+        paths = RunPaths(path)
+        for _ in range(5):  # a checkpoint pruned between listing and reading: list again
+            model_path = _run_dir_model(paths)
+            if model_path is None:
                 break
-        else:
-            raise ConfigError(f"{path} holds no final_model.zip, best_model.zip or checkpoint")
-        config_path = paths.config
-    elif path.is_file():
-        model_path = path
-        config_path = next(
-            (
-                p / "config.yaml"
-                for p in (path.parent, path.parent.parent)
-                if (p / "config.yaml").is_file()
-            ),
-            path.parent / "config.yaml",
+            try:
+                model_file = read_model_file(model_path)
+            except FileNotFoundError:
+                continue
+            return _loaded(model_file, device, paths.root)
+        pickled = [paths.root / name for name in _PICKLED_NAMES if (paths.root / name).is_file()]
+        pickled += (
+            sorted(paths.checkpoints.glob("step_*.zip"))[-1:] if paths.checkpoints.is_dir() else []
         )
-    else:
+        if pickled and trust_pickle:
+            return _loaded_pickled(pickled[0], device, paths.config)
+        if pickled:
+            raise PickledModelError(pickled_model_message(pickled[0], paths.root))
+        raise ConfigError(
+            f"{path} holds no final_model{MODEL_SUFFIX}, best_model{MODEL_SUFFIX} or checkpoint"
+        )
+    if not path.is_file():
         raise ConfigError(f"{path} is neither a run directory nor a model file")
+    config_path = next(
+        (
+            p / "config.yaml"
+            for p in (path.parent, path.parent.parent)
+            if (p / "config.yaml").is_file()
+        ),
+        path.parent / "config.yaml",
+    )
+    try:
+        model_file = read_model_file(path)
+    except PickledModelError:
+        if not trust_pickle:
+            raise
+        return _loaded_pickled(path, device, config_path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} was deleted while it was being opened") from None
+    return _loaded(model_file, device, config_path.parent)
+
+
+def _loaded(model_file: Any, device: str, run_dir: Path) -> LoadedModel:
+    from agents.model_files import model_from_file
+
+    # The device to evaluate on, not the one the run trained on (which may be absent here).
+    config = dataclasses.replace(
+        model_file.config, train=dataclasses.replace(model_file.config.train, device=device)
+    )
+    model = model_from_file(model_file, device=device, config=config)
+    return LoadedModel(model, config, model_file.path, run_dir)
+
+
+def _loaded_pickled(model_path: Path, device: str, config_path: Path) -> LoadedModel:
+    """The ``--trust-pickle`` path: a stable-baselines3 zip and the config.yaml beside it."""
     if not config_path.is_file():
         raise ConfigError(
-            f"no config.yaml beside {model_path} (or one folder up): evaluate needs the run's "
-            "config to know the agent and the env"
+            f"no config.yaml beside {model_path} (or one folder up): a stable-baselines3 zip "
+            "does not say which agent and env it was trained for"
         )
-    # The device to evaluate on, not the one the run trained on (which may be absent here).
     config = load_config(config_path, [f"train.device={device}"], defaults_file=None)
-    model = agent_class(config.agent.kind).load(model_path, device=device)
+    model = load_pickled_model(model_path, config.agent.kind, device=device)
     return LoadedModel(model, config, model_path, config_path.parent)

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train ThalamusPPO (or a PPO / LSTM baseline) on a MiniGrid or BabyAI env. The "
             "config is configs/defaults.yaml, then one per-env file, then the flags below, "
             "then KEY=VALUE overrides. A run writes runs/<env>__<agent>__<seed>__<time>/ with "
-            "config.yaml, tensorboard events (tb/), checkpoints/, best_model.zip and "
-            "final_model.zip."
+            "config.yaml, tensorboard events (tb/), checkpoints/, best_model.safetensors and "
+            "final_model.safetensors."
         ),
         epilog=textwrap.dedent(
             """\
