@@ -23,14 +23,22 @@ checkpoint and raises :class:`TrainingInterrupted`; a non-finite loss or paramet
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
+import json
+import os
 import re
+import signal
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+import yaml
 from omegaconf import OmegaConf
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
@@ -59,9 +67,11 @@ from agents.callbacks import (
 from agents.config import (
     ConfigError,
     ExperimentConfig,
+    config_from_yaml_text,
     config_to_yaml,
     load_config,
     save_config,
+    sections_ignored_by,
     validate_config,
 )
 from agents.model_files import (
@@ -82,6 +92,8 @@ __all__ = [
     "RESUMABLE_SECTIONS",
     "ExtraCallbacks",
     "RunCallbacks",
+    "ResumePlan",
+    "RunLockedError",
     "RunPaths",
     "TrainingInterrupted",
     "agent_class",
@@ -89,6 +101,9 @@ __all__ = [
     "load_model",
     "make_eval_env",
     "make_run_dir",
+    "plan_resume",
+    "run_lock",
+    "append_history",
     "refuse_pickled_run",
     "resume",
     "resumed_config",
@@ -110,37 +125,18 @@ class TrainingInterrupted(RuntimeError):
     :ivar run_dir: the run directory (pass it to ``resume``).
     :ivar signum: the signal received.
     :ivar checkpoint: the checkpoint saved on the way out.
-    :ivar completed: the signal came while the final model was saved: the save finished and
-        the run is complete (nothing to resume).
     """
 
-    def __init__(
-        self,
-        run_dir: Path,
-        signum: int,
-        checkpoint: CheckpointInfo | None,
-        completed: bool = False,
-    ) -> None:
-        import signal
-
+    def __init__(self, run_dir: Path, signum: int, checkpoint: CheckpointInfo | None) -> None:
         name = signal.Signals(signum).name
-        if completed:
-            message = (
-                f"{name} received while the final model was saved: the save finished and the "
-                f"run is complete ({RunPaths(run_dir).final_model})."
-            )
-        else:
-            where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
-            message = (
-                f"{name} received: stopped{where} and saved a checkpoint in "
-                f"{run_dir / 'checkpoints'}. Continue with: python scripts/train_agent.py "
-                f"--resume {run_dir}"
-            )
-        super().__init__(message)
+        where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
+        super().__init__(
+            f"{name} received: stopped{where} and saved a checkpoint in {run_dir / 'checkpoints'}."
+            f" Continue with: python scripts/train_agent.py --resume {run_dir}"
+        )
         self.run_dir = run_dir
         self.signum = signum
         self.checkpoint = checkpoint
-        self.completed = completed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +168,14 @@ class RunPaths:
     @property
     def videos(self) -> Path:
         return self.root / "videos"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
 
 class RunCallbacks(NamedTuple):
@@ -365,6 +369,28 @@ def _mark_restart(model: BaseAlgorithm, timesteps: int) -> None:
         writer.flush()
 
 
+def _pending_log(model: BaseAlgorithm) -> dict[str, Any]:
+    """Logged values not yet written to tensorboard (the ``train/*`` values of the update just
+    before a checkpoint, written at the next rollout's end): the checkpoint keeps them so a
+    resume writes them at the step an uninterrupted run would."""
+    values, excluded = {}, {}
+    for key, value in model.logger.name_to_value.items():
+        if isinstance(value, bool | int | float | np.floating | np.integer):
+            values[key] = float(value)
+            skip = model.logger.name_to_excluded.get(key)
+            if skip:
+                excluded[key] = [skip] if isinstance(skip, str) else list(skip)
+    return {"values": values, "excluded": excluded}
+
+
+def _restore_pending_log(model: BaseAlgorithm, pending: dict[str, Any]) -> None:
+    """Record :func:`_pending_log`'s values again (they are written at the first dump)."""
+    excluded = pending.get("excluded", {})
+    for key, value in pending.get("values", {}).items():
+        skip = excluded.get(key)
+        model.logger.record(key, value, exclude=tuple(skip) if skip else None)
+
+
 def _callbacks(
     config: ExperimentConfig,
     paths: RunPaths,
@@ -399,11 +425,18 @@ def _callbacks(
             callback_on_new_best=SaveBestModel(paths.best_model),
             callback_after_eval=after_eval,
         )
+
+    def extra_state() -> dict[str, Any]:
+        state: dict[str, Any] = {"pending_log": _pending_log(model)}
+        if evaluation is not None:
+            state["eval"] = evaluation.state()
+        return state
+
     checkpoint = PeriodicCheckpoint(
         paths.checkpoints,
         save_freq=config.train.checkpoint_freq,
         keep=config.train.keep_checkpoints,
-        extra_state=(lambda: {"eval": evaluation.state()}) if evaluation is not None else None,
+        extra_state=extra_state,
     )
 
     def hint() -> str:
@@ -418,7 +451,11 @@ def _callbacks(
             "ppo.learning_rate=<lower>"
         )
 
-    guard, stop = NonFiniteGuard(hint), StopOnSignal()
+    # An update can take minutes: a signal also asks the algorithm to stop it (ThalamusPPO
+    # undoes it after the current minibatch; the baselines finish it).
+    request_stop = getattr(model, "request_stop", None)
+    guard = NonFiniteGuard(hint)
+    stop = StopOnSignal(on_signal=(lambda _: request_stop()) if request_stop else None)
     callbacks: list[BaseCallback] = [guard, stop, checkpoint]
     if evaluation is not None:
         callbacks.append(evaluation)
@@ -448,11 +485,13 @@ def _learn(
     if extra_callbacks is not None:
         # Before the progress callback (the last one), after everything else.
         callbacks[-1:-1] = list(extra_callbacks(RunCallbacks(evaluation, checkpoint)))
-    if resumed is not None and evaluation is not None:
-        evaluation.load_state(
-            resumed.load_meta().get("extra", {}).get("eval", {}),
-            best_on_disk=best_model_reward(paths.best_model),
-        )
+    if resumed is not None:
+        extra = resumed.load_meta().get("extra", {})
+        _restore_pending_log(model, extra.get("pending_log", {}))
+        if evaluation is not None:
+            evaluation.load_state(
+                extra.get("eval", {}), best_on_disk=best_model_reward(paths.best_model)
+            )
     try:
         try:
             with guard.watching():
@@ -470,11 +509,13 @@ def _learn(
         # A signal during the last update still lets the run finish: the budget is trained.
         if stop.received is not None and model.num_timesteps < total:
             raise TrainingInterrupted(paths.root, stop.received, checkpoint.last_saved)
-        signal_before_final_save = stop.received
         atomic_save_model(model, paths.final_model)  # a signal now waits for the save
-        if stop.received is not None and signal_before_final_save is None:
-            raise TrainingInterrupted(
-                paths.root, stop.received, checkpoint.last_saved, completed=True
+        if stop.received is not None:
+            print(
+                f"note: {signal.Signals(stop.received).name} received after the last update: "
+                f"the saves finished and the run is complete ({paths.final_model})",
+                file=sys.stderr,
+                flush=True,
             )
     finally:
         stop.restore()  # kept through on_training_end and the final save, which it protects
@@ -517,26 +558,61 @@ def train(
         root = Path(run_dir)
         root.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(root)
-    save_config(config, paths.config)
-    _configure_logger(model, paths)
-    _log_config(model, config)
-    return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run_lock(paths.root))
+            save_config(config, paths.config)
+            append_history(paths, {"event": "start", "overrides": []})
+            _configure_logger(model, paths)
+            _log_config(model, config)
+        except BaseException:  # e.g. a full disk: close the envs (and any workers) first
+            _close_envs(train_env, eval_env)
+            raise
+        return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
 
 
-def resumed_config(
-    run_dir: str | Path,
-    overrides: Iterable[str] = (),
-    *,
-    total_timesteps: int | None = None,
-) -> ExperimentConfig:
-    """The config a :func:`resume` of ``run_dir`` with these overrides would train with.
+class RunLockedError(ConfigError):
+    """Another process is writing the run directory."""
 
-    :raises ConfigError: not a run directory, or an override that a resumed run cannot take
-        (outside :data:`RESUMABLE_SECTIONS`, or one of :data:`FIXED_ON_RESUME_KEYS`).
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold the run directory's writer lock (``fcntl.flock`` on ``root/.lock``, which holds the
+    writer's PID) for the block: one training process per run directory. The lock goes with
+    the process, so a killed writer never leaves a stale one.
+
+    :raises RunLockedError: another process holds it (its PID named).
+    :raises ConfigError: ``root`` is not a directory.
     """
-    paths = RunPaths(Path(run_dir))
-    if not paths.config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a run directory")
+    path = RunPaths(root).lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            f"{root} is being written by another process (PID {holder}): two writers would "
+            f"overwrite each other's checkpoints; wait for it to finish, or stop it (kill "
+            f"{holder}: it saves a checkpoint) and resume again"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _checked_overrides(overrides: Iterable[str], total_timesteps: int | None) -> list[str]:
+    """``overrides`` (plus ``total_timesteps``) if a resumed run may take them.
+
+    :raises ConfigError: one outside :data:`RESUMABLE_SECTIONS` or in
+        :data:`FIXED_ON_RESUME_KEYS`.
+    """
     overrides = list(overrides)
     if total_timesteps is not None:
         overrides.append(f"train.total_timesteps={total_timesteps}")
@@ -555,7 +631,176 @@ def resumed_config(
                 "started with (the envs are seeded from train.seed, and the run directory is "
                 "given); start a new run instead"
             )
-    return load_config(paths.config, overrides, defaults_file=None)
+    return overrides
+
+
+def _flat_config(config: ExperimentConfig) -> dict[str, Any]:
+    """``{"env.id": ..., "thalamus.top_k": ..., ...}``: every leaf of ``config``."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(OmegaConf.structured(config)), "")
+    return flat
+
+
+def _fixes_the_run(key: str, kind: str) -> bool:
+    """Whether ``key`` defines the run (a resume cannot change it): outside
+    :data:`RESUMABLE_SECTIONS` or in :data:`FIXED_ON_RESUME_KEYS`, and read by ``kind``."""
+    section = key.split(".")[0]
+    if section in sections_ignored_by(kind):
+        return False
+    return section not in RESUMABLE_SECTIONS or key in FIXED_ON_RESUME_KEYS
+
+
+def _read_run_config(path: Path) -> ExperimentConfig:
+    """``config.yaml`` of a run, strictly: empty, unparsable or incomplete files are refused
+    (the schema's defaults would silently fill them in).
+
+    :raises ConfigError: naming the file and what to do.
+    """
+    restore = (
+        f"delete {path} and resume again: it is written back from the config the latest "
+        "checkpoint was trained with"
+    )
+    try:
+        text = path.read_text()
+        layer = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}); {restore}") from None
+    if not isinstance(layer, dict) or not layer:
+        raise ConfigError(f"{path} is empty or not a mapping of sections; {restore}")
+    missing = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in layer]
+    if missing:
+        raise ConfigError(
+            f"{path} is incomplete: it has no {', '.join(missing)} section(s) (a run's "
+            f"config.yaml holds every section); {restore}"
+        )
+    return config_from_yaml_text(text, str(path))
+
+
+class ResumePlan(NamedTuple):
+    """What :func:`resume` will do: the config to train with, and where it starts from.
+
+    :ivar config: config.yaml (or, without one, the checkpoint's config) plus the overrides.
+    :ivar base: the same without this resume's overrides (what config.yaml keeps if the
+        resume fails).
+    :ivar checkpoint: the newest readable checkpoint (None: the run has none).
+    :ivar model_file: that checkpoint's model file, read.
+    :ivar overrides: this resume's overrides.
+    :ivar restored_config: config.yaml was missing and is rebuilt from the checkpoint.
+    """
+
+    config: ExperimentConfig
+    base: ExperimentConfig
+    checkpoint: CheckpointInfo | None
+    model_file: Any
+    overrides: list[str]
+    restored_config: bool
+
+
+def plan_resume(
+    run_dir: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    total_timesteps: int | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ResumePlan:
+    """Check a resume of ``run_dir``: its config.yaml against the config its latest readable
+    checkpoint was trained with, and the overrides.
+
+    The keys that define the run (:func:`_fixes_the_run`: env, agent, network, seed) must be
+    the checkpoint's; ``ppo.*``, ``thalamus_ppo.*`` and ``train.*`` come from config.yaml and
+    then the overrides (differences from the checkpoint are noted through ``warn``).
+
+    :raises ConfigError: not a run directory, an unreadable or incomplete config.yaml, keys
+        that differ from the checkpoint's (each named with both values), or an override a
+        resumed run cannot take.
+    """
+    warn = warn if warn is not None else _note
+    paths = RunPaths(Path(run_dir))
+    overrides = _checked_overrides(overrides, total_timesteps)
+    if not paths.root.is_dir():
+        raise ConfigError(f"{run_dir} is not a run directory")
+    refuse_pickled_run(paths)
+    checkpoint = latest_good_checkpoint(paths.checkpoints, warn=warn)
+    model_file = read_model_file(checkpoint.model_path) if checkpoint is not None else None
+    restored = False
+    if paths.config.exists():
+        base = _read_run_config(paths.config)
+    elif model_file is not None:
+        base, restored = model_file.config, True
+        warn(
+            f"note: {paths.config} is missing: using the config checkpoint "
+            f"{checkpoint.model_path.name} was trained with (written back to config.yaml)"
+        )
+    else:
+        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+    if model_file is not None:
+        trained = _flat_config(model_file.config)
+        now = _flat_config(base)
+        kind = model_file.config.agent.kind
+        keys = sorted(set(trained) | set(now))
+        conflicts = [
+            f"{key} = {now.get(key)!r} in config.yaml, {trained.get(key)!r} in the checkpoint"
+            for key in keys
+            if trained.get(key) != now.get(key) and _fixes_the_run(key, kind)
+        ]
+        if conflicts:
+            raise ConfigError(
+                f"{paths.config} differs from the config checkpoint {checkpoint.model_path.name} "
+                f"was trained with: {'; '.join(conflicts)}. These keys fix the data and the "
+                "network, so a resume cannot change them: put the checkpoint's values back in "
+                "config.yaml (or delete it: it is written back from the checkpoint), or start a "
+                f"new run with: python scripts/train_agent.py --config {paths.config}"
+            )
+        changed = [
+            f"{key} {trained.get(key)!r} -> {now.get(key)!r}"
+            for key in keys
+            if trained.get(key) != now.get(key) and key.split(".")[0] in RESUMABLE_SECTIONS
+        ]
+        if changed:
+            warn(
+                f"note: config.yaml changes settings the checkpoint was trained with: "
+                f"{', '.join(changed)}"
+            )
+    config = (
+        config_from_yaml_text(config_to_yaml(base), str(paths.config), overrides)
+        if overrides
+        else base
+    )
+    return ResumePlan(config, base, checkpoint, model_file, overrides, restored)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resumed_config(
+    run_dir: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    total_timesteps: int | None = None,
+) -> ExperimentConfig:
+    """The config a :func:`resume` of ``run_dir`` with these overrides would train with
+    (:func:`plan_resume`).
+
+    :raises ConfigError: see :func:`plan_resume`.
+    """
+    return plan_resume(run_dir, overrides, total_timesteps=total_timesteps).config
+
+
+def append_history(paths: RunPaths, entry: dict[str, Any]) -> None:
+    """Add one line to the run's ``history.jsonl`` (starts, resumes with their overrides,
+    and how each session ended)."""
+    entry = {"time": _dt.datetime.now().isoformat(timespec="seconds"), **entry}
+    with open(paths.history, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def resume(
@@ -570,7 +815,13 @@ def resume(
     Restores the weights, the optimizer state, the timestep counter, the global RNG states
     and the best evaluation reward. The envs start fresh episodes (an episode in progress
     cannot be saved), seeded from ``train.seed`` and the checkpoint's step so they do not
-    replay the run's first layouts.
+    replay the run's first layouts. A checkpoint that does not read is skipped with a warning
+    (the newest good one is used).
+
+    The config is checked by :func:`plan_resume`. The overrides are recorded in the run's
+    ``history.jsonl`` and written into ``config.yaml`` only when the session ends well (the
+    budget trained, or a signal stopped it): a resume that stops on a non-finite value or an
+    error leaves ``config.yaml`` as it was, so a plain ``--resume`` does not repeat a bad value.
 
     :param run_dir: a run directory written by :func:`train`.
     :param overrides: dotted ``key=value`` changes, only under ``ppo.``, ``thalamus_ppo.`` and
@@ -578,46 +829,73 @@ def resume(
         not ``train.seed`` or ``train.runs_dir``.
     :param total_timesteps: shorthand for ``train.total_timesteps=...``.
     :param extra_callbacks: as for :func:`train`.
-    :raises ConfigError: not a run directory, no checkpoint, a forbidden override, or nothing
-        left to train.
+    :raises ConfigError: not a run directory, no checkpoint, a config that differs from the
+        checkpoint's, a forbidden override, nothing left to train, or another process
+        writing the run.
     """
     paths = RunPaths(Path(run_dir))
-    config = resumed_config(paths.root, overrides, total_timesteps=total_timesteps)
-    refuse_pickled_run(paths)
-    for folder in (paths.root, paths.checkpoints):
-        remove_stale_temp_files(folder)  # left by saves a kill -9 or a power cut interrupted
-    checkpoint = latest_good_checkpoint(paths.checkpoints)
-    if checkpoint is None:
-        raise ConfigError(
-            f"{paths.checkpoints} holds no complete checkpoint to resume from (the run stopped "
-            "before its first one); start it again with the same config: "
-            f"scripts/train_agent.py --config {paths.config}"
-        )
-    if checkpoint.timesteps >= config.train.total_timesteps:
-        raise ConfigError(
-            f"the run already reached step {checkpoint.timesteps:,} of train.total_timesteps = "
-            f"{config.train.total_timesteps:,}; pass a larger --total-timesteps to train further"
-        )
-    meta = checkpoint.load_meta()
-    model_file = read_model_file(checkpoint.model_path)
+    _checked_overrides(overrides, total_timesteps)
+    with run_lock(paths.root):
+        for folder in (paths.root, paths.checkpoints):
+            remove_stale_temp_files(folder)  # left by saves a kill -9 or a power cut interrupted
+        plan = plan_resume(paths.root, overrides, total_timesteps=total_timesteps)
+        config, checkpoint = plan.config, plan.checkpoint
+        if checkpoint is None:
+            raise ConfigError(
+                f"{paths.checkpoints} holds no complete checkpoint to resume from (the run "
+                "stopped before its first one); start it again with the same config: "
+                f"scripts/train_agent.py --config {paths.config}"
+            )
+        if checkpoint.timesteps >= config.train.total_timesteps:
+            raise ConfigError(
+                f"the run already reached step {checkpoint.timesteps:,} of "
+                f"train.total_timesteps = {config.train.total_timesteps:,}; pass a larger "
+                "--total-timesteps to train further"
+            )
+        meta = checkpoint.load_meta()
 
-    _configure_process(config)
-    train_env, eval_env = _make_envs(config)
-    try:
-        model = build_agent(config, train_env)
-        apply_model_file(model, model_file)
-    except BaseException:  # close the envs (and any subprocess workers) before re-raising
-        _close_envs(train_env, eval_env)
-        raise
-    restore_rng_state(meta["rng"])
-    model.get_env().seed(config.train.seed + checkpoint.timesteps)
-    save_config(config, paths.config)
-    _configure_logger(model, paths)
-    _mark_restart(model, checkpoint.timesteps)
-    print(f"resuming {paths.root} from step {checkpoint.timesteps:,}", flush=True)
-    return _learn(
-        model, config, paths, eval_env, resumed=checkpoint, extra_callbacks=extra_callbacks
-    )
+        _configure_process(config)
+        train_env, eval_env = _make_envs(config)
+        try:
+            model = build_agent(config, train_env)
+            apply_model_file(model, plan.model_file)
+        except BaseException:  # close the envs (and any subprocess workers) before re-raising
+            _close_envs(train_env, eval_env)
+            raise
+        restore_rng_state(meta["rng"])
+        model.get_env().seed(config.train.seed + checkpoint.timesteps)
+        if plan.restored_config:
+            save_config(plan.base, paths.config)
+        append_history(
+            paths,
+            {"event": "resume", "from_step": checkpoint.timesteps, "overrides": plan.overrides},
+        )
+        _configure_logger(model, paths)
+        _mark_restart(model, checkpoint.timesteps)
+        print(f"resuming {paths.root} from step {checkpoint.timesteps:,}", flush=True)
+        try:
+            result = _learn(
+                model, config, paths, eval_env, resumed=checkpoint, extra_callbacks=extra_callbacks
+            )
+        except TrainingInterrupted as exc:
+            save_config(config, paths.config)  # stopped on request: the overrides were fine
+            append_history(
+                paths, {"event": "end", "step": model.num_timesteps, "outcome": str(exc)}
+            )
+            raise
+        except BaseException as exc:
+            append_history(
+                paths,
+                {
+                    "event": "end",
+                    "step": model.num_timesteps,
+                    "outcome": f"{type(exc).__name__}: {exc}; config.yaml keeps its values",
+                },
+            )
+            raise
+        save_config(config, paths.config)
+        append_history(paths, {"event": "end", "step": model.num_timesteps, "outcome": "done"})
+        return result
 
 
 def refuse_pickled_run(paths: RunPaths) -> None:
