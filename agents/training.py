@@ -48,6 +48,7 @@ from stable_baselines3.common.vec_env import VecEnv
 import envs
 from agents.callbacks import (
     CheckpointInfo,
+    DiskFullError,
     EvalVideo,
     NonFiniteGuard,
     PeriodicCheckpoint,
@@ -79,6 +80,8 @@ from agents.model_files import (
     PickledModelError,
     apply_model_file,
     attach_config,
+    disk_full_message,
+    is_disk_full,
     load_pickled_model,
     pickled_model_message,
     read_model_file,
@@ -795,12 +798,25 @@ def resumed_config(
     return plan_resume(run_dir, overrides, total_timesteps=total_timesteps).config
 
 
-def append_history(paths: RunPaths, entry: dict[str, Any]) -> None:
+def append_history(paths: RunPaths, entry: dict[str, Any], *, required: bool = True) -> None:
     """Add one line to the run's ``history.jsonl`` (starts, resumes with their overrides,
-    and how each session ended)."""
+    and how each session ended).
+
+    :param required: False for the line that records how a session ended, written while an
+        error propagates: a failure to write it must not replace that error.
+    :raises DiskFullError: the disk is full (``required`` only).
+    """
     entry = {"time": _dt.datetime.now().isoformat(timespec="seconds"), **entry}
-    with open(paths.history, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    line = json.dumps(entry) + "\n"
+    try:
+        with open(paths.history, "a") as f:
+            f.write(line)
+    except OSError as exc:
+        if not required:
+            return
+        if is_disk_full(exc):
+            raise DiskFullError(disk_full_message(paths.history, len(line))) from None
+        raise
 
 
 def resume(
@@ -880,7 +896,9 @@ def resume(
         except TrainingInterrupted as exc:
             save_config(config, paths.config)  # stopped on request: the overrides were fine
             append_history(
-                paths, {"event": "end", "step": model.num_timesteps, "outcome": str(exc)}
+                paths,
+                {"event": "end", "step": model.num_timesteps, "outcome": str(exc)},
+                required=False,
             )
             raise
         except BaseException as exc:
@@ -891,6 +909,7 @@ def resume(
                     "step": model.num_timesteps,
                     "outcome": f"{type(exc).__name__}: {exc}; config.yaml keeps its values",
                 },
+                required=False,
             )
             raise
         save_config(config, paths.config)
