@@ -151,8 +151,22 @@ def model_file_bytes(model: BaseAlgorithm, config: ExperimentConfig | None = Non
             "or pass config="
         )
     tensors: dict[str, th.Tensor] = {}
+    # A module shared by several attributes (SB3's features_extractor, pi_ and
+    # vf_features_extractor) appears under several names: store it once, the others as aliases.
+    aliases: dict[str, str] = {}
+    stored: dict[tuple[Any, ...], str] = {}
     for name, tensor in model.policy.state_dict().items():
-        # clone: modules shared by several attributes appear under several names
+        view = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if tensor.numel() and view in stored:
+            aliases[f"policy.{name}"] = stored[view]
+            continue
+        stored[view] = f"policy.{name}"
         tensors[f"policy.{name}"] = tensor.detach().to("cpu").clone().contiguous()
     optimizer = model.policy.optimizer.state_dict()
     scalar_state: dict[str, dict[str, Any]] = {}
@@ -172,6 +186,7 @@ def model_file_bytes(model: BaseAlgorithm, config: ExperimentConfig | None = Non
             {"param_groups": _json_value(optimizer["param_groups"]), "scalar_state": scalar_state}
         ),
         "observation_space": repr(model.observation_space),
+        "aliases": json.dumps(aliases),
     }
     return save(tensors, metadata=metadata)
 
@@ -202,7 +217,7 @@ class ModelFile:
     :ivar algorithm: the counters and statistics (:func:`_algorithm_state`).
     :ivar optimizer: ``param_groups`` and the non-tensor per-parameter state.
     :ivar observation_space: ``repr`` of the observation space it was built for.
-    :ivar tensors: policy and optimizer tensors by name.
+    :ivar tensors: policy and optimizer tensors by name (aliases resolved).
     """
 
     path: Path
@@ -268,6 +283,8 @@ def read_model_file(path: str | os.PathLike[str], *, check_env_id: bool = True) 
         algorithm = json.loads(metadata["algorithm"])
         optimizer = json.loads(metadata["optimizer"])
         config_text = metadata["config"]
+        for alias, name in json.loads(metadata.get("aliases", "{}")).items():
+            tensors[alias] = tensors[name]
     except (KeyError, ValueError) as exc:
         raise ModelFileError(f"{path} is corrupt: its metadata lacks {exc}") from None
     config = config_from_yaml_text(config_text, f"model file {path}", check_env_id=check_env_id)
