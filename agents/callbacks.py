@@ -119,7 +119,12 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    # A handler installed outside Python reads as None and cannot be put back: leave it.
+    previous = {
+        signum: handler
+        for signum in _STOP_SIGNALS
+        if (handler := signal.getsignal(signum)) is not None
+    }
 
     def hold(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
@@ -130,8 +135,7 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+            signal.signal(signum, handler)
         for signum in dict.fromkeys(received):
             signal.raise_signal(signum)
 

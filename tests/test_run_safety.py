@@ -419,3 +419,20 @@ def test_a_signal_stops_a_thalamus_update_within_one_minibatch(
     for name, value in attach.model.policy.state_dict().items():
         assert th.equal(value, weights[name]), name  # the update was undone
     assert attach.model.num_timesteps == 32
+
+
+def test_signals_during_a_save_reach_their_handler_when_it_is_done(tmp_path: Path) -> None:
+    from agents.callbacks import atomic_write_bytes, signals_deferred
+
+    seen: list[tuple[int, bool]] = []
+    target = tmp_path / "file.bin"
+    previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append((s, target.exists())))
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # twice: delivered once
+            atomic_write_bytes(target, b"data")  # nested: still held
+            assert seen == []
+        assert seen == [(signal.SIGTERM, True)]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
