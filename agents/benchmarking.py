@@ -1046,6 +1046,13 @@ def execute_run(
     run_dir = run_dir_of(Path(runs_dir), run)
     paths = RunPaths(run_dir)
     progress = run_dir / PROGRESS_FILE
+    if paths.checkpoints.is_dir() and any(paths.checkpoints.glob("step_*.zip")):
+        from agents.training import refuse_pickled_run
+
+        try:
+            refuse_pickled_run(paths)  # never the rmtree below for a run an old version saved
+        except ConfigError as exc:
+            raise BenchmarkError(str(exc)) from None
     checkpoint = latest_checkpoint(paths.checkpoints)
     if checkpoint is not None and not paths.config.is_file():
         raise BenchmarkError(
@@ -1116,14 +1123,13 @@ def _finish_from_checkpoint(
     evaluation already happened at that step, one point is added: both action modes, each on
     fresh eval envs (:func:`agents.training.make_eval_env`), with the clock at the checkpoint.
     """
-    from agents.training import agent_class, make_eval_env
+    from agents.model_files import load_model_file
+    from agents.training import make_eval_env
 
     state = _state_at_checkpoint(state, checkpoint.timesteps)
     curve = list(state["curve"])
     if not curve or curve[-1]["timesteps"] != checkpoint.timesteps:
-        model = agent_class(config.agent.kind).load(
-            checkpoint.model_path, device=config.train.device
-        )
+        model = load_model_file(checkpoint.model_path, device=config.train.device)
         clock = state["clock"]
         point: dict[str, Any] = {
             "timesteps": checkpoint.timesteps,

@@ -66,6 +66,7 @@ __all__ = [
     "TokenizerConfig",
     "TrainConfig",
     "config_reference",
+    "config_from_yaml_text",
     "config_reference_markdown",
     "config_to_yaml",
     "find_config_for_env",
@@ -413,6 +414,32 @@ def load_config(
         layer = _load_yaml(path)
         with _omegaconf_errors(f"file {path}", layer):
             merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
+    for key, value in parse_overrides(overrides):
+        with _omegaconf_errors("the command line", {key: value}):
+            OmegaConf.update(merged, key, value, merge=True)
+    return to_dataclass(merged, check_env_id=check_env_id)
+
+
+def config_from_yaml_text(
+    text: str, source: str, overrides: Iterable[str] = (), *, check_env_id: bool = True
+) -> ExperimentConfig:
+    """Build and validate a config from the YAML text :func:`config_to_yaml` wrote, e.g. the
+    copy a model file carries; ``source`` names where the text came from in errors.
+
+    >>> config_from_yaml_text(config_to_yaml(ExperimentConfig()), "a test") == ExperimentConfig()
+    True
+
+    :raises ConfigError: the text is not a mapping of sections, or a key or value is invalid.
+    """
+    try:
+        layer = OmegaConf.create(text)
+    except Exception as exc:  # yaml.YAMLError and friends: say where the text came from
+        raise ConfigError(f"the config in {source} is not valid YAML: {exc}") from None
+    if not isinstance(layer, DictConfig) or not layer:
+        raise ConfigError(f"the config in {source} is empty or not a mapping of sections")
+    merged: DictConfig = OmegaConf.structured(ExperimentConfig)
+    with _omegaconf_errors(source, layer):
+        merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
     for key, value in parse_overrides(overrides):
         with _omegaconf_errors("the command line", {key: value}):
             OmegaConf.update(merged, key, value, merge=True)

@@ -141,6 +141,17 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         self.tokenizer = Tokenizer(
             observation_space, d_model=config.d_model, d_task=config.d_task, **tokenizer
         )
+        n_tokens = self.tokenizer.n_tokens
+        if config.gate_enabled and config.top_k > n_tokens:
+            # More slots than tokens only pads every step with copies (1000 slots on ~60
+            # tokens: one update ran 13 min in ~15 GB), so refuse before any work.
+            layout = self.tokenizer.token_layout
+            raise ValueError(
+                f"thalamus.top_k = {config.top_k} is more than the {n_tokens} tokens this "
+                f"observation space gives per step ({layout.image.stop - layout.image.start} "
+                f"cells, 1 proprioceptive, {layout.mission.stop - layout.mission.start} mission "
+                f"words): set thalamus.top_k to at most {n_tokens}"
+            )
         self.core = core
 
     def forward(self, observations: PyTorchObs) -> th.Tensor:

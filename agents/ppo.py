@@ -18,6 +18,7 @@ from SB3. What differs from SB3's PPO:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -182,6 +183,8 @@ class ThalamusPPO(OnPolicyAlgorithm):
         #: Multiplier of the learning-rate schedule set by ``adaptive_lr_kl`` (1 without it).
         self.lr_factor = 1.0
         self._last_state: ThalamusState | None = None
+        self._stop_requested = False
+        self._rollout_start_timesteps = 0
         if _init_setup_model and self.env is not None:
             envs_per_batch = check_batch_size(batch_size, n_steps, self.n_envs)
             if self.n_envs % envs_per_batch != 0:
@@ -243,7 +246,17 @@ class ThalamusPPO(OnPolicyAlgorithm):
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_state"]
+        return [*super()._excluded_save_params(), "_last_state", "_stop_requested"]
+
+    def request_stop(self) -> None:
+        """Stop the update in progress after its current minibatch (SIGINT/SIGTERM): one update
+        can take minutes, and a stop must not wait for it. The update is undone (parameters,
+        optimizer state, counters back to the rollout's start, whose steps are uncounted), so
+        the checkpoint taken on the way out is the state at that rollout's start, as for a
+        stop in the middle of a rollout. The budget's last update is not stopped: it completes
+        the run. Call it from a signal handler; ``learn`` then ends at the next env step
+        (:class:`agents.callbacks.StopOnSignal`)."""
+        self._stop_requested = True
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         """Set a new env (same spaces and number of envs); the state restarts from zeros.
@@ -265,6 +278,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
         check_batch_size(self.batch_size, self.n_steps, self.n_envs)
+        self._stop_requested = False
         result = super()._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
@@ -294,6 +308,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         policy = self.policy
         device = self.device
         state = self._last_state
+        self._rollout_start_timesteps = self.num_timesteps
         rollout_buffer.reset(initial_state=state)
         callback.on_rollout_start()
 
@@ -404,6 +419,17 @@ class ThalamusPPO(OnPolicyAlgorithm):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
+    def _undo_update(
+        self, policy_state: dict[str, Any], optimizer_state: dict[str, Any], n_updates: int
+    ) -> None:
+        """Put back the state from before this update and uncount its rollout
+        (:meth:`request_stop`)."""
+        self.policy.load_state_dict(policy_state)
+        self.policy.optimizer.load_state_dict(optimizer_state)
+        self._n_updates = n_updates
+        self.num_timesteps = self._rollout_start_timesteps
+        self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+
     def _adapt_lr_factor(self, approx_kl: float) -> None:
         """One step of the KL-adaptive learning rate (``adaptive_lr_kl``), applied from the next
         update on; the factor stays within ``[1e-3, 1]`` of the schedule."""
@@ -452,9 +478,18 @@ class ThalamusPPO(OnPolicyAlgorithm):
         continue_training = True
         loss = th.zeros(())
         normalize_advantages = self._advantage_normalizer()
+        before_update = (
+            copy.deepcopy(self.policy.state_dict()),
+            copy.deepcopy(self.policy.optimizer.state_dict()),
+            self._n_updates,
+        )
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
             for batch in self.rollout_buffer.get(self.batch_size):
+                # The budget's last update finishes: the run is then complete.
+                if self._stop_requested and self.num_timesteps < self._total_timesteps:
+                    self._undo_update(*before_update)
+                    return
                 evaluation = self.policy.evaluate_actions(
                     batch.observations, batch.actions, batch.state, batch.episode_starts
                 )

@@ -3,12 +3,17 @@
 Used by ``scripts/train_agent.py`` and by the benchmark harness. A run directory
 ``runs/<env>__<agent>__<seed>__<time>/`` holds::
 
-    config.yaml          the resolved config (load_config(run_dir / "config.yaml") rebuilds it)
-    tb/                  tensorboard events (one curve, continued by every resume)
-    checkpoints/         step_<timesteps>.zip + .json (timesteps, RNG states), atomic
-    best_model.zip       the model with the best evaluation mean reward so far
-    final_model.zip      the model when training reached train.total_timesteps
-    videos/              evaluation videos (train.video=true)
+    config.yaml              the resolved config (load_config(run_dir / "config.yaml") rebuilds it)
+    tb/                      tensorboard events (one curve, continued by every resume)
+    checkpoints/             step_<timesteps>.safetensors + .json (timesteps, RNG states), atomic
+    best_model.safetensors   the model with the best evaluation mean reward so far
+    final_model.safetensors  the model when training reached train.total_timesteps
+    videos/                  evaluation videos (train.video=true)
+
+Every model file is a :mod:`agents.model_files` file: weights and optimizer state as
+safetensors, everything else as JSON/YAML, the run's config included; loading one never
+unpickles anything. Runs saved by older versions as stable-baselines3 zips are converted once
+with ``scripts/convert_run.py RUN --trust-pickle``.
 
 Everything that can be checked is checked before the run directory is created: the config,
 the env id, building the envs and the agent. A run stopped by SIGINT/SIGTERM saves a
@@ -18,14 +23,22 @@ checkpoint and raises :class:`TrainingInterrupted`; a non-finite loss or paramet
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
+import json
+import os
 import re
+import signal
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+import yaml
 from omegaconf import OmegaConf
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
@@ -35,6 +48,7 @@ from stable_baselines3.common.vec_env import VecEnv
 import envs
 from agents.callbacks import (
     CheckpointInfo,
+    DiskFullError,
     EvalVideo,
     NonFiniteGuard,
     PeriodicCheckpoint,
@@ -45,6 +59,8 @@ from agents.callbacks import (
     atomic_save_model,
     best_model_reward,
     latest_checkpoint,
+    latest_good_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
     tensorboard_writer,
     with_sigint_ignored,
@@ -52,10 +68,23 @@ from agents.callbacks import (
 from agents.config import (
     ConfigError,
     ExperimentConfig,
+    config_from_yaml_text,
     config_to_yaml,
     load_config,
     save_config,
+    sections_ignored_by,
     validate_config,
+)
+from agents.model_files import (
+    MODEL_SUFFIX,
+    PickledModelError,
+    apply_model_file,
+    attach_config,
+    disk_full_message,
+    is_disk_full,
+    load_pickled_model,
+    pickled_model_message,
+    read_model_file,
 )
 from agents.runtime import tune_allocator
 
@@ -66,6 +95,8 @@ __all__ = [
     "RESUMABLE_SECTIONS",
     "ExtraCallbacks",
     "RunCallbacks",
+    "ResumePlan",
+    "RunLockedError",
     "RunPaths",
     "TrainingInterrupted",
     "agent_class",
@@ -73,6 +104,10 @@ __all__ = [
     "load_model",
     "make_eval_env",
     "make_run_dir",
+    "plan_resume",
+    "run_lock",
+    "append_history",
+    "refuse_pickled_run",
     "resume",
     "resumed_config",
     "train",
@@ -96,8 +131,6 @@ class TrainingInterrupted(RuntimeError):
     """
 
     def __init__(self, run_dir: Path, signum: int, checkpoint: CheckpointInfo | None) -> None:
-        import signal
-
         name = signal.Signals(signum).name
         where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
         super().__init__(
@@ -129,15 +162,23 @@ class RunPaths:
 
     @property
     def best_model(self) -> Path:
-        return self.root / "best_model.zip"
+        return self.root / f"best_model{MODEL_SUFFIX}"
 
     @property
     def final_model(self) -> Path:
-        return self.root / "final_model.zip"
+        return self.root / f"final_model{MODEL_SUFFIX}"
 
     @property
     def videos(self) -> Path:
         return self.root / "videos"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
 
 class RunCallbacks(NamedTuple):
@@ -214,7 +255,7 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
     elif config.agent.kind == "lstm":
         policy_kwargs = dataclasses.asdict(config.lstm)
     try:
-        return make_agent(
+        model = make_agent(
             config.agent.kind,  # type: ignore[arg-type]
             env,
             seed=config.train.seed,
@@ -224,6 +265,8 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"agent settings rejected: {exc}") from None
+    attach_config(model, config)  # every model file it writes carries its config
+    return model
 
 
 def _configure_process(config: ExperimentConfig) -> None:
@@ -329,6 +372,28 @@ def _mark_restart(model: BaseAlgorithm, timesteps: int) -> None:
         writer.flush()
 
 
+def _pending_log(model: BaseAlgorithm) -> dict[str, Any]:
+    """Logged values not yet written to tensorboard (the ``train/*`` values of the update just
+    before a checkpoint, written at the next rollout's end): the checkpoint keeps them so a
+    resume writes them at the step an uninterrupted run would."""
+    values, excluded = {}, {}
+    for key, value in model.logger.name_to_value.items():
+        if isinstance(value, bool | int | float | np.floating | np.integer):
+            values[key] = float(value)
+            skip = model.logger.name_to_excluded.get(key)
+            if skip:
+                excluded[key] = [skip] if isinstance(skip, str) else list(skip)
+    return {"values": values, "excluded": excluded}
+
+
+def _restore_pending_log(model: BaseAlgorithm, pending: dict[str, Any]) -> None:
+    """Record :func:`_pending_log`'s values again (they are written at the first dump)."""
+    excluded = pending.get("excluded", {})
+    for key, value in pending.get("values", {}).items():
+        skip = excluded.get(key)
+        model.logger.record(key, value, exclude=tuple(skip) if skip else None)
+
+
 def _callbacks(
     config: ExperimentConfig,
     paths: RunPaths,
@@ -363,11 +428,18 @@ def _callbacks(
             callback_on_new_best=SaveBestModel(paths.best_model),
             callback_after_eval=after_eval,
         )
+
+    def extra_state() -> dict[str, Any]:
+        state: dict[str, Any] = {"pending_log": _pending_log(model)}
+        if evaluation is not None:
+            state["eval"] = evaluation.state()
+        return state
+
     checkpoint = PeriodicCheckpoint(
         paths.checkpoints,
         save_freq=config.train.checkpoint_freq,
         keep=config.train.keep_checkpoints,
-        extra_state=(lambda: {"eval": evaluation.state()}) if evaluation is not None else None,
+        extra_state=extra_state,
     )
 
     def hint() -> str:
@@ -382,7 +454,11 @@ def _callbacks(
             "ppo.learning_rate=<lower>"
         )
 
-    guard, stop = NonFiniteGuard(hint), StopOnSignal()
+    # An update can take minutes: a signal also asks the algorithm to stop it (ThalamusPPO
+    # undoes it after the current minibatch; the baselines finish it).
+    request_stop = getattr(model, "request_stop", None)
+    guard = NonFiniteGuard(hint)
+    stop = StopOnSignal(on_signal=(lambda _: request_stop()) if request_stop else None)
     callbacks: list[BaseCallback] = [guard, stop, checkpoint]
     if evaluation is not None:
         callbacks.append(evaluation)
@@ -412,29 +488,40 @@ def _learn(
     if extra_callbacks is not None:
         # Before the progress callback (the last one), after everything else.
         callbacks[-1:-1] = list(extra_callbacks(RunCallbacks(evaluation, checkpoint)))
-    if resumed is not None and evaluation is not None:
-        evaluation.load_state(
-            resumed.load_meta().get("extra", {}).get("eval", {}),
-            best_on_disk=best_model_reward(paths.best_model),
-        )
+    if resumed is not None:
+        extra = resumed.load_meta().get("extra", {})
+        _restore_pending_log(model, extra.get("pending_log", {}))
+        if evaluation is not None:
+            evaluation.load_state(
+                extra.get("eval", {}), best_on_disk=best_model_reward(paths.best_model)
+            )
     try:
-        with guard.watching():
-            model.learn(
-                total_timesteps=total - model.num_timesteps,
-                callback=CallbackList(callbacks),
-                reset_num_timesteps=resumed is None,
-                tb_log_name="",
+        try:
+            with guard.watching():
+                model.learn(
+                    total_timesteps=total - model.num_timesteps,
+                    callback=CallbackList(callbacks),
+                    reset_num_timesteps=resumed is None,
+                    tb_log_name="",
+                )
+        finally:
+            model.logger.close()
+            model.get_env().close()
+            if eval_env is not None:
+                eval_env.close()
+        # A signal during the last update still lets the run finish: the budget is trained.
+        if stop.received is not None and model.num_timesteps < total:
+            raise TrainingInterrupted(paths.root, stop.received, checkpoint.last_saved)
+        atomic_save_model(model, paths.final_model)  # a signal now waits for the save
+        if stop.received is not None:
+            print(
+                f"note: {signal.Signals(stop.received).name} received after the last update: "
+                f"the saves finished and the run is complete ({paths.final_model})",
+                file=sys.stderr,
+                flush=True,
             )
     finally:
-        stop.restore()  # learn skips on_training_end when an exception escapes it
-        model.logger.close()
-        model.get_env().close()
-        if eval_env is not None:
-            eval_env.close()
-    # A signal during the last update still lets the run finish: the budget is trained.
-    if stop.received is not None and model.num_timesteps < total:
-        raise TrainingInterrupted(paths.root, stop.received, checkpoint.last_saved)
-    atomic_save_model(model, paths.final_model)
+        stop.restore()  # kept through on_training_end and the final save, which it protects
     return paths.root
 
 
@@ -474,26 +561,61 @@ def train(
         root = Path(run_dir)
         root.mkdir(parents=True, exist_ok=True)
     paths = RunPaths(root)
-    save_config(config, paths.config)
-    _configure_logger(model, paths)
-    _log_config(model, config)
-    return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run_lock(paths.root))
+            save_config(config, paths.config)
+            append_history(paths, {"event": "start", "overrides": []})
+            _configure_logger(model, paths)
+            _log_config(model, config)
+        except BaseException:  # e.g. a full disk: close the envs (and any workers) first
+            _close_envs(train_env, eval_env)
+            raise
+        return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
 
 
-def resumed_config(
-    run_dir: str | Path,
-    overrides: Iterable[str] = (),
-    *,
-    total_timesteps: int | None = None,
-) -> ExperimentConfig:
-    """The config a :func:`resume` of ``run_dir`` with these overrides would train with.
+class RunLockedError(ConfigError):
+    """Another process is writing the run directory."""
 
-    :raises ConfigError: not a run directory, or an override that a resumed run cannot take
-        (outside :data:`RESUMABLE_SECTIONS`, or one of :data:`FIXED_ON_RESUME_KEYS`).
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold the run directory's writer lock (``fcntl.flock`` on ``root/.lock``, which holds the
+    writer's PID) for the block: one training process per run directory. The lock goes with
+    the process, so a killed writer never leaves a stale one.
+
+    :raises RunLockedError: another process holds it (its PID named).
+    :raises ConfigError: ``root`` is not a directory.
     """
-    paths = RunPaths(Path(run_dir))
-    if not paths.config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a run directory")
+    path = RunPaths(root).lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            f"{root} is being written by another process (PID {holder}): two writers would "
+            f"overwrite each other's checkpoints; wait for it to finish, or stop it (kill "
+            f"{holder}: it saves a checkpoint) and resume again"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _checked_overrides(overrides: Iterable[str], total_timesteps: int | None) -> list[str]:
+    """``overrides`` (plus ``total_timesteps``) if a resumed run may take them.
+
+    :raises ConfigError: one outside :data:`RESUMABLE_SECTIONS` or in
+        :data:`FIXED_ON_RESUME_KEYS`.
+    """
     overrides = list(overrides)
     if total_timesteps is not None:
         overrides.append(f"train.total_timesteps={total_timesteps}")
@@ -512,7 +634,189 @@ def resumed_config(
                 "started with (the envs are seeded from train.seed, and the run directory is "
                 "given); start a new run instead"
             )
-    return load_config(paths.config, overrides, defaults_file=None)
+    return overrides
+
+
+def _flat_config(config: ExperimentConfig) -> dict[str, Any]:
+    """``{"env.id": ..., "thalamus.top_k": ..., ...}``: every leaf of ``config``."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(OmegaConf.structured(config)), "")
+    return flat
+
+
+def _fixes_the_run(key: str, kind: str) -> bool:
+    """Whether ``key`` defines the run (a resume cannot change it): outside
+    :data:`RESUMABLE_SECTIONS` or in :data:`FIXED_ON_RESUME_KEYS`, and read by ``kind``."""
+    section = key.split(".")[0]
+    if section in sections_ignored_by(kind):
+        return False
+    return section not in RESUMABLE_SECTIONS or key in FIXED_ON_RESUME_KEYS
+
+
+def _read_run_config(path: Path) -> ExperimentConfig:
+    """``config.yaml`` of a run, strictly: empty, unparsable or incomplete files are refused
+    (the schema's defaults would silently fill them in).
+
+    :raises ConfigError: naming the file and what to do.
+    """
+    restore = (
+        f"delete {path} and resume again: it is written back from the config the latest "
+        "checkpoint was trained with"
+    )
+    try:
+        text = path.read_text()
+        layer = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}); {restore}") from None
+    if not isinstance(layer, dict) or not layer:
+        raise ConfigError(f"{path} is empty or not a mapping of sections; {restore}")
+    missing = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in layer]
+    if missing:
+        raise ConfigError(
+            f"{path} is incomplete: it has no {', '.join(missing)} section(s) (a run's "
+            f"config.yaml holds every section); {restore}"
+        )
+    return config_from_yaml_text(text, str(path))
+
+
+class ResumePlan(NamedTuple):
+    """What :func:`resume` will do: the config to train with, and where it starts from.
+
+    :ivar config: config.yaml (or, without one, the checkpoint's config) plus the overrides.
+    :ivar base: the same without this resume's overrides (what config.yaml keeps if the
+        resume fails).
+    :ivar checkpoint: the newest readable checkpoint (None: the run has none).
+    :ivar model_file: that checkpoint's model file, read.
+    :ivar overrides: this resume's overrides.
+    :ivar restored_config: config.yaml was missing and is rebuilt from the checkpoint.
+    """
+
+    config: ExperimentConfig
+    base: ExperimentConfig
+    checkpoint: CheckpointInfo | None
+    model_file: Any
+    overrides: list[str]
+    restored_config: bool
+
+
+def plan_resume(
+    run_dir: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    total_timesteps: int | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ResumePlan:
+    """Check a resume of ``run_dir``: its config.yaml against the config its latest readable
+    checkpoint was trained with, and the overrides.
+
+    The keys that define the run (:func:`_fixes_the_run`: env, agent, network, seed) must be
+    the checkpoint's; ``ppo.*``, ``thalamus_ppo.*`` and ``train.*`` come from config.yaml and
+    then the overrides (differences from the checkpoint are noted through ``warn``).
+
+    :raises ConfigError: not a run directory, an unreadable or incomplete config.yaml, keys
+        that differ from the checkpoint's (each named with both values), or an override a
+        resumed run cannot take.
+    """
+    warn = warn if warn is not None else _note
+    paths = RunPaths(Path(run_dir))
+    overrides = _checked_overrides(overrides, total_timesteps)
+    if not paths.root.is_dir():
+        raise ConfigError(f"{run_dir} is not a run directory")
+    refuse_pickled_run(paths)
+    checkpoint = latest_good_checkpoint(paths.checkpoints, warn=warn)
+    model_file = read_model_file(checkpoint.model_path) if checkpoint is not None else None
+    restored = False
+    if paths.config.exists():
+        base = _read_run_config(paths.config)
+    elif model_file is not None:
+        base, restored = model_file.config, True
+        warn(
+            f"note: {paths.config} is missing: using the config checkpoint "
+            f"{checkpoint.model_path.name} was trained with (written back to config.yaml)"
+        )
+    else:
+        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+    if model_file is not None:
+        trained = _flat_config(model_file.config)
+        now = _flat_config(base)
+        kind = model_file.config.agent.kind
+        keys = sorted(set(trained) | set(now))
+        conflicts = [
+            f"{key} = {now.get(key)!r} in config.yaml, {trained.get(key)!r} in the checkpoint"
+            for key in keys
+            if trained.get(key) != now.get(key) and _fixes_the_run(key, kind)
+        ]
+        if conflicts:
+            raise ConfigError(
+                f"{paths.config} differs from the config checkpoint {checkpoint.model_path.name} "
+                f"was trained with: {'; '.join(conflicts)}. These keys fix the data and the "
+                "network, so a resume cannot change them: put the checkpoint's values back in "
+                "config.yaml (or delete it: it is written back from the checkpoint), or start a "
+                f"new run with: python scripts/train_agent.py --config {paths.config}"
+            )
+        changed = [
+            f"{key} {trained.get(key)!r} -> {now.get(key)!r}"
+            for key in keys
+            if trained.get(key) != now.get(key) and key.split(".")[0] in RESUMABLE_SECTIONS
+        ]
+        if changed:
+            warn(
+                f"note: config.yaml changes settings the checkpoint was trained with: "
+                f"{', '.join(changed)}"
+            )
+    config = (
+        config_from_yaml_text(config_to_yaml(base), str(paths.config), overrides)
+        if overrides
+        else base
+    )
+    return ResumePlan(config, base, checkpoint, model_file, overrides, restored)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resumed_config(
+    run_dir: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    total_timesteps: int | None = None,
+) -> ExperimentConfig:
+    """The config a :func:`resume` of ``run_dir`` with these overrides would train with
+    (:func:`plan_resume`).
+
+    :raises ConfigError: see :func:`plan_resume`.
+    """
+    return plan_resume(run_dir, overrides, total_timesteps=total_timesteps).config
+
+
+def append_history(paths: RunPaths, entry: dict[str, Any], *, required: bool = True) -> None:
+    """Add one line to the run's ``history.jsonl`` (starts, resumes with their overrides,
+    and how each session ended).
+
+    :param required: False for the line that records how a session ended, written while an
+        error propagates: a failure to write it must not replace that error.
+    :raises DiskFullError: the disk is full (``required`` only).
+    """
+    entry = {"time": _dt.datetime.now().isoformat(timespec="seconds"), **entry}
+    line = json.dumps(entry) + "\n"
+    try:
+        with open(paths.history, "a") as f:
+            f.write(line)
+    except OSError as exc:
+        if not required:
+            return
+        if is_disk_full(exc):
+            raise DiskFullError(disk_full_message(paths.history, len(line))) from None
+        raise
 
 
 def resume(
@@ -527,7 +831,13 @@ def resume(
     Restores the weights, the optimizer state, the timestep counter, the global RNG states
     and the best evaluation reward. The envs start fresh episodes (an episode in progress
     cannot be saved), seeded from ``train.seed`` and the checkpoint's step so they do not
-    replay the run's first layouts.
+    replay the run's first layouts. A checkpoint that does not read is skipped with a warning
+    (the newest good one is used).
+
+    The config is checked by :func:`plan_resume`. The overrides are recorded in the run's
+    ``history.jsonl`` and written into ``config.yaml`` only when the session ends well (the
+    budget trained, or a signal stopped it): a resume that stops on a non-finite value or an
+    error leaves ``config.yaml`` as it was, so a plain ``--resume`` does not repeat a bad value.
 
     :param run_dir: a run directory written by :func:`train`.
     :param overrides: dotted ``key=value`` changes, only under ``ppo.``, ``thalamus_ppo.`` and
@@ -535,50 +845,98 @@ def resume(
         not ``train.seed`` or ``train.runs_dir``.
     :param total_timesteps: shorthand for ``train.total_timesteps=...``.
     :param extra_callbacks: as for :func:`train`.
-    :raises ConfigError: not a run directory, no checkpoint, a forbidden override, or nothing
-        left to train.
+    :raises ConfigError: not a run directory, no checkpoint, a config that differs from the
+        checkpoint's, a forbidden override, nothing left to train, or another process
+        writing the run.
     """
     paths = RunPaths(Path(run_dir))
-    config = resumed_config(paths.root, overrides, total_timesteps=total_timesteps)
-    checkpoint = latest_checkpoint(paths.checkpoints)
-    if checkpoint is None:
-        raise ConfigError(
-            f"{paths.checkpoints} holds no complete checkpoint to resume from (the run stopped "
-            "before its first one); start it again with the same config: "
-            f"scripts/train_agent.py --config {paths.config}"
-        )
-    if checkpoint.timesteps >= config.train.total_timesteps:
-        raise ConfigError(
-            f"the run already reached step {checkpoint.timesteps:,} of train.total_timesteps = "
-            f"{config.train.total_timesteps:,}; pass a larger --total-timesteps to train further"
-        )
-    meta = checkpoint.load_meta()
+    _checked_overrides(overrides, total_timesteps)
+    with run_lock(paths.root):
+        for folder in (paths.root, paths.checkpoints):
+            remove_stale_temp_files(folder)  # left by saves a kill -9 or a power cut interrupted
+        plan = plan_resume(paths.root, overrides, total_timesteps=total_timesteps)
+        config, checkpoint = plan.config, plan.checkpoint
+        if checkpoint is None:
+            raise ConfigError(
+                f"{paths.checkpoints} holds no complete checkpoint to resume from (the run "
+                "stopped before its first one); start it again with the same config: "
+                f"scripts/train_agent.py --config {paths.config}"
+            )
+        if checkpoint.timesteps >= config.train.total_timesteps:
+            raise ConfigError(
+                f"the run already reached step {checkpoint.timesteps:,} of "
+                f"train.total_timesteps = {config.train.total_timesteps:,}; pass a larger "
+                "--total-timesteps to train further"
+            )
+        meta = checkpoint.load_meta()
 
-    _configure_process(config)
-    train_env, eval_env = _make_envs(config)
-    try:
-        model = agent_class(config.agent.kind).load(
-            checkpoint.model_path,
-            env=train_env,
-            device=config.train.device,
-            **_hyperparameters(config),
+        _configure_process(config)
+        train_env, eval_env = _make_envs(config)
+        try:
+            model = build_agent(config, train_env)
+            apply_model_file(model, plan.model_file)
+        except BaseException:  # close the envs (and any subprocess workers) before re-raising
+            _close_envs(train_env, eval_env)
+            raise
+        restore_rng_state(meta["rng"])
+        model.get_env().seed(config.train.seed + checkpoint.timesteps)
+        if plan.restored_config:
+            save_config(plan.base, paths.config)
+        append_history(
+            paths,
+            {"event": "resume", "from_step": checkpoint.timesteps, "overrides": plan.overrides},
         )
-    except BaseException:  # close the envs (and any subprocess workers) before re-raising
-        _close_envs(train_env, eval_env)
-        raise
-    restore_rng_state(meta["rng"])
-    model.get_env().seed(config.train.seed + checkpoint.timesteps)
-    save_config(config, paths.config)
-    _configure_logger(model, paths)
-    _mark_restart(model, checkpoint.timesteps)
-    print(f"resuming {paths.root} from step {checkpoint.timesteps:,}", flush=True)
-    return _learn(
-        model, config, paths, eval_env, resumed=checkpoint, extra_callbacks=extra_callbacks
+        _configure_logger(model, paths)
+        _mark_restart(model, checkpoint.timesteps)
+        print(f"resuming {paths.root} from step {checkpoint.timesteps:,}", flush=True)
+        try:
+            result = _learn(
+                model, config, paths, eval_env, resumed=checkpoint, extra_callbacks=extra_callbacks
+            )
+        except TrainingInterrupted as exc:
+            save_config(config, paths.config)  # stopped on request: the overrides were fine
+            append_history(
+                paths,
+                {"event": "end", "step": model.num_timesteps, "outcome": str(exc)},
+                required=False,
+            )
+            raise
+        except BaseException as exc:
+            append_history(
+                paths,
+                {
+                    "event": "end",
+                    "step": model.num_timesteps,
+                    "outcome": f"{type(exc).__name__}: {exc}; config.yaml keeps its values",
+                },
+                required=False,
+            )
+            raise
+        save_config(config, paths.config)
+        append_history(paths, {"event": "end", "step": model.num_timesteps, "outcome": "done"})
+        return result
+
+
+def refuse_pickled_run(paths: RunPaths) -> None:
+    """Refuse a run saved by an older version (stable-baselines3 zips): point to the converter.
+
+    :raises PickledModelError: the run's checkpoints are zips only.
+    """
+    safe = (
+        list(paths.checkpoints.glob(f"step_*{MODEL_SUFFIX}")) if paths.checkpoints.is_dir() else []
     )
+    pickled = list(paths.checkpoints.glob("step_*.zip")) if paths.checkpoints.is_dir() else []
+    if pickled and not safe:
+        raise PickledModelError(
+            f"{paths.root} was saved by an older version as stable-baselines3 zips, which hold "
+            "pickled Python objects (loading one runs any code its author put in it). If you "
+            "trust the run, convert it once with: python scripts/convert_run.py "
+            f"{paths.root} --trust-pickle"
+        )
 
 
 class LoadedModel(NamedTuple):
-    """What :func:`load_model` found: the model, its run's config, and where they are."""
+    """What :func:`load_model` found: the model, its config, and where they are."""
 
     model: BaseAlgorithm
     config: ExperimentConfig
@@ -586,52 +944,108 @@ class LoadedModel(NamedTuple):
     run_dir: Path
 
 
-def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a model and its run's config from a run directory or a model zip inside one.
+_PICKLED_NAMES = ("final_model.zip", "best_model.zip")
 
-    A run directory gives ``final_model.zip``, else ``best_model.zip``, else its latest
-    checkpoint; a ``final_model.zip`` older than the latest checkpoint is skipped (the run
-    was resumed past it with a larger budget and has not finished again). A zip is looked
-    up in its folder and the folder above for ``config.yaml``.
 
-    :raises ConfigError: no model or no config found.
-    """
-    path = Path(path)
-    if path.is_dir():
-        paths = RunPaths(path)
-        last = latest_checkpoint(paths.checkpoints)
-        final: Path | None = paths.final_model
+def _run_dir_model(paths: RunPaths) -> Path | None:
+    """The model of a run directory to evaluate: ``final_model``, else ``best_model``, else
+    the newest checkpoint that reads; a final model older than the latest checkpoint is
+    skipped (the run was resumed past it with a larger budget and has not finished again)."""
+    last = latest_checkpoint(paths.checkpoints)
+    final: Path | None = paths.final_model
+    try:
         if (
             last is not None
             and final.is_file()
             and last.model_path.stat().st_mtime_ns > final.stat().st_mtime_ns
         ):
             final = None  # superseded: the run went on from it
-        for candidate in (final, paths.best_model, last.model_path if last else None):
-            if candidate is not None and candidate.is_file():
-                model_path = candidate
+    except FileNotFoundError:  # pruned since it was listed
+        pass
+    for candidate in (final, paths.best_model):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    good = latest_good_checkpoint(paths.checkpoints)
+    return good.model_path if good is not None else None
+
+
+def load_model(
+    path: str | Path, device: str = "auto", *, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load a model and the config it was trained with, from a run directory or a model file.
+
+    A run directory gives ``final_model.safetensors``, else ``best_model.safetensors``, else
+    its newest readable checkpoint (see :func:`_run_dir_model`). A model file carries its
+    config; its run directory (for the default output paths) is the folder holding
+    ``config.yaml``: the file's folder or the one above.
+
+    :param trust_pickle: also read stable-baselines3 ``.zip`` models (old runs, or files made
+        elsewhere), with the ``config.yaml`` beside them. **Loading a zip runs code from it.**
+    :raises ConfigError: no model, an unreadable one (naming the file), a zip without
+        ``trust_pickle``, or no config for a zip.
+    """
+    path = Path(path)
+    if path.is_dir():
+        paths = RunPaths(path)
+        for _ in range(5):  # a checkpoint pruned between listing and reading: list again
+            model_path = _run_dir_model(paths)
+            if model_path is None:
                 break
-        else:
-            raise ConfigError(f"{path} holds no final_model.zip, best_model.zip or checkpoint")
-        config_path = paths.config
-    elif path.is_file():
-        model_path = path
-        config_path = next(
-            (
-                p / "config.yaml"
-                for p in (path.parent, path.parent.parent)
-                if (p / "config.yaml").is_file()
-            ),
-            path.parent / "config.yaml",
+            try:
+                model_file = read_model_file(model_path)
+            except FileNotFoundError:
+                continue
+            return _loaded(model_file, device, paths.root)
+        pickled = [paths.root / name for name in _PICKLED_NAMES if (paths.root / name).is_file()]
+        pickled += (
+            sorted(paths.checkpoints.glob("step_*.zip"))[-1:] if paths.checkpoints.is_dir() else []
         )
-    else:
+        if pickled and trust_pickle:
+            return _loaded_pickled(pickled[0], device, paths.config)
+        if pickled:
+            raise PickledModelError(pickled_model_message(pickled[0], paths.root))
+        raise ConfigError(
+            f"{path} holds no final_model{MODEL_SUFFIX}, best_model{MODEL_SUFFIX} or checkpoint"
+        )
+    if not path.is_file():
         raise ConfigError(f"{path} is neither a run directory nor a model file")
+    config_path = next(
+        (
+            p / "config.yaml"
+            for p in (path.parent, path.parent.parent)
+            if (p / "config.yaml").is_file()
+        ),
+        path.parent / "config.yaml",
+    )
+    try:
+        model_file = read_model_file(path)
+    except PickledModelError:
+        if not trust_pickle:
+            raise
+        return _loaded_pickled(path, device, config_path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} was deleted while it was being opened") from None
+    return _loaded(model_file, device, config_path.parent)
+
+
+def _loaded(model_file: Any, device: str, run_dir: Path) -> LoadedModel:
+    from agents.model_files import model_from_file
+
+    # The device to evaluate on, not the one the run trained on (which may be absent here).
+    config = dataclasses.replace(
+        model_file.config, train=dataclasses.replace(model_file.config.train, device=device)
+    )
+    model = model_from_file(model_file, device=device, config=config)
+    return LoadedModel(model, config, model_file.path, run_dir)
+
+
+def _loaded_pickled(model_path: Path, device: str, config_path: Path) -> LoadedModel:
+    """The ``--trust-pickle`` path: a stable-baselines3 zip and the config.yaml beside it."""
     if not config_path.is_file():
         raise ConfigError(
-            f"no config.yaml beside {model_path} (or one folder up): evaluate needs the run's "
-            "config to know the agent and the env"
+            f"no config.yaml beside {model_path} (or one folder up): a stable-baselines3 zip "
+            "does not say which agent and env it was trained for"
         )
-    # The device to evaluate on, not the one the run trained on (which may be absent here).
     config = load_config(config_path, [f"train.device={device}"], defaults_file=None)
-    model = agent_class(config.agent.kind).load(model_path, device=device)
+    model = load_pickled_model(model_path, config.agent.kind, device=device)
     return LoadedModel(model, config, model_path, config_path.parent)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from agents.config import ConfigError
+from agents.model_files import TRUST_PICKLE_HELP
 
 EXIT_CONFIG_ERROR = 2
 MIN_PROBE_EPISODES = 20
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--deterministic", action="store_true", help="take the most likely action (default: sample)"
     )
     parser.add_argument("--output", metavar="PATH", help="write all runs' results as JSON here")
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     return parser
 
 
@@ -195,9 +197,16 @@ def _rate(flags: list[bool]) -> float | None:
 
 
 def diagnose(
-    target: str, episodes: int, env_id: str | None, seed: int | None, deterministic: bool
+    target: str,
+    episodes: int,
+    env_id: str | None,
+    seed: int | None,
+    deterministic: bool,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Play ``episodes`` of one run and summarise them (see the module doc).
+
+    ``trust_pickle`` also reads stable-baselines3 zips, which runs code from them.
 
     :raises ConfigError: the run cannot be loaded or the env is not a MiniGrid-Memory env.
     """
@@ -207,7 +216,7 @@ def diagnose(
     import envs
     from agents.training import EVAL_SEED_OFFSET, load_model
 
-    model, config, model_path, _ = load_model(target, device="cpu")
+    model, config, model_path, _ = load_model(target, device="cpu", trust_pickle=trust_pickle)
     env_id = env_id or config.env.id
     if config.env.trial_episodes != 1:
         raise ConfigError(f"{target} was trained on trials; this diagnosis needs plain episodes")
@@ -272,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     print("success  cue seen  success|seen  success|unseen  probe acc (majority, n test)  run")
     for target in args.runs:
         try:
-            result = diagnose(target, args.episodes, args.env, args.seed, args.deterministic)
+            result = diagnose(
+                target, args.episodes, args.env, args.seed, args.deterministic, args.trust_pickle
+            )
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG_ERROR

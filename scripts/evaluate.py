@@ -5,14 +5,18 @@ Examples::
 
     python scripts/evaluate.py runs/MiniGrid-DoorKey-5x5-v0__thalamus__0__20250101-120000
     python scripts/evaluate.py RUN_DIR --episodes 50 --stochastic
-    python scripts/evaluate.py RUN_DIR/best_model.zip --video-dir videos/ --video-every 5
+    python scripts/evaluate.py RUN_DIR/best_model.safetensors --video-dir videos/ --video-every 5
     python scripts/evaluate.py RUN_DIR --video-dir videos/ --no-overlay
     python scripts/evaluate.py RUN_DIR --mission "go to the red ball"   # a wrong instruction
 
-With a run directory the model is ``final_model.zip`` (else ``best_model.zip``, else the
-latest checkpoint; a final model older than the latest checkpoint, left by a run resumed
-with a larger budget, is skipped); a model file needs the run's ``config.yaml`` beside it
-or one folder up. Episode ``i`` is reset with seed ``--seed + i`` and torch is seeded with
+With a run directory the model is ``final_model.safetensors`` (else
+``best_model.safetensors``, else the newest readable checkpoint; a final model older than the
+latest checkpoint, left by a run resumed with a larger budget, is skipped); a model file
+carries the config it was trained with. Loading never runs code from the file; a
+stable-baselines3 ``.zip`` (an old run, or a model made elsewhere) is read only with
+``--trust-pickle`` and the run's ``config.yaml`` beside it or one folder up.
+
+Episode ``i`` is reset with seed ``--seed + i`` and torch is seeded with
 ``--seed``, so two evaluations with the same seed play the same layouts with the same
 actions. Actions are sampled unless the run's ``train.eval_deterministic`` or
 ``--deterministic`` says otherwise: under argmax a MiniGrid policy often loops forever (an
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from agents.config import ConfigError
+from agents.model_files import TRUST_PICKLE_HELP
 
 EXIT_CONFIG_ERROR = 2
 
@@ -56,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
             "and episode length, write them as JSON, and optionally record MP4 videos."
         ),
     )
-    parser.add_argument("target", metavar="RUN_DIR_OR_MODEL", help="run directory or model .zip")
+    parser.add_argument(
+        "target", metavar="RUN_DIR_OR_MODEL", help="run directory or model .safetensors file"
+    )
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     parser.add_argument("--episodes", type=int, default=20, metavar="N", help="episodes (20)")
     parser.add_argument("--env", metavar="ID", help="env id (default: the run's env.id)")
     parser.add_argument(
@@ -164,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     from agents.video import run_episode, write_mp4
 
     try:
-        model, config, model_path, run_dir = load_model(args.target, device=args.device)
+        model, config, model_path, run_dir = load_model(
+            args.target, device=args.device, trust_pickle=args.trust_pickle
+        )
         env_id = args.env or config.env.id
         envs.check_env_id(env_id)
     except (ConfigError, ValueError) as exc:

@@ -9,9 +9,11 @@ Examples::
     python scripts/train_agent.py ppo.learning_rate=1e-4 thalamus.top_k=8 train.video=true
     python scripts/train_agent.py --resume runs/<env>__<agent>__<seed>__<time>
 
-Exit codes: 0 done; 2 invalid config (nothing was trained); 3 non-finite loss or parameter
-(the last good checkpoint is kept); 128 + signal number when stopped by SIGINT/SIGTERM
-(a checkpoint was saved; continue with --resume).
+Exit codes: 0 done; 2 invalid config (nothing was trained) or a run another process writes;
+3 non-finite loss or parameter (the last good checkpoint is kept); 4 disk full (what was saved
+is intact); 128 + signal number when stopped by SIGINT/SIGTERM (a save in progress finishes
+first, then a checkpoint is saved; continue with --resume). A signal after the budget's last
+update lets the run finish its saves: 0.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from agents.config import (
 FIXED_ON_RESUME = ("config", "env", "agent", "seed", "n_envs")
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_DISK_FULL = 4
 
 # Shortcut flags and the config key each one sets.
 SHORTCUTS = {
@@ -55,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train ThalamusPPO (or a PPO / LSTM baseline) on a MiniGrid or BabyAI env. The "
             "config is configs/defaults.yaml, then one per-env file, then the flags below, "
             "then KEY=VALUE overrides. A run writes runs/<env>__<agent>__<seed>__<time>/ with "
-            "config.yaml, tensorboard events (tb/), checkpoints/, best_model.zip and "
-            "final_model.zip."
+            "config.yaml, tensorboard events (tb/), checkpoints/, best_model.safetensors and "
+            "final_model.safetensors."
         ),
         epilog=textwrap.dedent(
             """\
@@ -72,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
               and ppo.* / thalamus_ppo.* / train.* overrides (not train.seed or
               train.runs_dir) may be given; --print-config shows the config it would use.
 
-            exit codes: 0 done, 2 invalid config, 3 non-finite loss or parameter,
-            128+N stopped by signal N (a checkpoint was saved).
+            exit codes: 0 done, 2 invalid config (or the run is being written by
+            another process), 3 non-finite loss or parameter, 4 disk full (what was
+            saved is intact), 128+N stopped by signal N (a checkpoint was saved).
             """
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_help())
         return 0
 
-    from agents.callbacks import NonFiniteTrainingError
+    from agents.callbacks import DiskFullError, NonFiniteTrainingError
     from agents.training import TrainingInterrupted, resume, resumed_config, train
 
     try:
@@ -200,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteTrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except DiskFullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 128 + exc.signum

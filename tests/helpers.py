@@ -6,19 +6,20 @@ from pathlib import Path
 
 import envs
 from agents.config import DEFAULT_CONFIG, load_config, save_config
+from agents.model_files import save_model
 from agents.training import build_agent
 
 
 def save_untrained_run(root: Path, overrides: list[str]) -> Path:
     """Save an untrained agent and its config under ``root`` as a run directory.
 
-    :param root: the folder to write ``final_model.zip`` and ``config.yaml`` into.
+    :param root: the folder to write ``final_model.safetensors`` and ``config.yaml`` into.
     :param overrides: dotted ``KEY=VALUE`` overrides of the default config.
     :return: ``root``, loadable by ``agents.training.load_model``.
     """
     config = load_config(DEFAULT_CONFIG, overrides)
     venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)
-    build_agent(config, venv).save(root / "final_model.zip")
+    save_model(build_agent(config, venv), root / "final_model.safetensors")
     venv.close()
     save_config(config, root / "config.yaml")
     return root

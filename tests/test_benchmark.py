@@ -694,7 +694,7 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     config_file.rename(config_file.with_name("moved.yaml"))
     with pytest.raises(bm.BenchmarkError, match="has checkpoints but no config.yaml"):
         bm.execute_run(bigger.runs[0], out, runs, threshold)
-    assert list((bm.run_dir_of(runs, run) / "checkpoints").glob("*.zip"))
+    assert list((bm.run_dir_of(runs, run) / "checkpoints").glob("*.safetensors"))
 
 
 def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch) -> None:
@@ -707,7 +707,7 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
 
     def interrupted(config, *args, **kwargs):
         started.append(config.train.seed)
-        checkpoint = CheckpointInfo(256, tmp_path / "a.zip", tmp_path / "a.json")
+        checkpoint = CheckpointInfo(256, tmp_path / "a.safetensors", tmp_path / "a.json")
         raise agents.training.TrainingInterrupted(tmp_path, 2, checkpoint)
 
     monkeypatch.setattr(agents.training, "train", interrupted)
@@ -766,7 +766,7 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
     ``agents.training.train`` on the same config (random layouts, so shared envs would show)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from agents.training import agent_class
+    from agents.model_files import load_model_file
 
     text = (
         valid_text(tmp_path / "out", budget=768)
@@ -787,10 +787,10 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
     assert curve == [
         (p["timesteps"], pytest.approx(p["stochastic"]["mean_reward"])) for p in record["curve"]
     ]
-    benchmarked = agent_class("ppo").load(
-        bm.run_dir_of(tmp_path / "runs", run) / "final_model.zip", device="cpu"
+    benchmarked = load_model_file(
+        bm.run_dir_of(tmp_path / "runs", run) / "final_model.safetensors", device="cpu"
     )
-    trained = agent_class("ppo").load(alone / "final_model.zip", device="cpu")
+    trained = load_model_file(alone / "final_model.safetensors", device="cpu")
     for (name, a), b in zip(
         benchmarked.policy.state_dict().items(), trained.policy.state_dict().values(), strict=True
     ):

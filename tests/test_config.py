@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,12 @@ def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypa
     from agents.training import build_agent
 
     calls = []
-    monkeypatch.setattr(agents, "make_agent", lambda *args, **kwargs: calls.append((args, kwargs)))
+
+    def make_agent(*args: object, **kwargs: object) -> object:
+        calls.append((args, kwargs))
+        return types.SimpleNamespace()  # build_agent attaches the config to what it gets
+
+    monkeypatch.setattr(agents, "make_agent", make_agent)
 
     def agent_args(section: str | None = None) -> tuple:
         config = ExperimentConfig()

@@ -230,6 +230,27 @@ def test_bad_input_raises_with_the_shape():
         core(bad, mask, task, feedback)
 
 
+def test_wrong_episode_starts_dtype_positions_and_empty_sequences_are_named():
+    """Issue 32 row 12: these gave raw torch errors (or none) instead of the core's own."""
+    core = make()
+    tokens, mask, task, feedback, positions = inputs(2, 4)
+    starts = torch.zeros(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"episode_starts must be \[B, T\] = \(2, 4\).*\(4, 2\)"):
+        core(tokens, mask, task, feedback, episode_starts=starts.T)
+    with pytest.raises(ValueError, match=r"episode_starts must be \[B\] = \(2,\).*\(2, 4\)"):
+        core.step(tokens[:, 0], mask[:, 0], task[:, 0], feedback[:, 0], episode_starts=starts)
+    with pytest.raises(ValueError, match=r"tokens must be torch.float32.*got torch.float64"):
+        core(tokens.double(), mask, task, feedback)
+    with pytest.raises(ValueError, match=r"feedback must be torch.float32"):
+        core(tokens, mask, task, feedback.double())
+    with pytest.raises(ValueError, match=r"token_mask must be bool"):
+        core(tokens, mask.float(), task, feedback)
+    with pytest.raises(ValueError, match=r"positions must be \[B, T, N, 2\]"):
+        core(tokens, mask, task, feedback, positions=positions[..., :1])
+    with pytest.raises(ValueError, match=r"T = 0 steps"):
+        core(tokens[:, :0], mask[:, :0], task[:, :0], feedback[:, :0])
+
+
 def test_long_sequence_is_finite():
     core = make(chunk_size=64)
     tokens, mask, task, feedback, positions = inputs(1, 1024)

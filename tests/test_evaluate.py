@@ -17,6 +17,7 @@ from minigrid.core.constants import OBJECT_TO_IDX
 
 import envs
 from agents.config import DEFAULT_CONFIG, ExperimentConfig, load_config, save_config
+from agents.model_files import save_model
 from agents.training import build_agent
 from agents.video import (
     GateView,
@@ -267,7 +268,7 @@ def test_evaluate_script_rejects_a_folder_without_a_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _evaluate_main()([str(tmp_path)]) == 2
-    assert "holds no final_model.zip" in capsys.readouterr().err
+    assert "holds no final_model.safetensors" in capsys.readouterr().err
 
 
 def test_evaluate_script_shows_a_given_mission_and_rejects_unknown_words(
@@ -323,7 +324,7 @@ def test_trial_episodes_are_split_into_attempts(tmp_path: Path) -> None:
     plain = run_episode(model, envs.make_env(config.env.id, max_steps=MAX_STEPS), seed=0)
     assert plain.attempts == []
 
-    model.save(tmp_path / "final_model.zip")
+    save_model(model, tmp_path / "final_model.safetensors")
     save_config(config, tmp_path / "config.yaml")
     output = tmp_path / "eval.json"
     assert _evaluate_main()([str(tmp_path), "--episodes=2", f"--output={output}"]) == 0

@@ -183,3 +183,25 @@ def test_stateless_extractor_call_explains_itself(observation_space: spaces.Dict
     policy = make_policy(observation_space)
     with pytest.raises(TypeError, match="recurrent"):
         policy.features_extractor(random_obs(observation_space, (1,)))
+
+
+def test_top_k_above_the_tokens_the_space_gives_is_refused_naming_both(
+    observation_space: spaces.Dict,
+) -> None:
+    """Issue 32 row 7: top_k=1000 on ~60 tokens trained for 13 min in ~15 GB before."""
+    n_tokens = make_policy(observation_space).features_extractor.tokenizer.n_tokens
+    make_policy(observation_space, top_k=n_tokens)  # every token kept: fine
+    make_policy(observation_space, top_k=1000, gate_enabled=False)  # no selection: unused
+    with pytest.raises(ValueError, match=rf"top_k = 1000 is more than the {n_tokens} tokens"):
+        make_policy(observation_space, top_k=1000)
+
+    from agents.config import DEFAULT_CONFIG, ConfigError, load_config
+    from agents.training import build_agent
+
+    config = load_config(DEFAULT_CONFIG, ["thalamus.top_k=1000", "env.n_envs=2"])
+    venv = envs.make_vec_env(config.env.id, n_envs=2, seed=0)
+    try:
+        with pytest.raises(ConfigError, match=rf"at most {n_tokens}"):
+            build_agent(config, venv)
+    finally:
+        venv.close()

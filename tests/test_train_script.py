@@ -19,7 +19,7 @@ from stable_baselines3.common.logger import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import envs
-from agents import make_agent, training
+from agents import training
 from agents.callbacks import (
     NonFiniteGuard,
     NonFiniteTrainingError,
@@ -33,7 +33,8 @@ from agents.callbacks import (
     save_checkpoint,
 )
 from agents.config import DEFAULT_CONFIG, ConfigError, load_config
-from agents.training import agent_class, train
+from agents.model_files import load_model_file
+from agents.training import build_agent, train
 from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +115,8 @@ def test_default_agent_trains_end_to_end_into_a_run_directory(tmp_path: Path) ->
     videos = sorted(p.name for p in (run_dir / "videos").iterdir())
     assert videos == ["eval_000000000032.mp4", "eval_000000000064.mp4"]
 
-    assert (run_dir / "best_model.zip").is_file()
-    model = agent_class("thalamus").load(run_dir / "final_model.zip", device="cpu")
+    assert (run_dir / "best_model.safetensors").is_file()
+    model = load_model_file(run_dir / "final_model.safetensors", device="cpu")
     assert model.num_timesteps == 64
     obs = envs.make_vec_env(config.env.id, n_envs=1, seed=0).reset()
     action, _ = model.predict(obs, deterministic=True)
@@ -158,7 +159,7 @@ def test_resume_continues_the_counter_and_the_same_curve(tmp_path: Path, agent: 
         assert max(steps) == 128 and any(64 < step < 128 for step in steps)
     assert [step for step, _ in after["eval/mean_reward"]] == [32, 64, 96, 128]
 
-    model = agent_class(agent).load(run_dir / "final_model.zip", device="cpu")
+    model = load_model_file(run_dir / "final_model.safetensors", device="cpu")
     assert model.num_timesteps == 128
     assert load_config(run_dir / "config.yaml", defaults_file=None).train.total_timesteps == 128
 
@@ -285,14 +286,19 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int
     run_dir = only_run_dir(tmp_path)
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.timesteps >= rollout
-    assert not (run_dir / "final_model.zip").exists()
+    assert not (run_dir / "final_model.safetensors").exists()
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
 
 @pytest.fixture
 def tiny_ppo() -> object:
-    venv = envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=2, seed=0)
-    model = make_agent("ppo", venv, seed=0, device="cpu", n_steps=16, batch_size=32, n_epochs=1)
+    config = load_config(
+        DEFAULT_CONFIG,
+        ["agent.kind=ppo", "env.id=MiniGrid-Empty-5x5-v0", "env.n_envs=2", "train.device=cpu",
+         "ppo.n_steps=16", "ppo.batch_size=32", "ppo.n_epochs=1"],
+    )  # fmt: skip
+    venv = envs.make_vec_env(config.env.id, n_envs=2, seed=0)
+    model = build_agent(config, venv)  # carries its config: its checkpoints can be loaded
     model.set_logger(Logger(folder=None, output_formats=[]))  # no SB3-<time> folder in /tmp
     yield model
     venv.close()
@@ -317,7 +323,7 @@ def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(
         tiny_ppo.learn(256, callback=[guard, checkpoint, PoisonAfter64()])
     last = latest_checkpoint(tmp_path)
     assert last is not None and last.timesteps == 32
-    restored = agent_class("ppo").load(last.model_path, device="cpu")
+    restored = load_model_file(last.model_path, device="cpu")
     assert all(th.isfinite(p).all() for p in restored.policy.parameters())
 
 
@@ -336,8 +342,8 @@ def test_checkpoints_are_complete_only_with_their_sidecar_and_are_pruned(
     for steps in (10, 20, 30):
         tiny_ppo.num_timesteps = steps
         save_checkpoint(tiny_ppo, tmp_path, extra={"note": steps})
-    (tmp_path / "step_000000000040.zip").write_bytes(b"torn")  # a zip whose JSON never came
-    (tmp_path / ".step_000000000050.zip.x.tmp").write_bytes(b"")  # an interrupted temp file
+    (tmp_path / "step_000000000040.safetensors").write_bytes(b"torn")  # its JSON never came
+    (tmp_path / ".step_000000000050.safetensors.x.tmp").write_bytes(b"")  # an interrupted save
     assert [c.timesteps for c in list_checkpoints(tmp_path)] == [10, 20, 30]
     assert json.loads((tmp_path / "step_000000000030.json").read_text())["extra"] == {"note": 30}
 
@@ -346,7 +352,7 @@ def test_checkpoints_are_complete_only_with_their_sidecar_and_are_pruned(
     tiny_ppo.num_timesteps = 60
     keeper.save()
     assert [c.timesteps for c in list_checkpoints(tmp_path)] == [30, 60]
-    loaded = agent_class("ppo").load(latest_checkpoint(tmp_path).model_path, device="cpu")
+    loaded = load_model_file(latest_checkpoint(tmp_path).model_path, device="cpu")
     for a, b in zip(loaded.policy.parameters(), tiny_ppo.policy.parameters(), strict=True):
         np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
 
@@ -374,7 +380,7 @@ def test_evaluation_does_not_change_training(tmp_path: Path, agent: str) -> None
             [*overrides, f"train.eval_freq={eval_freq}", f"train.runs_dir={runs_dir}"],
         )
         run_dir = train(config)
-        model = agent_class(agent).load(run_dir / "final_model.zip", device="cpu")
+        model = load_model_file(run_dir / "final_model.safetensors", device="cpu")
         weights.append(model.policy.state_dict())
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():
@@ -445,7 +451,7 @@ def _tiny_config(tmp_path: Path, *overrides: str):
 
 def test_a_signal_during_the_last_update_still_finishes_the_run(tmp_path: Path) -> None:
     """The budget is trained when the signal lands after the last env step: the run writes
-    final_model.zip and returns instead of asking for a resume that has nothing to do."""
+    final_model.safetensors and returns instead of asking for a resume that has nothing to do."""
     import os
 
     class SignalAtTheEnd(BaseCallback):
@@ -458,7 +464,7 @@ def test_a_signal_during_the_last_update_still_finishes_the_run(tmp_path: Path) 
 
     previous = signal.getsignal(signal.SIGINT)
     run_dir = train(_tiny_config(tmp_path), extra_callbacks=lambda run: [SignalAtTheEnd()])
-    assert (run_dir / "final_model.zip").exists()
+    assert (run_dir / "final_model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is previous
 
 
@@ -489,7 +495,7 @@ def test_a_resume_keeps_a_better_best_model_saved_after_its_checkpoint(
 ) -> None:
     """best_model.json records the saved model's reward; on resume the larger of it and the
     checkpoint's value is the bar a new best must clear."""
-    path = tmp_path / "best_model.zip"
+    path = tmp_path / "best_model.safetensors"
     evaluation = PeriodicEval(
         tiny_ppo.get_env(), eval_freq=32, callback_on_new_best=SaveBestModel(path)
     )
@@ -503,7 +509,7 @@ def test_a_resume_keeps_a_better_best_model_saved_after_its_checkpoint(
     assert resumed.best_mean_reward == pytest.approx(0.22)
     resumed.load_state({"best_mean_reward": 0.3}, best_on_disk=0.22)
     assert resumed.best_mean_reward == pytest.approx(0.3)
-    assert best_model_reward(tmp_path / "missing.zip") is None
+    assert best_model_reward(tmp_path / "missing.safetensors") is None
 
 
 def test_overrides_the_agent_does_not_read_are_pointed_out(tmp_path: Path) -> None:
@@ -522,7 +528,7 @@ def test_load_model_skips_a_final_model_the_run_was_resumed_past(
     import os
 
     run = save_untrained_run(tmp_path, ["agent.kind=ppo", "train.device=cpu"])
-    final = run / "final_model.zip"
+    final = run / "final_model.safetensors"
     assert training.load_model(run, device="cpu").model_path == final
     tiny_ppo.num_timesteps = 64
     later = save_checkpoint(tiny_ppo, run / "checkpoints")

@@ -290,7 +290,14 @@ class ThalamusCore(nn.Module):
         return gate, self.readout(kept, gate.kept_mask, gate.query, gate.rest, weights)
 
     def _check(
-        self, tokens: Tensor, token_mask: Tensor, task: Tensor, feedback: Tensor, ndim: int
+        self,
+        tokens: Tensor,
+        token_mask: Tensor,
+        task: Tensor,
+        feedback: Tensor,
+        ndim: int,
+        positions: Tensor | None = None,
+        episode_starts: Tensor | None = None,
     ) -> None:
         lead = "[B, T" if ndim == 4 else "[B"
         c = self.config
@@ -299,6 +306,21 @@ class ThalamusCore(nn.Module):
                 f"tokens must be {lead}, N, d_model={c.d_model}], got {tuple(tokens.shape)}"
             )
         prefix = tokens.shape[:-2]
+        if ndim == 4 and tokens.shape[1] == 0:
+            raise ValueError(
+                f"tokens have T = 0 steps ({tuple(tokens.shape)}): a sequence needs at least one"
+            )
+        if tokens.shape[-2] == 0:
+            raise ValueError(f"tokens have N = 0 tokens per step ({tuple(tokens.shape)})")
+        dtype = self.gate.key_proj.weight.dtype
+        for name, value in (("tokens", tokens), ("task", task), ("feedback", feedback)):
+            if value.dtype != dtype:
+                raise ValueError(
+                    f"{name} must be {dtype} like the core's parameters, got {value.dtype} "
+                    f"(convert with .to({dtype}) or the core with .to({value.dtype}))"
+                )
+        if token_mask.dtype != torch.bool:
+            raise ValueError(f"token_mask must be bool (True = valid), got {token_mask.dtype}")
         if token_mask.shape != tokens.shape[:-1]:
             raise ValueError(
                 f"token_mask must be {lead}, N] = {tuple(tokens.shape[:-1])}, "
@@ -310,6 +332,16 @@ class ThalamusCore(nn.Module):
             raise ValueError(
                 f"feedback must be {lead}, n_feedback_signals={c.n_feedback_signals}], "
                 f"got {tuple(feedback.shape)}"
+            )
+        if positions is not None and positions.shape != (*tokens.shape[:-1], 2):
+            raise ValueError(
+                f"positions must be {lead}, N, 2] = {(*tuple(tokens.shape[:-1]), 2)}, "
+                f"got {tuple(positions.shape)}"
+            )
+        if episode_starts is not None and episode_starts.shape != prefix:
+            raise ValueError(
+                f"episode_starts must be {lead}] = {tuple(prefix)} (one flag per env"
+                f"{' and step' if ndim == 4 else ''}), got {tuple(episode_starts.shape)}"
             )
 
     def forward(
@@ -336,7 +368,7 @@ class ThalamusCore(nn.Module):
             ~30 small ops, 12% of a rollout step at 8 envs).
         :return: :class:`ThalamusOutput` with ``[B, T, ...]`` fields, and the final state.
         """
-        self._check(tokens, token_mask, task, feedback, 4)
+        self._check(tokens, token_mask, task, feedback, 4, positions, episode_starts)
         batch, length, n = tokens.shape[:3]
         flat = lambda t: None if t is None else t.reshape(batch * length, *t.shape[2:])  # noqa: E731
         gate, stream_in = self._per_step(
@@ -363,7 +395,7 @@ class ThalamusCore(nn.Module):
 
         Shapes as in :meth:`forward` without the ``T`` dimension; ``episode_starts: [B]``.
         """
-        self._check(tokens, token_mask, task, feedback, 3)
+        self._check(tokens, token_mask, task, feedback, 3, positions, episode_starts)
         gate, stream_in = self._per_step(tokens, token_mask, task, feedback, positions)
         workspace, alpha, state = self.streams.step(stream_in, state, episode_starts)
         return self._output(workspace, alpha, gate, token_mask, lambda t: t, with_stats), state
