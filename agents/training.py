@@ -57,6 +57,7 @@ from agents.config import (
     save_config,
     validate_config,
 )
+from agents.hints import script_command, shell_path
 from agents.runtime import tune_allocator
 
 __all__ = [
@@ -101,8 +102,9 @@ class TrainingInterrupted(RuntimeError):
         name = signal.Signals(signum).name
         where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
         super().__init__(
-            f"{name} received: stopped{where} and saved a checkpoint in {run_dir / 'checkpoints'}."
-            f" Continue with: python scripts/train_agent.py --resume {run_dir}"
+            f"{name} received: stopped{where} and saved a checkpoint in "
+            f"{shell_path(run_dir / 'checkpoints')}. Continue with: "
+            + script_command("train_agent.py", "--resume", run_dir)
         )
         self.run_dir = run_dir
         self.signum = signum
@@ -378,8 +380,9 @@ def _callbacks(
             )
         return (
             f"The last good checkpoint is {last.model_path} (step {last.timesteps:,}); resume "
-            f"from it with: python scripts/train_agent.py --resume {paths.root} "
-            "ppo.learning_rate=<lower>"
+            "from it with: "
+            + script_command("train_agent.py", "--resume", paths.root)
+            + " ppo.learning_rate=<lower>"
         )
 
     guard, stop = NonFiniteGuard(hint), StopOnSignal()
@@ -545,7 +548,7 @@ def resume(
         raise ConfigError(
             f"{paths.checkpoints} holds no complete checkpoint to resume from (the run stopped "
             "before its first one); start it again with the same config: "
-            f"scripts/train_agent.py --config {paths.config}"
+            + script_command("train_agent.py", "--config", paths.config)
         )
     if checkpoint.timesteps >= config.train.total_timesteps:
         raise ConfigError(
