@@ -22,7 +22,9 @@ from agents.video import (
     GateView,
     SelectedCell,
     draw_selection,
+    overlay_scale,
     panel_height,
+    render_panel,
     run_episode,
     selected_cells,
     view_to_world,
@@ -135,13 +137,20 @@ def test_overlay_frames_differ_from_plain_frames_exactly_at_the_selected_cells(
     assert plain.length == overlay.length == MAX_STEPS  # an untrained agent times out
     assert len(plain.frames) == len(overlay.frames) == len(overlay.selections) == MAX_STEPS + 1
 
-    height, width, _ = plain.frames[0].shape
+    # The overlay scales DoorKey-5x5's 160 px render 2x, so its text is legible as recorded.
+    native_height, native_width, _ = plain.frames[0].shape
+    scale = overlay_scale(native_width)
+    assert (native_width, scale) == (160, 2)
+    height, width = scale * native_height, scale * native_width
     tile = height // 5  # DoorKey-5x5
-    assert overlay.frames[0].shape == (height + panel_height(2), width, 3)
+    assert {frame.shape for frame in overlay.frames} == {overlay.frames[0].shape}
+    assert overlay.frames[0].shape[1:] == (width, 3)
+    assert overlay.frames[0].shape[0] >= height + panel_height(2)
     assert sum(len(cells) for cells in overlay.selections) > 0
     for plain_frame, overlay_frame, cells in zip(
         plain.frames, overlay.frames, overlay.selections, strict=True
     ):
+        plain_frame = np.repeat(np.repeat(plain_frame, scale, axis=0), scale, axis=1)
         changed = (overlay_frame[:height] != plain_frame).any(-1)
         expected = np.zeros((height, width), dtype=bool)
         for cell in cells:
@@ -227,10 +236,15 @@ def test_evaluate_script_writes_json_and_decodable_videos(
     env = envs.make_env(summary["env_id"], render_mode="rgb_array", max_steps=MAX_STEPS)
     env.reset(seed=0)
     height, width, _ = env.render().shape
-    expected_height = height + panel_height(2) if overlay else height
+    scale = overlay_scale(width) if overlay else 1
     for path, episode in zip(recorded, summary["per_episode"][::2], strict=True):
         assert episode["video"] == str(path)
-        assert _decode(path) == (episode["length"] + 1, (expected_height, width, 3))
+        n_frames, (video_height, video_width, _) = _decode(path)
+        assert (n_frames, video_width) == (episode["length"] + 1, scale * width)
+        if overlay:  # the panel has at least one line of selected tokens
+            assert video_height >= scale * height + panel_height(2)
+        else:
+            assert video_height == height
 
 
 def test_recording_an_overlay_does_not_change_the_episodes(run_dir: Path) -> None:
@@ -406,3 +420,19 @@ def test_evaluating_on_another_env_warns_which_env_the_model_learned(
     )
     assert _evaluate_main()(args) == 0
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_the_selected_tokens_line_wraps_instead_of_being_cut() -> None:
+    """The "words:" line was cut to one line with "...", hiding the rest of the kept tokens
+    (``proprio`` last of all); it now wraps onto as many lines as it needs."""
+    words = "words: " + ", ".join(["key", "door", "ball", "purple", "pick", "up"] * 3)
+    extras = f"{words}; proprio"
+    weights = np.array([0.7, 0.3])
+    one_line = render_panel(320, "get the key", 3, 0.5, ["visual", "semantic"], weights, "proprio")
+    wrapped = render_panel(320, "get the key", 3, 0.5, ["visual", "semantic"], weights, extras)
+    assert one_line.shape == (panel_height(2), 320, 3)
+    assert wrapped.shape[0] == panel_height(2, extra_lines=3)
+    # Text in every wrapped line's band: the last one too, where "proprio" ends up.
+    background = wrapped[-1, -1]
+    text_rows = np.flatnonzero((wrapped != background).any(-1).any(-1))
+    assert text_rows.max() > panel_height(2) - 8
