@@ -49,8 +49,10 @@ from agents.constants import AGENT_KINDS
 from agents.hints import shell_path
 
 if TYPE_CHECKING:
+    from stable_baselines3.common.callbacks import BaseCallback
+
     from agents.summary import EvalRecorder
-    from agents.training import RunCallbacks
+    from agents.training import ExtraCallbacks, RunCallbacks
 
 # Flags that would change what a resumed run is (its config stays as saved).
 FIXED_ON_RESUME = ("config", "env", "agent", "seed", "n_envs")
@@ -208,7 +210,7 @@ def _warn_inert(config: ExperimentConfig) -> None:
 
 
 def _train_and_summarise(
-    config: ExperimentConfig, start: Callable[[Callable[[RunCallbacks], list]], Path], fresh: bool
+    config: ExperimentConfig, start: Callable[[ExtraCallbacks], Path], fresh: bool
 ) -> int:
     """Run ``start(extra_callbacks)`` (a train or a resume) and print the closing summary.
 
@@ -221,7 +223,7 @@ def _train_and_summarise(
 
     recorders: list[EvalRecorder] = []
 
-    def extra_callbacks(run: RunCallbacks) -> list:
+    def extra_callbacks(run: RunCallbacks) -> list[BaseCallback]:
         recorders.append(EvalRecorder(run.evaluation))
         if fresh:  # before training starts (a resume says "resuming <run> from step N")
             print(f"run directory: {shell_path(run.checkpoint.checkpoint_dir.parent)}", flush=True)
