@@ -20,6 +20,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer, RolloutBuffer
 
+from agents.constants import check_batch_size
 from thalamus_rl import ThalamusState
 
 __all__ = ["ThalamusRolloutBuffer", "ThalamusRolloutBufferSamples", "check_batch_size"]
@@ -46,30 +47,6 @@ class ThalamusRolloutBufferSamples(NamedTuple):
     returns: th.Tensor
     episode_starts: th.Tensor
     state: ThalamusState
-
-
-def check_batch_size(batch_size: int, n_steps: int, n_envs: int) -> int:
-    """Validate a minibatch size for env-column minibatches and return envs per minibatch.
-
-    :param batch_size: env steps per minibatch (as in SB3's PPO).
-    :param n_steps: steps per env per rollout.
-    :param n_envs: number of envs.
-    :return: ``batch_size // n_steps``, the number of env columns per minibatch.
-    """
-    if batch_size <= 0 or batch_size % n_steps != 0:
-        half = max(1, n_envs // 2)
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of n_steps={n_steps}: a "
-            "minibatch is a set of whole env columns of n_steps steps each. Use e.g. "
-            f"batch_size={n_steps * half} ({half} envs per minibatch)."
-        )
-    envs_per_batch = batch_size // n_steps
-    if envs_per_batch > n_envs:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than one rollout (n_steps * n_envs = "
-            f"{n_steps} * {n_envs} = {n_steps * n_envs}). Use at most {n_steps * n_envs}."
-        )
-    return envs_per_batch
 
 
 def _torch_dtype(space: spaces.Space) -> th.dtype:

@@ -674,7 +674,8 @@ class ProgressCallback(BaseCallback):
 
     :param total_timesteps: the run's target step count (resumed runs included).
     :param mode: ``"bar"``, ``"log"``, ``"none"`` or ``"auto"`` (bar iff stdout is a TTY).
-    :param log_every_s: seconds between log lines in ``"log"`` mode.
+    :param log_every_s: seconds between log lines in ``"log"`` mode (the first is printed when
+        training starts, the last when it ends).
     :param evaluation: the eval callback, whose latest result is shown.
     :param stream: where log lines go (default stdout).
     """
@@ -734,6 +735,14 @@ class ProgressCallback(BaseCallback):
             self._progress.start()
             self._task = self._progress.add_task(
                 "train", total=self.total_timesteps, completed=self.num_timesteps, stats=""
+            )
+        elif self.mode == "log":  # at once: a run must not be silent until log_every_s
+            print(
+                f"[{100 * self.num_timesteps / max(self.total_timesteps, 1):5.1f}%] step "
+                f"{self.num_timesteps:,}/{self.total_timesteps:,} | training started; a line "
+                f"every {self.log_every_s:g} s and at the end",
+                file=self.stream,
+                flush=True,
             )
 
     def _on_step(self) -> bool:

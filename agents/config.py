@@ -46,10 +46,13 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from agents.factory import AGENT_KINDS
-from agents.policy import DEFAULT_CORE_LR_SCALE
-from agents.ppo import ADVANTAGE_NORMALIZATIONS
-from thalamus_rl import ThalamusConfig
+from agents.constants import (
+    ADVANTAGE_NORMALIZATIONS,
+    AGENT_KINDS,
+    DEFAULT_CORE_LR_SCALE,
+    check_batch_size,
+)
+from thalamus_rl.config import ThalamusConfig
 
 __all__ = [
     "CONFIG_DIR",
@@ -70,6 +73,7 @@ __all__ = [
     "config_reference_markdown",
     "config_to_yaml",
     "find_config_for_env",
+    "inert_settings",
     "load_config",
     "parse_overrides",
     "resolve_config_path",
@@ -594,14 +598,40 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             "ppo.normalize_advantage = true (advantages are normalised per minibatch)"
         )
     if config.agent.kind == "thalamus":
-        from agents.buffer import check_batch_size
-
         try:
             check_batch_size(config.ppo.batch_size, config.ppo.n_steps, config.env.n_envs)
         except ValueError as exc:
             raise ConfigError(f"ppo.batch_size / ppo.n_steps / env.n_envs: {exc}") from None
     if check_env_id:
         _validate_env_id(config.env.id)
+
+
+def inert_settings(config: ExperimentConfig, start_timesteps: int = 0) -> list[str]:
+    """Settings of ``config`` that will have no effect in a run from ``start_timesteps`` to
+    ``train.total_timesteps``, each as a sentence saying what to change.
+
+    An evaluation runs when the step count crosses a multiple of ``train.eval_freq``.
+
+    >>> inert_settings(load_config(None, ["train.total_timesteps=50000"]))
+    []
+    >>> [w[:60] for w in inert_settings(load_config(None, ["train.total_timesteps=2048"]))]
+    ['no evaluation falls inside this run: train.eval_freq = 25,00']
+    """
+    train = config.train
+    found = []
+    if train.eval_freq > 0 and train.total_timesteps // train.eval_freq == (
+        start_timesteps // train.eval_freq
+    ):
+        nothing = "no eval/* curves and no best_model.zip"
+        if train.video:
+            nothing += ", and train.video = true records no video"
+        found.append(
+            f"no evaluation falls inside this run: train.eval_freq = {train.eval_freq:,} but "
+            f"it trains from step {start_timesteps:,} to {train.total_timesteps:,}, so there "
+            f"will be {nothing}; set train.eval_freq <= {train.total_timesteps - start_timesteps:,}"
+            " to evaluate"
+        )
+    return found
 
 
 def _validate_fields(obj: Any, prefix: str) -> None:
@@ -644,10 +674,10 @@ def _limits(meta: Any) -> str:
 
 
 def _validate_device(device: str) -> None:
+    if device in ("auto", "cpu"):  # always valid: no torch import (--print-config stays fast)
+        return
     import torch
 
-    if device == "auto":
-        return
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):

@@ -25,6 +25,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import GymEnv, TensorDict
 from torch import nn
 
+from agents.constants import AGENT_KINDS
 from agents.ppo import ThalamusPPO
 from agents.tokenizer import symlog
 
@@ -44,8 +45,8 @@ AGENT_CLASSES: dict[str, type[BaseAlgorithm]] = {
     "ppo": PPO,
     "lstm": RecurrentPPO,
 }
-#: The agent kinds, in the order above.
-AGENT_KINDS: tuple[str, ...] = tuple(AGENT_CLASSES)
+# AGENT_KINDS (agents.constants, read by the config without torch) lists these keys in this
+# order; tests/test_config.py holds the two together.
 
 #: PPO hyperparameters every agent accepts with the same meaning.
 SHARED_HYPERPARAMETERS: tuple[str, ...] = (

@@ -37,6 +37,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.config import ConfigError, ExperimentConfig, config_from_yaml_text, config_to_yaml
+from agents.constants import MODEL_SUFFIX
+from agents.hints import script_command
 
 __all__ = [
     "FORMAT_NAME",
@@ -57,8 +59,6 @@ __all__ = [
     "save_model",
 ]
 
-MODEL_SUFFIX = ".safetensors"
-"""The extension of every model and checkpoint file."""
 FORMAT_NAME = "thalamus_rl.model"
 FORMAT_VERSION = 1
 TRUST_PICKLE_HELP = (
@@ -85,7 +85,7 @@ def pickled_model_message(path: Path, convert_target: Path | None = None) -> str
         f"{path} is a stable-baselines3 zip: it holds pickled Python objects, and loading it "
         "runs any code its author put in it. This project reads only .safetensors models. If "
         "you made it (a run of an older version) or trust its author, convert it once with: "
-        f"python scripts/convert_run.py {target} --trust-pickle"
+        + script_command("convert_run.py", target, "--trust-pickle")
     )
 
 

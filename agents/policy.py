@@ -33,6 +33,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from agents.constants import DEFAULT_CORE_LR_SCALE
 from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
 
@@ -201,9 +202,6 @@ class ThalamusExtractor(BaseFeaturesExtractor):
 #: whatever its gradient's size, with 1e-5 one whose gradients stay under ~1e-5 moves less. In
 #: the first DoorKey-5x5 update 39% of the core's gradients were under 1e-5 (median 3.7e-5).
 ADAM_EPS = 1e-5
-
-#: Default ``core_lr_scale`` of :class:`ThalamusPolicy` (and of ``policy.core_lr_scale``).
-DEFAULT_CORE_LR_SCALE = 0.25
 
 
 class ThalamusPolicy(ActorCriticPolicy):

@@ -37,13 +37,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
 from agents.buffer import ThalamusRolloutBuffer, check_batch_size
+from agents.constants import ADVANTAGE_NORMALIZATIONS
 from agents.policy import ThalamusPolicy
 from thalamus_rl import ThalamusState
 
 __all__ = ["ADVANTAGE_NORMALIZATIONS", "ThalamusPPO"]
 
-#: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).
-ADVANTAGE_NORMALIZATIONS = ("rollout", "minibatch")
 
 #: Rollout steps (of all envs) whose ``thalamus/*`` signals are averaged into the log; evenly
 #: spaced. Computing them costs ~0.45 ms a step at 8 envs (12% of the policy step), so not

@@ -75,6 +75,7 @@ from agents.config import (
     sections_ignored_by,
     validate_config,
 )
+from agents.hints import script_command, shell_path
 from agents.model_files import (
     MODEL_SUFFIX,
     PickledModelError,
@@ -134,8 +135,9 @@ class TrainingInterrupted(RuntimeError):
         name = signal.Signals(signum).name
         where = f" at step {checkpoint.timesteps:,}" if checkpoint is not None else ""
         super().__init__(
-            f"{name} received: stopped{where} and saved a checkpoint in {run_dir / 'checkpoints'}."
-            f" Continue with: python scripts/train_agent.py --resume {run_dir}"
+            f"{name} received: stopped{where} and saved a checkpoint in "
+            f"{shell_path(run_dir / 'checkpoints')}. Continue with: "
+            + script_command("train_agent.py", "--resume", run_dir)
         )
         self.run_dir = run_dir
         self.signum = signum
@@ -450,8 +452,9 @@ def _callbacks(
             )
         return (
             f"The last good checkpoint is {last.model_path} (step {last.timesteps:,}); resume "
-            f"from it with: python scripts/train_agent.py --resume {paths.root} "
-            "ppo.learning_rate=<lower>"
+            "from it with: "
+            + script_command("train_agent.py", "--resume", paths.root)
+            + " ppo.learning_rate=<lower>"
         )
 
     # An update can take minutes: a signal also asks the algorithm to stop it (ThalamusPPO
@@ -760,7 +763,7 @@ def plan_resume(
                 f"was trained with: {'; '.join(conflicts)}. These keys fix the data and the "
                 "network, so a resume cannot change them: put the checkpoint's values back in "
                 "config.yaml (or delete it: it is written back from the checkpoint), or start a "
-                f"new run with: python scripts/train_agent.py --config {paths.config}"
+                "new run with: " + script_command("train_agent.py", "--config", paths.config)
             )
         changed = [
             f"{key} {trained.get(key)!r} -> {now.get(key)!r}"
@@ -860,7 +863,7 @@ def resume(
             raise ConfigError(
                 f"{paths.checkpoints} holds no complete checkpoint to resume from (the run "
                 "stopped before its first one); start it again with the same config: "
-                f"scripts/train_agent.py --config {paths.config}"
+                + script_command("train_agent.py", "--config", paths.config)
             )
         if checkpoint.timesteps >= config.train.total_timesteps:
             raise ConfigError(
@@ -930,8 +933,8 @@ def refuse_pickled_run(paths: RunPaths) -> None:
         raise PickledModelError(
             f"{paths.root} was saved by an older version as stable-baselines3 zips, which hold "
             "pickled Python objects (loading one runs any code its author put in it). If you "
-            "trust the run, convert it once with: python scripts/convert_run.py "
-            f"{paths.root} --trust-pickle"
+            "trust the run, convert it once with: "
+            + script_command("convert_run.py", paths.root, "--trust-pickle")
         )
 
 

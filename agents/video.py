@@ -39,12 +39,14 @@ from agents.tokenizer import TokenLayout
 
 __all__ = [
     "OVERLAY_COLOR",
+    "OVERLAY_MIN_WIDTH",
     "EpisodeRecording",
     "GateView",
     "SelectedCell",
     "compose_frame",
     "draw_selection",
     "encode_gif",
+    "overlay_scale",
     "panel_height",
     "render_panel",
     "run_episode",
@@ -58,9 +60,13 @@ OVERLAY_COLOR: tuple[int, int, int] = (0, 230, 255)
 _PANEL_BG = (24, 24, 24)
 _PANEL_TEXT = (235, 235, 235)
 _PANEL_DIM = (150, 150, 150)
-_FONT_SIZE = 11
-_LINE_HEIGHT = 14
+_FONT_SIZE = 15
+_LINE_HEIGHT = 19
 _MISSION_LINES = 2
+OVERLAY_MIN_WIDTH = 320
+"""Overlay frames narrower than this are scaled up by a whole factor (nearest neighbour):
+MiniGrid's 5x5 render is 160 px wide, where 11 px text was ~8 px tall and a line held ~25
+characters; at 320 px the 15 px text is legible at the video's native size."""
 
 FrameMode = Literal["none", "plain", "overlay"]
 
@@ -245,14 +251,30 @@ def _wrap(text: str, width: int, max_lines: int) -> list[str]:
     return lines
 
 
-def panel_height(n_streams: int) -> int:
-    """Height in pixels of the panel for ``n_streams`` streams (a multiple of 16).
+def overlay_scale(width: int) -> int:
+    """The whole factor an overlay scales a ``width``-pixel render by: the smallest that makes
+    it at least :data:`OVERLAY_MIN_WIDTH` wide (1 for wide renders).
 
-    >>> panel_height(2)
-    96
+    >>> overlay_scale(160), overlay_scale(256), overlay_scale(352)
+    (2, 2, 1)
     """
-    lines = _MISSION_LINES + 1 + n_streams + 1
+    return max(1, math.ceil(OVERLAY_MIN_WIDTH / max(width, 1)))
+
+
+def panel_height(n_streams: int, extra_lines: int = 1) -> int:
+    """Height in pixels of the panel for ``n_streams`` streams and ``extra_lines`` lines of
+    selected non-cell tokens (a multiple of 16).
+
+    >>> panel_height(2), panel_height(2, extra_lines=2)
+    (128, 144)
+    """
+    lines = _MISSION_LINES + 1 + n_streams + extra_lines
     return 16 * math.ceil((lines * _LINE_HEIGHT + 8) / 16)
+
+
+def _extras_lines(extras: str, width: int) -> list[str]:
+    """``extras`` wrapped to ``width`` pixels, every word kept (no line limit)."""
+    return _wrap(extras, width - 8, max_lines=10_000) if extras else []
 
 
 def render_panel(
@@ -264,16 +286,18 @@ def render_panel(
     stream_weights: np.ndarray | None = None,
     extras: str = "",
 ) -> np.ndarray:
-    """The text panel shown under the grid: ``[panel_height(len(stream_names)), width, 3]``.
+    """The text panel shown under the grid: ``[panel_height(M, L), width, 3]`` for ``M``
+    streams and the ``L >= 1`` lines ``extras`` wraps to.
 
     :param mission: the mission string (wrapped to two lines).
     :param step: steps taken so far in the episode.
     :param episode_return: reward collected so far.
     :param stream_names: the streams' names (one bar each).
     :param stream_weights: ``[M]`` their competition weights (``None``: not a thalamus agent).
-    :param extras: a last line, e.g. the selected mission words.
+    :param extras: the last lines, e.g. the selected mission words, wrapped, never cut.
     """
-    height = panel_height(len(stream_names))
+    extra_lines = _extras_lines(extras, width)
+    height = panel_height(len(stream_names), max(len(extra_lines), 1))
     image = Image.new("RGB", (width, height), _PANEL_BG)
     draw = ImageDraw.Draw(image)
     font = _font()
@@ -295,8 +319,9 @@ def render_panel(
             draw.rectangle((bar_x0, y + 3, filled, y + _LINE_HEIGHT - 3), fill=OVERLAY_COLOR)
             draw.text((bar_x1 + 4, y), f"{weight:.2f}", fill=_PANEL_TEXT, font=font)
         y += _LINE_HEIGHT
-    if extras:
-        draw.text((4, y), _wrap(extras, width - 8, 1)[0], fill=_PANEL_DIM, font=font)
+    for line in extra_lines:
+        draw.text((4, y), line, fill=_PANEL_DIM, font=font)
+        y += _LINE_HEIGHT
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -310,14 +335,19 @@ def compose_frame(
     stream_weights: np.ndarray | None = None,
     extras: str = "",
 ) -> np.ndarray:
-    """One overlay frame: the render with ``cells`` marked, over the text panel.
+    """One overlay frame: the render scaled by ``s = overlay_scale(Wp)`` with ``cells``
+    marked, over the text panel.
 
     :param frame: ``[Hp, Wp, 3]`` the env's full-grid render of the current state.
     :param env: the env, in the rendered state (for the grid size and the mission).
     :param cells: the selected cells (:func:`selected_cells`).
-    :return: ``[Hp + panel_height(M), Wp, 3]`` uint8.
+    :return: ``[s * Hp + panel_height(M, L), s * Wp, 3]`` uint8, ``L`` the lines ``extras``
+        wraps to (:func:`run_episode` pads an episode's frames to one size).
     """
     unwrapped = env.unwrapped
+    scale = overlay_scale(frame.shape[1])
+    if scale > 1:
+        frame = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
     if cells:
         frame = draw_selection(frame, cells, tile_size=frame.shape[0] // unwrapped.height)
     try:  # a mission shown in place of the env's (scripts/evaluate.py --mission)
@@ -356,7 +386,8 @@ class EpisodeRecording:
         each attempt played, in order, as ``{"return", "length", "success"}``; empty for a
         plain episode.
     :ivar frames: ``length + 1`` frames ``[H, W, 3]`` uint8 (reset, then after each step),
-        empty when not recording.
+        empty when not recording; overlay frames are padded at the bottom to the tallest
+        panel of the episode.
     :ivar selections: with the overlay, the cells marked on each frame.
     """
 
@@ -480,6 +511,9 @@ def run_episode(
         record(gate)
     else:
         record(None)
+    if frames == "overlay":  # the wrapped token lines vary by step; a video needs one size
+        tallest = max(f.shape[0] for f in recording.frames)
+        recording.frames = [_pad_bottom(f, tallest) for f in recording.frames]
     recording.success = bool(info.get("is_success", False))
     if is_trial:  # the last attempt: what the earlier ones leave of the trial's totals
         recording.attempts.append(
@@ -495,6 +529,15 @@ def run_episode(
 # --------------------------------------------------------------------------------------
 # Encoding
 # --------------------------------------------------------------------------------------
+
+
+def _pad_bottom(frame: np.ndarray, height: int) -> np.ndarray:
+    """``frame`` with panel-coloured rows added below it up to ``height``."""
+    if frame.shape[0] >= height:
+        return frame
+    pad = np.empty((height - frame.shape[0], *frame.shape[1:]), dtype=frame.dtype)
+    pad[:] = _PANEL_BG
+    return np.concatenate([frame, pad], axis=0)
 
 
 def _pad_even(frame: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from agents.benchmarking import (
     run_suite,
     write_report,
 )
+from agents.hints import script_command
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -147,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             failed += sum(error is not None for error in results.values())
             print(f"suite {suite.name}: records in {out / 'records' / suite.name}")
-        names = " ".join(args.suites)
-        print(f"report: python scripts/benchmark.py {names} --report")
+        print("report: " + script_command("benchmark.py", *args.suites, "--report"))
         return EXIT_FAILED if failed else 0
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)

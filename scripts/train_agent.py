@@ -1,13 +1,20 @@
 #!/usr/bin/env python
 """Train an agent on a MiniGrid/BabyAI env; with no arguments, ThalamusPPO on DoorKey-5x5.
 
-Examples::
+Examples (from the repository root, with the interpreter of ``scripts/setup.sh``'s venv)::
 
-    python scripts/train_agent.py                                   # the default run
-    python scripts/train_agent.py --config memory_s7 --seed 1
-    python scripts/train_agent.py --env MiniGrid-MemoryS11-v0 --agent lstm
-    python scripts/train_agent.py ppo.learning_rate=1e-4 thalamus.top_k=8 train.video=true
-    python scripts/train_agent.py --resume runs/<env>__<agent>__<seed>__<time>
+    .venv/bin/python scripts/train_agent.py                         # the default run
+    .venv/bin/python scripts/train_agent.py --config memory_s7 --seed 1
+    .venv/bin/python scripts/train_agent.py --env MiniGrid-MemoryS11-v0 --agent lstm
+    .venv/bin/python scripts/train_agent.py ppo.learning_rate=1e-4 thalamus.top_k=8 train.video=true
+    .venv/bin/python scripts/train_agent.py --resume runs/<env>__<agent>__<seed>__<time>
+
+It prints the run directory before training starts and, at the end, a summary: the last
+evaluation, the best model, and the commands to evaluate, watch and train on (spelled with
+the interpreter it runs under, so they paste). Settings that will do nothing in the run
+(``train.video=true`` with no evaluation inside the budget) are warned about first. Only
+argument parsing, the config and the env registry are imported before training, so
+``--help``, ``--help-config`` and ``--print-config`` answer without importing torch.
 
 Exit codes: 0 done; 2 invalid config (nothing was trained) or a run another process writes;
 3 non-finite loss or parameter (the last good checkpoint is kept); 4 disk full (what was saved
@@ -19,20 +26,35 @@ update lets the run finish its saves: 0.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agents import AGENT_KINDS
+# Nothing here imports torch or stable-baselines3 (tests/test_train_script.py checks it):
+# the training modules are imported only once a run is about to train.
 from agents.config import (
     DEFAULT_CONFIG,
     ConfigError,
+    ExperimentConfig,
     config_reference,
     config_to_yaml,
     find_config_for_env,
+    inert_settings,
     load_config,
     sections_ignored_by,
 )
+from agents.constants import AGENT_KINDS
+from agents.hints import shell_path
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from agents.summary import EvalRecorder
+    from agents.training import ExtraCallbacks, RunCallbacks
 
 # Flags that would change what a resumed run is (its config stays as saved).
 FIXED_ON_RESUME = ("config", "env", "agent", "seed", "n_envs")
@@ -51,15 +73,28 @@ SHORTCUTS = {
 }
 
 
+def _help_width() -> int:
+    """The terminal's width, at most 100 columns (60 at least)."""
+    return max(min(shutil.get_terminal_size((100, 24)).columns, 100), 60)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's layout, wrapped to :func:`_help_width` (argparse fills any terminal width)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_help_width())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_agent.py",
-        description=(
+        description=textwrap.fill(
             "Train ThalamusPPO (or a PPO / LSTM baseline) on a MiniGrid or BabyAI env. The "
             "config is configs/defaults.yaml, then one per-env file, then the flags below, "
             "then KEY=VALUE overrides. A run writes runs/<env>__<agent>__<seed>__<time>/ with "
             "config.yaml, tensorboard events (tb/), checkpoints/, best_model.safetensors and "
-            "final_model.safetensors."
+            "final_model.safetensors.",
+            width=79,
         ),
         epilog=textwrap.dedent(
             """\
@@ -80,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
             saved is intact), 128+N stopped by signal N (a checkpoint was saved).
             """
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--config",
@@ -112,15 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_help() -> str:
-    """The config reference as an aligned table."""
-    rows = config_reference()
-    key_w = max(len(r[0]) for r in rows)
-    type_w = max(len(r[1]) for r in rows)
-    default_w = min(max(len(r[2]) for r in rows), 24)
-    lines = []
-    for key, type_name, default, help_text in rows:
-        lines.append(f"{key:<{key_w}}  {type_name:<{type_w}}  {default:<{default_w}}  {help_text}")
+def config_help(width: int | None = None) -> str:
+    """The config reference: per key a line ``key  type  (default ...)`` and its meaning
+    wrapped below it, a blank line between sections.
+
+    :param width: line width; default the terminal's, at most 100 (60 at least).
+    """
+    width = _help_width() if width is None else width
+    indent = "    "
+    lines: list[str] = []
+    section = None
+    for key, type_name, default, help_text in config_reference():
+        if key.split(".")[0] != section:
+            if section is not None:
+                lines.append("")
+            section = key.split(".")[0]
+        head = f"{key}  {type_name}  (default {default})"
+        lines.extend(textwrap.wrap(head, width, subsequent_indent=indent + indent))
+        if help_text:
+            lines.extend(
+                textwrap.wrap(help_text, width, initial_indent=indent, subsequent_indent=indent)
+            )
     return "\n".join(lines)
 
 
@@ -160,15 +207,82 @@ def _note_unread_overrides(overrides: list[str], kind: str) -> None:
         )
 
 
+def _warn_inert(config: ExperimentConfig) -> None:
+    """Print a warning for each setting that will do nothing in this run."""
+    for warning in inert_settings(config):
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+
+
+def _train_and_summarise(
+    config: ExperimentConfig, start: Callable[[ExtraCallbacks], Path], fresh: bool
+) -> int:
+    """Run ``start(extra_callbacks)`` (a train or a resume) and print the closing summary.
+
+    :param config: the run's config (for the summary).
+    :param fresh: a new run: its directory is printed as soon as it exists.
+    """
+    from agents.callbacks import DiskFullError, NonFiniteTrainingError
+    from agents.summary import EvalRecorder, closing_summary
+    from agents.training import TrainingInterrupted
+
+    recorders: list[EvalRecorder] = []
+
+    def extra_callbacks(run: RunCallbacks) -> list[BaseCallback]:
+        recorders.append(EvalRecorder(run.evaluation))
+        if fresh:  # before training starts (a resume says "resuming <run> from step N")
+            print(f"run directory: {shell_path(run.checkpoint.checkpoint_dir.parent)}", flush=True)
+        return recorders[-1:]
+
+    started = time.monotonic()
+    try:
+        run_dir = start(extra_callbacks)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except NonFiniteTrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except DiskFullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        steps = exc.checkpoint.timesteps if exc.checkpoint is not None else 0
+        records = recorders[0].records if recorders else []
+        print(
+            closing_summary(
+                exc.run_dir,
+                config,
+                records,
+                timesteps=steps,
+                seconds=time.monotonic() - started,
+                interrupted=True,
+            )
+        )
+        return 128 + exc.signum
+    recorder = recorders[0] if recorders else None
+    print(
+        closing_summary(
+            run_dir,
+            config,
+            recorder.records if recorder is not None else [],
+            timesteps=(
+                recorder.final_timesteps
+                if recorder is not None and recorder.final_timesteps is not None
+                else config.train.total_timesteps
+            ),
+            seconds=time.monotonic() - started,
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     if args.help_config:
         print(config_help())
         return 0
-
-    from agents.callbacks import DiskFullError, NonFiniteTrainingError
-    from agents.training import TrainingInterrupted, resume, resumed_config, train
 
     try:
         if args.resume is not None:
@@ -181,39 +295,40 @@ def main(argv: list[str] | None = None) -> int:
                     "its config (only --total-timesteps, --device and ppo.*, thalamus_ppo.* and "
                     "train.* overrides may change)"
                 )
+            from agents.training import resume, resumed_config
+
             overrides = list(args.overrides)
             if args.device is not None:
                 overrides.append(f"train.device={args.device}")
-            if args.print_config:
-                config = resumed_config(
-                    args.resume, overrides, total_timesteps=args.total_timesteps
-                )
-                print(config_to_yaml(config), end="")
-                return 0
-            run_dir = resume(args.resume, overrides, total_timesteps=args.total_timesteps)
-        else:
-            config = load_config(_config_file(args), _overrides(args))
-            _note_unread_overrides(args.overrides, config.agent.kind)
+            config = resumed_config(args.resume, overrides, total_timesteps=args.total_timesteps)
             if args.print_config:
                 print(config_to_yaml(config), end="")
                 return 0
-            run_dir = train(config)
+            return _train_and_summarise(
+                config,
+                lambda extra: resume(
+                    args.resume,
+                    overrides,
+                    total_timesteps=args.total_timesteps,
+                    extra_callbacks=extra,
+                ),
+                fresh=False,
+            )
+        config = load_config(_config_file(args), _overrides(args))
+        _note_unread_overrides(args.overrides, config.agent.kind)
+        _warn_inert(config)
+        if args.print_config:
+            print(config_to_yaml(config), end="")
+            return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except NonFiniteTrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NON_FINITE
-    except DiskFullError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DISK_FULL
-    except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return 128 + exc.signum
-    print(f"done: {run_dir}")
-    print(f"  evaluate: python scripts/evaluate.py {run_dir} --video-dir {run_dir / 'videos'}")
-    print(f"  curves:   tensorboard --logdir {run_dir.parent}")
-    return 0
+
+    from agents.training import train
+
+    return _train_and_summarise(
+        config, lambda extra: train(config, extra_callbacks=extra), fresh=True
+    )
 
 
 if __name__ == "__main__":

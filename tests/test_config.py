@@ -230,3 +230,11 @@ def test_single_sample_minibatches_are_refused_only_where_normalised_per_minibat
             load_config(None, tiny)
     else:
         assert load_config(None, tiny).ppo.batch_size == 1
+
+
+def test_the_agent_kinds_the_config_lists_are_the_agents_the_factory_builds() -> None:
+    """``agents.constants.AGENT_KINDS`` repeats, without torch, ``AGENT_CLASSES``' keys."""
+    from agents.constants import AGENT_KINDS
+    from agents.factory import AGENT_CLASSES
+
+    assert tuple(AGENT_CLASSES) == AGENT_KINDS

@@ -23,7 +23,9 @@ from agents.video import (
     GateView,
     SelectedCell,
     draw_selection,
+    overlay_scale,
     panel_height,
+    render_panel,
     run_episode,
     selected_cells,
     view_to_world,
@@ -136,13 +138,20 @@ def test_overlay_frames_differ_from_plain_frames_exactly_at_the_selected_cells(
     assert plain.length == overlay.length == MAX_STEPS  # an untrained agent times out
     assert len(plain.frames) == len(overlay.frames) == len(overlay.selections) == MAX_STEPS + 1
 
-    height, width, _ = plain.frames[0].shape
+    # The overlay scales DoorKey-5x5's 160 px render 2x, so its text is legible as recorded.
+    native_height, native_width, _ = plain.frames[0].shape
+    scale = overlay_scale(native_width)
+    assert (native_width, scale) == (160, 2)
+    height, width = scale * native_height, scale * native_width
     tile = height // 5  # DoorKey-5x5
-    assert overlay.frames[0].shape == (height + panel_height(2), width, 3)
+    assert {frame.shape for frame in overlay.frames} == {overlay.frames[0].shape}
+    assert overlay.frames[0].shape[1:] == (width, 3)
+    assert overlay.frames[0].shape[0] >= height + panel_height(2)
     assert sum(len(cells) for cells in overlay.selections) > 0
     for plain_frame, overlay_frame, cells in zip(
         plain.frames, overlay.frames, overlay.selections, strict=True
     ):
+        plain_frame = np.repeat(np.repeat(plain_frame, scale, axis=0), scale, axis=1)
         changed = (overlay_frame[:height] != plain_frame).any(-1)
         expected = np.zeros((height, width), dtype=bool)
         for cell in cells:
@@ -228,10 +237,15 @@ def test_evaluate_script_writes_json_and_decodable_videos(
     env = envs.make_env(summary["env_id"], render_mode="rgb_array", max_steps=MAX_STEPS)
     env.reset(seed=0)
     height, width, _ = env.render().shape
-    expected_height = height + panel_height(2) if overlay else height
+    scale = overlay_scale(width) if overlay else 1
     for path, episode in zip(recorded, summary["per_episode"][::2], strict=True):
         assert episode["video"] == str(path)
-        assert _decode(path) == (episode["length"] + 1, (expected_height, width, 3))
+        n_frames, (video_height, video_width, _) = _decode(path)
+        assert (n_frames, video_width) == (episode["length"] + 1, scale * width)
+        if overlay:  # the panel has at least one line of selected tokens
+            assert video_height >= scale * height + panel_height(2)
+        else:
+            assert video_height == height
 
 
 def test_recording_an_overlay_does_not_change_the_episodes(run_dir: Path) -> None:
@@ -334,3 +348,92 @@ def test_trial_episodes_are_split_into_attempts(tmp_path: Path) -> None:
         played = [e["attempts"][row["attempt"] - 1] for e in summary["per_episode"]]
         assert row["episodes"] == len(played) == 2
         assert row["mean_reward"] == pytest.approx(np.mean([a["return"] for a in played]))
+
+
+def test_evaluate_runs_with_the_run_s_torch_threads_or_threads(tmp_path: Path) -> None:
+    """It ran with torch's default of a thread per core whatever the run said (5 episodes:
+    37-47 s on a busy 2-core machine against 6.5 s with one)."""
+    import torch as th
+
+    run = save_untrained_run(tmp_path, [*SMALL_AGENT, "train.torch_threads=1"])
+    main, before = _evaluate_main(), th.get_num_threads()
+    try:
+        th.set_num_threads(2)
+        assert main([str(run), "--episodes=1", f"--output={tmp_path / 'a.json'}"]) == 0
+        assert th.get_num_threads() == 1
+        assert json.loads((tmp_path / "a.json").read_text())["torch_threads"] == 1
+        assert (
+            main([str(run), "--episodes=1", "--threads=2", f"--output={tmp_path / 'b.json'}"]) == 0
+        )
+        assert th.get_num_threads() == 2
+    finally:
+        th.set_num_threads(before)
+    assert main([str(run), "--threads=0"]) == 2
+
+
+def test_ctrl_c_keeps_the_finished_episodes(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C during the third episode: one line, the two finished episodes printed and
+    written beside the output (which a partial result must not replace), exit code 130."""
+    import agents.video
+
+    played = 0
+    run_episode_before = agents.video.run_episode
+
+    def interrupted_third(*args: object, **kwargs: object) -> object:
+        nonlocal played
+        played += 1
+        if played == 3:
+            raise KeyboardInterrupt
+        return run_episode_before(*args, **kwargs)
+
+    monkeypatch.setattr(agents.video, "run_episode", interrupted_third)
+    output = tmp_path / "eval.json"
+    code = _evaluate_main()([str(run_dir), "--episodes=5", "--seed=3", f"--output={output}"])
+    captured = capsys.readouterr()
+    assert code == 130
+    assert captured.err.strip() == "interrupted (Ctrl-C) after 2 of 5 episodes; their results:"
+    assert (
+        "success  " in captured.out and f"json     {tmp_path / 'eval-partial.json'}" in captured.out
+    )
+    assert not output.exists()
+    partial = json.loads((tmp_path / "eval-partial.json").read_text())
+    assert partial["interrupted"] and partial["episodes_requested"] == 5
+    assert [e["seed"] for e in partial["per_episode"]] == [3, 4]
+
+    def interrupted_first(*args: object, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.video, "run_episode", interrupted_first)
+    assert _evaluate_main()([str(run_dir), "--episodes=2", f"--output={output}"]) == 130
+    assert capsys.readouterr().err.strip().endswith("after 0 of 2 episodes; nothing written")
+
+
+def test_evaluating_on_another_env_warns_which_env_the_model_learned(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [str(run_dir), "--episodes=1", f"--output={tmp_path / 'e.json'}"]
+    assert _evaluate_main()([*args, "--env=MiniGrid-Empty-5x5-v0"]) == 0
+    assert (
+        "WARNING: the model was trained on MiniGrid-DoorKey-5x5-v0; evaluating it on "
+        "MiniGrid-Empty-5x5-v0" in capsys.readouterr().err
+    )
+    assert _evaluate_main()(args) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_the_selected_tokens_line_wraps_instead_of_being_cut() -> None:
+    """The "words:" line was cut to one line with "...", hiding the rest of the kept tokens
+    (``proprio`` last of all); it now wraps onto as many lines as it needs."""
+    words = "words: " + ", ".join(["key", "door", "ball", "purple", "pick", "up"] * 3)
+    extras = f"{words}; proprio"
+    weights = np.array([0.7, 0.3])
+    one_line = render_panel(320, "get the key", 3, 0.5, ["visual", "semantic"], weights, "proprio")
+    wrapped = render_panel(320, "get the key", 3, 0.5, ["visual", "semantic"], weights, extras)
+    assert one_line.shape == (panel_height(2), 320, 3)
+    assert wrapped.shape[0] == panel_height(2, extra_lines=3)
+    # Text in every wrapped line's band: the last one too, where "proprio" ends up.
+    background = wrapped[-1, -1]
+    text_rows = np.flatnonzero((wrapped != background).any(-1).any(-1))
+    assert text_rows.max() > panel_height(2) - 8

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from agents.callbacks import (
     save_checkpoint,
 )
 from agents.config import DEFAULT_CONFIG, ConfigError, load_config
+from agents.hints import script_command, tensorboard_command
 from agents.model_files import load_model_file
 from agents.training import build_agent, train
 from tests.helpers import save_untrained_run
@@ -84,7 +87,9 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def test_default_agent_trains_end_to_end_into_a_run_directory(tmp_path: Path) -> None:
+def test_default_agent_trains_end_to_end_into_a_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = run_script(
         *TINY,
         "--total-timesteps=64",
@@ -128,6 +133,33 @@ def test_default_agent_trains_end_to_end_into_a_run_directory(tmp_path: Path) ->
     assert meta["timesteps"] == 64 and {"python", "numpy", "torch"} <= set(meta["rng"])
 
     assert re.search(r"step 64/64 \| fps \d+ \| reward", result.stdout)  # plain log lines
+
+    # The run directory before anything else, a first log line at once, a closing summary
+    # whose commands run as printed (the venv's interpreter and tensorboard, not bare names).
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"run directory: {run_dir}"
+    assert lines[1].startswith("[  0.0%] step 0/64 | training started")
+    summary = result.stdout[result.stdout.index("done: ") :]
+    assert summary.startswith(f"done: {run_dir} (64 of 64 steps in ")
+    assert "last evaluation  step 64: mean reward " in summary
+    best = json.loads((run_dir / "best_model.json").read_text())
+    assert (
+        f"best model       {run_dir / 'best_model.safetensors'}: step {best['timesteps']},"
+        in summary
+    )
+    monkeypatch.chdir(REPO)  # where the script ran: paths are shown relative to it
+    videos_dir = run_dir / "videos"
+    assert f"evaluate  {script_command('evaluate.py', run_dir, '--video-dir', videos_dir)}\n" in (
+        summary
+    )
+    assert f"watch     {tensorboard_command(tmp_path)}\n" in summary
+    resume = script_command("train_agent.py", "--resume", run_dir, "--total-timesteps", "128")
+    assert f"train on  {resume}" in summary
+    for command in ("evaluate", "watch", "train on"):
+        line = next(x for x in summary.splitlines() if x.startswith(f"  {command}  "))
+        program = Path(shlex.split(line[len(command) + 4 :])[0])
+        assert program.is_absolute() or program.parts[0] != program.name, line  # a path
+        assert os.access(REPO / program, os.X_OK), line
 
 
 @pytest.mark.parametrize("agent", ["ppo", pytest.param("thalamus", marks=pytest.mark.slow)])
@@ -255,7 +287,9 @@ def test_bad_config_exits_before_training(tmp_path: Path, args: list[str], messa
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int) -> None:
+def test_signal_saves_a_checkpoint_and_exits_cleanly(
+    tmp_path: Path, signum: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), *TINY, "--agent=ppo", "--total-timesteps=1000000",
          "train.eval_freq=0", "train.checkpoint_freq=0", f"train.runs_dir={tmp_path}"],
@@ -284,6 +318,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int
     assert f"{signal.Signals(signum).name} received" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr
     run_dir = only_run_dir(tmp_path)
+    monkeypatch.chdir(REPO)  # the command pastes: the script's interpreter, not `python`
+    assert f"Continue with: {script_command('train_agent.py', '--resume', run_dir)}" in stderr
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.timesteps >= rollout
     assert not (run_dir / "final_model.safetensors").exists()
@@ -536,3 +572,47 @@ def test_load_model_skips_a_final_model_the_run_was_resumed_past(
     os.utime(final, ns=(stamp, stamp))
     os.utime(later.model_path, ns=(stamp + 10**9, stamp + 10**9))
     assert training.load_model(run, device="cpu").model_path == later.model_path
+
+
+def _without_torch(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing torch, stable-baselines3 or sb3-contrib fails."""
+    shim = tmp_path / "shim"
+    for name in ("torch", "stable_baselines3", "sb3_contrib"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    path = os.pathsep.join([str(shim), str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "COLUMNS": "200"}
+
+
+@pytest.mark.parametrize("flag", ["--help", "--help-config", "--print-config"])
+def test_help_and_config_answer_without_importing_torch(tmp_path: Path, flag: str) -> None:
+    """They answered after ~5 s of torch and SB3 imports; now nothing imports them (a torch
+    made unimportable breaks nothing), and the lines fit a terminal (<= 100 wide)."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=_without_torch(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    expected = {"--help": "usage: train_agent.py", "--help-config": "ppo.n_steps  int"}
+    assert expected.get(flag, "env:\n  id: MiniGrid-DoorKey-5x5-v0") in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100
+
+
+def test_a_request_that_will_do_nothing_is_warned_about_before_training(tmp_path: Path) -> None:
+    """``train.video=true`` records at evaluations; with none inside the budget it recorded
+    nothing and said nothing."""
+    result = run_script(
+        "--total-timesteps=2048", "train.video=true", "--print-config", runs_dir=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: no evaluation falls inside this run: train.eval_freq = 20,000" in (
+        result.stderr
+    )
+    assert "train.video = true records no video; set train.eval_freq <= 2,048" in result.stderr
+    quiet = run_script("--total-timesteps=20000", "train.video=true", "--print-config",
+                       runs_dir=tmp_path)  # fmt: skip
+    assert "WARNING" not in quiet.stderr

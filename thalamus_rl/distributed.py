@@ -11,12 +11,12 @@ function, and with ``I`` iterations information crosses streams ``I - 1`` times.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thalamus_rl.config import StreamConfig, default_streams
 from thalamus_rl.mamba2 import (
     Mamba2Block,
     Mamba2State,
@@ -30,45 +30,6 @@ from thalamus_rl.ssd import ssd_scan_chunked
 from thalamus_rl.state import ThalamusState
 
 __all__ = ["StreamConfig", "MambaStream", "DistributedMamba", "default_streams"]
-
-
-@dataclass
-class StreamConfig:
-    """One named stream: a stack of Mamba-2 blocks with its own time scale.
-
-    The state half-life of a head is ``ln 2 / (dt * A)`` steps, so ``dt_min/dt_max`` and
-    ``A_init_min/A_init_max`` set the range of time scales at initialisation.
-
-    :param name: the stream's name (logged as ``thalamus/stream_weight/<name>``).
-    :param n_layers: Mamba-2 blocks in the stream's residual stack.
-    :param d_state: SSM state size per head (N).
-    :param expand: inner width / d_model.
-    :param headdim: channels per SSM head.
-    :param d_conv: causal convolution width.
-    :param dt_min: smallest initial step size dt.
-    :param dt_max: largest initial step size dt.
-    :param A_init_min: smallest initial decay rate A.
-    :param A_init_max: largest initial decay rate A.
-    """
-
-    name: str = "visual"
-    n_layers: int = 1
-    d_state: int = 16
-    expand: int = 2
-    headdim: int = 32
-    d_conv: int = 4
-    dt_min: float = 0.1
-    dt_max: float = 0.5
-    A_init_min: float = 1.0
-    A_init_max: float = 2.0
-
-
-def default_streams() -> list[StreamConfig]:
-    """A fast visual stream (half-lives ~1-7 steps) and a slow semantic one (~14-280 steps)."""
-    return [
-        StreamConfig(name="visual", dt_min=0.1, dt_max=0.5, A_init_min=1.0, A_init_max=2.0),
-        StreamConfig(name="semantic", dt_min=0.005, dt_max=0.05, A_init_min=0.5, A_init_max=1.0),
-    ]
 
 
 class MambaStream(nn.Module):

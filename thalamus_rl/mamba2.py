@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thalamus_rl.config import BACKENDS
 from thalamus_rl.ssd import segment_ids, ssd_scan_chunked
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "mamba2_step_multi",
 ]
 
-BACKENDS = ("auto", "pure", "kernel")
 
 # Rows (batch x time) from which backend="auto" takes the kernel path. On an H100
 # (scripts/benchmark_kernels.py, docs/benchmarks/kernels.md) ThalamusCore's forward + backward

@@ -1,0 +1,53 @@
+"""Names, defaults and the minibatch rule that configs and command lines need, without
+torch or SB3.
+
+``agents/config.py`` and the scripts' argument parsers read these; the modules that use them
+(``agents.factory``, ``agents.policy``, ``agents.ppo``, ``agents.buffer``) re-export them, and
+``tests/test_config.py`` checks they agree with what those modules build.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ADVANTAGE_NORMALIZATIONS",
+    "AGENT_KINDS",
+    "DEFAULT_CORE_LR_SCALE",
+    "MODEL_SUFFIX",
+    "check_batch_size",
+]
+
+#: The agent kinds ``agents.make_agent`` builds (``agents.factory.AGENT_CLASSES``' keys).
+AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
+
+#: Default ``core_lr_scale`` of ``ThalamusPolicy`` (and of ``policy.core_lr_scale``).
+DEFAULT_CORE_LR_SCALE = 0.25
+
+#: The extension of every model and checkpoint file (``agents.model_files``).
+MODEL_SUFFIX = ".safetensors"
+
+#: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).
+ADVANTAGE_NORMALIZATIONS: tuple[str, ...] = ("rollout", "minibatch")
+
+
+def check_batch_size(batch_size: int, n_steps: int, n_envs: int) -> int:
+    """Validate a minibatch size for env-column minibatches and return envs per minibatch.
+
+    :param batch_size: env steps per minibatch (as in SB3's PPO).
+    :param n_steps: steps per env per rollout.
+    :param n_envs: number of envs.
+    :return: ``batch_size // n_steps``, the number of env columns per minibatch.
+    """
+    if batch_size <= 0 or batch_size % n_steps != 0:
+        half = max(1, n_envs // 2)
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of n_steps={n_steps}: a "
+            "minibatch is a set of whole env columns of n_steps steps each. Use e.g. "
+            f"batch_size={n_steps * half} ({half} envs per minibatch)."
+        )
+    envs_per_batch = batch_size // n_steps
+    if envs_per_batch > n_envs:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than one rollout (n_steps * n_envs = "
+            f"{n_steps} * {n_envs} = {n_steps * n_envs}). Use at most {n_steps * n_envs}."
+        )
+    return envs_per_batch
