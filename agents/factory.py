@@ -12,6 +12,7 @@ after SB3's preprocessing: images scaled to ``[0, 1]``, ``Discrete`` one-hot): S
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +21,11 @@ from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.preprocessing import get_flattened_obs_dim, is_image_space
+from stable_baselines3.common.preprocessing import (
+    get_flattened_obs_dim,
+    is_image_space,
+    is_image_space_channels_first,
+)
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import GymEnv, TensorDict
 from torch import nn
@@ -72,12 +77,20 @@ class FlatDictExtractor(BaseFeaturesExtractor):
     SB3's preprocessing runs first (images divided by 255, ``Discrete`` one-hot); then a
     non-image ``Box`` with finite bounds is mapped to ``[0, 1]`` and an unbounded one through
     ``symlog``, so that e.g. raw word ids (up to the vocabulary size) or returns do not
-    saturate the first layer.
+    saturate the first layer. An image whose channels hold small indices rather than pixel
+    intensities (MiniGrid's symbolic view: 0-10, 0-5, 0-2, declared as 0-255) is scaled by
+    ``image_high`` instead, to ``[0, 1]`` per channel: divided by 255 its values stay under 0.04,
+    and PPO with that input learned KeyCorridorS3R1 on none of the seeds where the same network
+    on unit-scale input did (``docs/benchmarks/baselines.md``).
 
     :param observation_space: a ``gymnasium.spaces.Dict`` without nested spaces.
+    :param image_high: the largest value of each image channel (e.g.
+        ``envs.IMAGE_CHANNEL_HIGH``); ``None`` keeps SB3's division by 255.
     """
 
-    def __init__(self, observation_space: spaces.Dict) -> None:
+    def __init__(
+        self, observation_space: spaces.Dict, image_high: Sequence[float] | None = None
+    ) -> None:
         if not isinstance(observation_space, spaces.Dict):
             raise TypeError(
                 f"FlatDictExtractor needs a Dict observation space, got {observation_space}."
@@ -88,7 +101,11 @@ class FlatDictExtractor(BaseFeaturesExtractor):
         self.flatten = nn.Flatten()
         self.bounded: dict[str, tuple[th.Tensor, th.Tensor]] = {}
         self.unbounded: set[str] = set()
+        # Per image key, the factor that takes SB3's x / 255 to x / high, per channel.
+        self.image_rescale: dict[str, th.Tensor] = {}
         for key, space in observation_space.spaces.items():
+            if isinstance(space, spaces.Box) and is_image_space(space) and image_high is not None:
+                self.image_rescale[key] = _image_rescale(space, image_high)
             if not isinstance(space, spaces.Box) or is_image_space(space):
                 continue
             low = np.asarray(space.low, dtype=np.float64).reshape(-1)
@@ -106,7 +123,10 @@ class FlatDictExtractor(BaseFeaturesExtractor):
         """``[B, features_dim]`` from a dict of preprocessed ``[B, ...]`` tensors."""
         parts = []
         for key in self.keys:
-            x = self.flatten(observations[key].float())
+            x = observations[key].float()
+            if key in self.image_rescale:
+                x = x * self.image_rescale[key].to(x.device)
+            x = self.flatten(x)
             if key in self.bounded:
                 low, inv_scale = self.bounded[key]
                 x = (x - low.to(x.device)) * inv_scale.to(x.device)
@@ -114,6 +134,20 @@ class FlatDictExtractor(BaseFeaturesExtractor):
                 x = symlog(x)
             parts.append(x)
         return th.cat(parts, dim=1)
+
+
+def _image_rescale(space: spaces.Box, image_high: Sequence[float]) -> th.Tensor:
+    """``255 / high`` shaped to broadcast over ``space``'s channel axis (SB3 may have moved the
+    channels first, ``VecTransposeImage``)."""
+    channels_first = is_image_space_channels_first(space)
+    n_channels = space.shape[0 if channels_first else -1]
+    if len(image_high) != n_channels or min(image_high) <= 0:
+        raise ValueError(
+            f"image_high={tuple(image_high)} must give one positive maximum per channel of the "
+            f"image {space} ({n_channels} channels)."
+        )
+    factor = th.tensor([255.0 / h for h in image_high], dtype=th.float32)
+    return factor.view(-1, 1, 1) if channels_first else factor
 
 
 def _baseline_policy_kwargs(

@@ -254,8 +254,10 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
             "tokenizer": dataclasses.asdict(config.tokenizer),
             **dataclasses.asdict(config.policy),
         }
-    elif config.agent.kind == "lstm":
-        policy_kwargs = dataclasses.asdict(config.lstm)
+    else:  # the baselines read MiniGrid's symbolic view at unit scale (FlatDictExtractor)
+        policy_kwargs = {"features_extractor_kwargs": {"image_high": envs.IMAGE_CHANNEL_HIGH}}
+        if config.agent.kind == "lstm":
+            policy_kwargs.update(dataclasses.asdict(config.lstm))
     try:
         model = make_agent(
             config.agent.kind,  # type: ignore[arg-type]

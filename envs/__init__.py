@@ -18,6 +18,7 @@ from envs.vocab import (
     tokenize,
 )
 from envs.wrappers import (
+    IMAGE_CHANNEL_HIGH,
     MissionObservationWrapper,
     QuietLevelSamplingWrapper,
     RewardFeedbackWrapper,
@@ -25,6 +26,7 @@ from envs.wrappers import (
 )
 
 __all__ = [
+    "IMAGE_CHANNEL_HIGH",
     "MAX_MISSION_LEN",
     "MISSION_VOCAB_SIZE",
     "PAD_ID",

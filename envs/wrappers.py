@@ -26,6 +26,7 @@ from gymnasium import spaces
 from envs.vocab import MissionVocabulary, default_vocabulary, tokenize
 
 __all__ = [
+    "IMAGE_CHANNEL_HIGH",
     "MissionObservationWrapper",
     "QuietLevelSamplingWrapper",
     "RewardFeedbackWrapper",
@@ -35,6 +36,11 @@ __all__ = [
 ObsDict = dict[str, Any]
 
 _REQUIRED_MINIGRID_KEYS = ("image", "direction", "mission")
+
+IMAGE_CHANNEL_HIGH: tuple[int, int, int] = (10, 5, 2)
+"""Largest value of each channel of MiniGrid's symbolic ``image`` (object index, colour index,
+door state; ``minigrid.core.constants``). The space declares 0-255 (uint8), which is what
+stable-baselines3 divides by; a feature extractor that wants unit scale divides by these."""
 
 
 def _scalar_box() -> spaces.Box:
