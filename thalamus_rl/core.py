@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from thalamus_rl.distributed import DistributedMamba, StreamConfig, default_streams
+from thalamus_rl.film import FiLM
 from thalamus_rl.gate import PhaseGate
 from thalamus_rl.mamba2 import BACKENDS
 from thalamus_rl.state import ThalamusState
@@ -66,6 +67,14 @@ class ThalamusConfig:
     :param backend: ``"auto"``, ``"pure"`` or ``"kernel"`` (mamba-ssm, CUDA only); ``"auto"``
         takes the kernels on CUDA for long sequences only
         (:func:`~thalamus_rl.mamba2.use_kernel_path`).
+    :param film_tokens: the task vector (the pooled mission) modulates every observation token
+        before the gate by a :class:`~thalamus_rl.film.FiLM` (per-channel scale and shift), so
+        what a cell *is* to the gate, the workspace and the readouts depends on the mission.
+    :param film_gate: the task modulates the gate's salience query by a FiLM (after the
+        feedback modulation).
+    :param film_streams: the task modulates each stream's input by its own FiLM.
+        All three start as the identity (a model with them on is, at initialisation, the
+        same function as without) and are per step (step == sequence holds).
     """
 
     d_model: int = 64
@@ -87,6 +96,9 @@ class ThalamusConfig:
     readout_salience_bias: bool = False
     chunk_size: int = 32
     backend: str = "auto"
+    film_tokens: bool = False
+    film_gate: bool = False
+    film_streams: bool = False
 
     def __post_init__(self) -> None:
         # Accept plain dicts for streams (YAML / OmegaConf / saved kwargs).
@@ -230,7 +242,9 @@ class ThalamusCore(nn.Module):
             n_feedback_signals=c.n_feedback_signals,
             use_feedback=c.use_feedback,
             enabled=c.gate_enabled,
+            film_query=c.film_gate,
         )
+        self.token_film = FiLM(c.d_task, c.d_model) if c.film_tokens else None
         self.workspace = (
             PhaseWorkspace(
                 c.d_model,
@@ -253,6 +267,9 @@ class ThalamusCore(nn.Module):
             min_temperature=c.min_temperature,
             chunk_size=c.chunk_size,
             backend=c.backend,
+        )
+        self.stream_film = (
+            FiLM(c.d_task, c.d_model, n_groups=len(c.streams)) if c.film_streams else None
         )
 
     @property
@@ -282,12 +299,17 @@ class ThalamusCore(nn.Module):
         positions: Tensor | None,
     ):
         """Gate, workspace and readouts on a flat batch of steps ``[S, ...]``."""
+        if self.token_film is not None:
+            tokens = self.token_film(tokens, task)
         gate = self.gate(tokens, task, feedback, token_mask, positions)
         kept = gate.tokens
         if self.workspace is not None:
             kept = self.workspace(kept, gate.phase, gate.kept_mask)
         weights = gate.weights if self.config.readout_salience_bias else None
-        return gate, self.readout(kept, gate.kept_mask, gate.query, gate.rest, weights)
+        stream_in = self.readout(kept, gate.kept_mask, gate.query, gate.rest, weights)
+        if self.stream_film is not None:
+            stream_in = self.stream_film(stream_in, task)
+        return gate, stream_in
 
     def _check(
         self, tokens: Tensor, token_mask: Tensor, task: Tensor, feedback: Tensor, ndim: int
@@ -395,6 +417,13 @@ class ThalamusCore(nn.Module):
             stats["phase_scale"] = self.workspace.phase_scale.detach().mean()
         if self.gate.feedback_layer is not None:
             stats["feedback_gain"] = self.gate.feedback_layer.gain.detach().reshape(())
+        for where, film in (
+            ("tokens", self.token_film),
+            ("gate", self.gate.query_film),
+            ("streams", self.stream_film),
+        ):
+            if film is not None:  # how far each FiLM has moved from the identity (0 at init)
+                stats[f"film/{where}_norm"] = film.proj.weight.detach().norm()
         mean_alpha = alpha.reshape(-1, alpha.shape[-1]).mean(0)
         for name, value in zip(self.stream_names, mean_alpha, strict=True):
             stats[f"stream_weight/{name}"] = value
