@@ -97,7 +97,8 @@ def shuffled_mission_episodes(
     :param deterministic: take the most likely action.
     :param shuffle_seed: seed of :func:`derange_missions`.
     :return: one ``{seed, mission, shown, reward, length, success}`` per episode, and a
-        summary ``{episodes, success_rate, mean_reward, distinct_missions, same_text}``.
+        summary ``{episodes, success_rate, mean_reward, mean_length, distinct_missions,
+        same_text}``.
     """
     from agents.video import run_episode
 
@@ -139,6 +140,7 @@ def shuffled_mission_episodes(
         "episodes": len(episodes),
         "success_rate": float(np.mean([e["success"] for e in episodes])) if episodes else None,
         "mean_reward": float(np.mean([e["reward"] for e in episodes])) if episodes else None,
+        "mean_length": float(np.mean([e["length"] for e in episodes])) if episodes else None,
         "distinct_missions": len(set(missions)),
         "same_text": same,
     }
@@ -165,7 +167,7 @@ def mission_sensitivity(
     :param seed: episode seeds start here.
     :param deterministic: take the most likely action.
     :param shuffle_seed: seed of the derangement (default: ``seed``).
-    :return: ``{"true": {success_rate, mean_reward}, "shuffled": {...}, "episodes",
+    :return: ``{"true": {success_rate, mean_reward, mean_length}, "shuffled": {...}, "episodes",
         "distinct_missions", "same_text", "drop"}`` (``drop`` = true minus shuffled success),
         or None when the env has no mission or the same mission in every episode (nothing
         to shuffle).
@@ -195,10 +197,12 @@ def mission_sensitivity(
         "true": {
             "success_rate": true_success,
             "mean_reward": float(np.mean([r.episode_return for r in true_runs])),
+            "mean_length": float(np.mean([r.length for r in true_runs])),
         },
         "shuffled": {
             "success_rate": shuffled["success_rate"],
             "mean_reward": shuffled["mean_reward"],
+            "mean_length": shuffled["mean_length"],
         },
         "distinct_missions": shuffled["distinct_missions"],
         "same_text": shuffled["same_text"],

@@ -217,7 +217,9 @@ def _print_extras(summary: dict[str, Any]) -> None:
     shuffled = summary.get("shuffled_mission")
     if shuffled is not None:
         print(
-            f"shuffled {shuffled['success_rate']:.3f} success with another episode's mission "
+            f"shuffled {shuffled['success_rate']:.3f} success, reward "
+            f"{shuffled['mean_reward']:.3f}, length {shuffled['mean_length']:.1f} with another "
+            "episode's mission "
             f"({shuffled['distinct_missions']} distinct missions; "
             f"{shuffled['same_text']} episodes shown their own text)"
         )

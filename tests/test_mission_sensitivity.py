@@ -150,7 +150,15 @@ def test_benchmark_records_and_reports_mission_sensitivity(goto_run: Path, tmp_p
     config = load_config(goto_run / "config.yaml", defaults_file=None)
     measured = bm._final_mission_sensitivity(config, RunPaths(goto_run))
     assert measured is not None and measured["episodes"] == config.train.eval_episodes
-    assert set(measured["true"]) == set(measured["shuffled"]) == {"success_rate", "mean_reward"}
+    assert (
+        set(measured["true"])
+        == set(measured["shuffled"])
+        == {
+            "success_rate",
+            "mean_reward",
+            "mean_length",
+        }
+    )
 
     shutil.copytree(FIXTURES / "records", tmp_path / "records" / "fixture")
     for seed, (true, shuffled) in enumerate([(0.9, 0.3), (0.8, 0.5), (0.7, 0.7)]):
