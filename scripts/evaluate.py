@@ -186,7 +186,7 @@ def _extra_evaluations(
     from agents.policy import ThalamusPolicy
     from agents.selection import selection_test, slot_report
 
-    extras: dict[str, Any] = {}
+    jobs: list[tuple[str, Any]] = []
     missions = [e["mission"] for e in episodes]
     if (
         args.mission is None
@@ -194,11 +194,15 @@ def _extra_evaluations(
         and find_mission_wrapper(env) is not None
         and len(set(missions)) > 1
     ):
-        th.manual_seed(seed)
-        replays, summary = shuffled_mission_episodes(
-            model, env, [e["seed"] for e in episodes], missions, args.deterministic, seed
-        )
-        extras["shuffled_mission"] = {**summary, "per_episode": replays}
+
+        def shuffled() -> dict[str, Any]:
+            th.manual_seed(seed)
+            replays, summary = shuffled_mission_episodes(
+                model, env, [e["seed"] for e in episodes], missions, args.deterministic, seed
+            )
+            return {**summary, "per_episode": replays}
+
+        jobs.append(("shuffled_mission", shuffled))
     thalamus = isinstance(model.policy, ThalamusPolicy)
     for flag, name, function in (
         ("report_slots", "slots", slot_report),
@@ -208,14 +212,24 @@ def _extra_evaluations(
             if not thalamus:
                 print(f"note: --{flag.replace('_', '-')} needs the thalamus agent; skipped")
                 continue
-            extras[name] = function(model, env, len(episodes), seed, args.deterministic)
+            jobs.append(
+                (name, lambda f=function: f(model, env, len(episodes), seed, args.deterministic))
+            )
+    extras: dict[str, Any] = {}
+    for name, job in jobs:
+        try:
+            extras[name] = job()
+        except Exception as exc:  # the main episodes' results are still written
+            message = f"{type(exc).__name__}: {exc}"
+            print(f"warning: the {name} evaluation failed ({message})", file=sys.stderr)
+            extras[name] = {"error": message}
     return extras
 
 
 def _print_extras(summary: dict[str, Any]) -> None:
     """The table rows of :func:`_extra_evaluations`' results."""
     shuffled = summary.get("shuffled_mission")
-    if shuffled is not None:
+    if shuffled is not None and "error" not in shuffled:
         print(
             f"shuffled {shuffled['success_rate']:.3f} success, reward "
             f"{shuffled['mean_reward']:.3f}, length {shuffled['mean_length']:.1f} with another "
@@ -224,14 +238,14 @@ def _print_extras(summary: dict[str, Any]) -> None:
             f"{shuffled['same_text']} episodes shown their own text)"
         )
     slots = summary.get("slots")
-    if slots is not None:
+    if slots is not None and "error" not in slots:
         kinds = ", ".join(
             f"{kind} {slots[kind]['mean']:.2f} [{slots[kind]['p10']:.2f}-{slots[kind]['p90']:.2f}]"
             for kind in ("cell", "word", "proprio")
         )
         print(f"slots    of the {slots['top_k']} kept: {kinds} (mean [p10-p90] over steps)")
     selection = summary.get("selection")
-    if selection is not None and selection["kl_kept"] is not None:
+    if selection is not None and selection.get("kl_kept") is not None:
         success = selection["success"]
         print(
             f"masking  KL from unmasked: kept {selection['kl_kept']:.4f}, random "

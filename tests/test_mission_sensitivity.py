@@ -182,3 +182,20 @@ def test_benchmark_records_and_reports_mission_sensitivity(goto_run: Path, tmp_p
         text
     )
     assert "| ppo | 0, 1, 2 | 0.80" not in text.split("Mission sensitivity")[1]
+
+
+def test_a_failing_extra_evaluation_keeps_the_main_results(
+    goto_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agents.mission_sensitivity as ms
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("env resets are not reproducible")
+
+    monkeypatch.setattr(ms, "shuffled_mission_episodes", broken)
+    output = tmp_path / "eval.json"
+    args = [str(goto_run), "--episodes=2", "--seed=5", f"--output={output}", "--device=cpu"]
+    assert _evaluate_main()(args) == 0
+    summary = json.loads(output.read_text())
+    assert summary["episodes"] == 2 and len(summary["per_episode"]) == 2
+    assert summary["shuffled_mission"] == {"error": "RuntimeError: env resets are not reproducible"}
