@@ -1103,7 +1103,10 @@ def execute_run(
         state = _finish_from_checkpoint(config, state, final)
         atomic_write_text(progress, json.dumps(state, indent=1))
     if "mission_sensitivity" not in state:
-        state["mission_sensitivity"] = _final_mission_sensitivity(config, paths)
+        try:
+            state["mission_sensitivity"] = _final_mission_sensitivity(config, paths)
+        except Exception as exc:  # a trained run keeps its record; the error is in it
+            state["mission_sensitivity"] = {"error": f"{type(exc).__name__}: {exc}"}
         atomic_write_text(progress, json.dumps(state, indent=1))
     record = build_record(run, config, state, threshold, eval_mode, commit or git_commit(), run_dir)
     atomic_write_text(out_path, json.dumps(record, indent=1) + "\n")
@@ -1856,7 +1859,8 @@ def _mission_sensitivity_table(records: Sequence[dict[str, Any]]) -> list[str]:
     another episode's (median [min–max] over seeds); none when no record measured it."""
     by_agent: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        if record.get("mission_sensitivity"):
+        measured = record.get("mission_sensitivity")
+        if measured and "error" not in measured:
             by_agent.setdefault(record["agent"], []).append(record)
     if not by_agent:
         return []

@@ -199,3 +199,24 @@ def test_a_failing_extra_evaluation_keeps_the_main_results(
     summary = json.loads(output.read_text())
     assert summary["episodes"] == 2 and len(summary["per_episode"]) == 2
     assert summary["shuffled_mission"] == {"error": "RuntimeError: env resets are not reproducible"}
+
+
+@pytest.mark.slow
+def test_a_failing_mission_measurement_keeps_the_benchmark_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny real PPO run (a few seconds): the error goes into the record, not a crash."""
+    from tests.test_benchmark import valid_text, write_suite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no env")
+
+    monkeypatch.setattr(bm, "_final_mission_sensitivity", broken)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    suite = bm.load_suite(write_suite(tmp_path, valid_text(out, budget=256)))
+    assert bm.run_suite(suite, out, runs, in_process=True, log=lambda s: None) == {
+        "MiniGrid-Empty-5x5-v0__ppo__0": None
+    }
+    record = json.loads(bm.record_path(out, suite.runs[0]).read_text())
+    assert record["mission_sensitivity"] == {"error": "RuntimeError: no env"}
+    assert "Mission sensitivity" not in bm.write_report([suite], out).read_text()
