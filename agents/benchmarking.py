@@ -1109,6 +1109,12 @@ def execute_run(
             )
         state = _finish_from_checkpoint(config, state, final)
         atomic_write_text(progress, json.dumps(state, indent=1))
+    if "mission_sensitivity" not in state:
+        try:
+            state["mission_sensitivity"] = _final_mission_sensitivity(config, paths)
+        except Exception as exc:  # a trained run keeps its record; the error is in it
+            state["mission_sensitivity"] = {"error": f"{type(exc).__name__}: {exc}"}
+        atomic_write_text(progress, json.dumps(state, indent=1))
     record = build_record(run, config, state, threshold, eval_mode, commit or git_commit(), run_dir)
     atomic_write_text(out_path, json.dumps(record, indent=1) + "\n")
     return out_path
@@ -1156,6 +1162,39 @@ def _finish_from_checkpoint(
     }
 
 
+def _final_mission_sensitivity(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any] | None:
+    """Success of the run's final model with the true and with shuffled missions
+    (:func:`agents.mission_sensitivity.mission_sensitivity`) on ``train.eval_episodes``
+    episodes from the eval seeds, in the run's own eval mode; None on an env whose mission
+    is the same in every episode (or that has none)."""
+    import envs
+    from agents.mission_sensitivity import mission_sensitivity
+    from agents.model_files import load_model_file
+    from agents.training import EVAL_SEED_OFFSET
+
+    model_path = paths.final_model
+    if not model_path.is_file():
+        last = latest_checkpoint(paths.checkpoints)
+        if last is None:
+            return None
+        model_path = last.model_path
+    model = load_model_file(model_path, device=config.train.device)
+    env = envs.make_env(
+        config.env.id, trial_episodes=config.env.trial_episodes, **config.env.env_kwargs
+    )
+    try:
+        with global_rng_preserved():
+            return mission_sensitivity(
+                model,
+                env,
+                config.train.eval_episodes,
+                config.train.seed + EVAL_SEED_OFFSET,
+                config.train.eval_deterministic,
+            )
+    finally:
+        env.close()
+
+
 def _recorder(
     progress: Path, budget: int, state: dict[str, Any] | None, other_env: VecEnv
 ) -> Callable[[RunCallbacks], list[BaseCallback]]:
@@ -1200,6 +1239,7 @@ def build_record(
         "eval_freq": config.train.eval_freq,
         "curve": curve,
         "final": curve[-1] if curve else None,
+        "mission_sensitivity": state.get("mission_sensitivity"),
         "threshold": {
             "metric": threshold.metric,
             "value": threshold.value,
@@ -1811,6 +1851,7 @@ def report_markdown(
                 "ratios compare machines as much as agents.",
                 "",
             ]
+        lines += _mission_sensitivity_table(task_records)
     if plots:
         lines += ["### Curves", ""]
         for kind, path in plots.items():
@@ -1818,6 +1859,38 @@ def report_markdown(
             lines.append(f"![{suite.name}: {mode} eval reward vs {text}]({_link(path, base)})")
             lines.append("")
     return "\n".join(lines)
+
+
+def _mission_sensitivity_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Report lines: per agent, success of the final models with their own missions and with
+    another episode's (median [min–max] over seeds); none when no record measured it."""
+    by_agent: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        measured = record.get("mission_sensitivity")
+        if measured and "error" not in measured:
+            by_agent.setdefault(record["agent"], []).append(record)
+    if not by_agent:
+        return []
+    lines = [
+        "Mission sensitivity of the final models (each run's eval mode and episodes): success "
+        "with each episode's own mission and with the mission of another episode of the same "
+        "env (a seeded derangement), median [min–max] over seeds. An agent that reads its "
+        "mission loses success when it is shuffled.",
+        "",
+        "| agent | seeds | true mission | shuffled mission | drop |",
+        "|---|---|---|---|---|",
+    ]
+    for agent, recs in by_agent.items():
+        measured = [r["mission_sensitivity"] for r in recs]
+        true = _median_range([m["true"]["success_rate"] for m in measured])
+        shuffled = _median_range([m["shuffled"]["success_rate"] for m in measured])
+        drop = _median_range([m["drop"] for m in measured])
+        seeds = ", ".join(str(r["seed"]) for r in sorted(recs, key=lambda r: r["seed"]))
+        lines.append(
+            f"| {agent} | {seeds} | {_cell(true, _fmt2)} | {_cell(shuffled, _fmt2)} | "
+            f"{_cell(drop, _fmt2)} |"
+        )
+    return [*lines, ""]
 
 
 def _relative(path: Path) -> str:

@@ -34,6 +34,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from agents.constants import DEFAULT_CORE_LR_SCALE
+from agents.selection import slot_kind_stats
 from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
 
@@ -184,7 +185,7 @@ class ThalamusExtractor(BaseFeaturesExtractor):
     def _tokenize_and_run(self, run, obs, state, episode_starts, with_stats):
         """Tokenize ``obs`` and feed the tokens to ``run`` (``core.step`` or ``core``)."""
         t: TokenizedObs = self.tokenizer(obs)
-        return run(
+        out, state = run(
             t.tokens,
             t.token_mask,
             t.task,
@@ -194,6 +195,16 @@ class ThalamusExtractor(BaseFeaturesExtractor):
             episode_starts=episode_starts,
             with_stats=with_stats,
         )
+        if with_stats:  # what the kept slots hold: the core does not know the token kinds
+            out.stats.update(
+                slot_kind_stats(
+                    out.indices,
+                    t.token_mask,
+                    self.tokenizer.token_layout,
+                    self.config.gate_enabled,
+                )
+            )
+        return out, state
 
 
 #: Adam's (and AdamW's) ``eps`` unless ``optimizer_kwargs`` gives one: SB3's choice for its

@@ -31,6 +31,18 @@ second attempt, with the first one's reward fed back?).
 still judges success by its own: an agent that follows its instruction loses success, one that
 ignores it keeps it (BabyAI's GoTo tasks: does the agent read the mission at all?).
 
+Mission sensitivity is measured on every env whose missions differ between episodes: after the
+episodes with their own missions, the same episodes (same seeds, torch reseeded) are played
+again, each shown the mission of another episode (a seeded derangement,
+:mod:`agents.mission_sensitivity`); the JSON's ``shuffled_mission`` holds that success, and the
+table shows both. ``--no-shuffled-mission`` skips it (it doubles the episodes played).
+
+For the thalamus agent, ``--report-slots`` adds which kinds of tokens the gate kept (cells,
+mission words, proprio; ``slots`` in the JSON), and ``--selection-test`` masks the gate's kept
+tokens vs as many random valid tokens (``selection``: the KL of the action distribution from
+the unmasked one at each step, and success with that masking at every step;
+:mod:`agents.selection`).
+
 Videos are recorded headless from ``render_mode="rgb_array"``; the overlay marks the cells
 the thalamus gate selected at each step (brighter = more salient) and shows the mission, the
 reward so far and the stream weights.
@@ -118,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="show the agent this mission instead of the env's own (success is still the env's)",
     )
+    parser.add_argument(
+        "--no-shuffled-mission",
+        action="store_true",
+        help="skip the replay of the episodes with shuffled missions (mission sensitivity)",
+    )
+    parser.add_argument(
+        "--report-slots",
+        action="store_true",
+        help="thalamus agent: report the kinds of tokens (cells, words, proprio) the gate kept",
+    )
+    parser.add_argument(
+        "--selection-test",
+        action="store_true",
+        help="thalamus agent: mask the gate's kept tokens vs as many random ones (KL, success)",
+    )
     parser.add_argument("--device", default="auto", help="torch device (auto)")
     parser.add_argument(
         "--threads",
@@ -168,6 +195,86 @@ def default_output(
     if mission is not None:
         parts.append("mission-" + ("-".join(re.findall(r"[a-z0-9]+", mission.lower())) or "none"))
     return run_dir / ("-".join(["evaluation", *parts]) + ".json")
+
+
+def _extra_evaluations(
+    model: Any, env: Any, args: argparse.Namespace, episodes: list[dict[str, Any]], seed: int
+) -> dict[str, Any]:
+    """The optional evaluations after the main episodes: shuffled missions (unless
+    ``--mission`` or ``--no-shuffled-mission``), slots by kind, the selection test."""
+    import torch as th
+
+    from agents.mission_sensitivity import find_mission_wrapper, shuffled_mission_episodes
+    from agents.policy import ThalamusPolicy
+    from agents.selection import selection_test, slot_report
+
+    jobs: list[tuple[str, Any]] = []
+    missions = [e["mission"] for e in episodes]
+    if (
+        args.mission is None
+        and not args.no_shuffled_mission
+        and find_mission_wrapper(env) is not None
+        and len(set(missions)) > 1
+    ):
+
+        def shuffled() -> dict[str, Any]:
+            th.manual_seed(seed)
+            replays, summary = shuffled_mission_episodes(
+                model, env, [e["seed"] for e in episodes], missions, args.deterministic, seed
+            )
+            return {**summary, "per_episode": replays}
+
+        jobs.append(("shuffled_mission", shuffled))
+    thalamus = isinstance(model.policy, ThalamusPolicy)
+    for flag, name, function in (
+        ("report_slots", "slots", slot_report),
+        ("selection_test", "selection", selection_test),
+    ):
+        if getattr(args, flag):
+            if not thalamus:
+                print(f"note: --{flag.replace('_', '-')} needs the thalamus agent; skipped")
+                continue
+            jobs.append(
+                (name, lambda f=function: f(model, env, len(episodes), seed, args.deterministic))
+            )
+    extras: dict[str, Any] = {}
+    for name, job in jobs:
+        try:
+            extras[name] = job()
+        except Exception as exc:  # the main episodes' results are still written
+            message = f"{type(exc).__name__}: {exc}"
+            print(f"warning: the {name} evaluation failed ({message})", file=sys.stderr)
+            extras[name] = {"error": message}
+    return extras
+
+
+def _print_extras(summary: dict[str, Any]) -> None:
+    """The table rows of :func:`_extra_evaluations`' results."""
+    shuffled = summary.get("shuffled_mission")
+    if shuffled is not None and "error" not in shuffled:
+        print(
+            f"shuffled {shuffled['success_rate']:.3f} success, reward "
+            f"{shuffled['mean_reward']:.3f}, length {shuffled['mean_length']:.1f} with another "
+            "episode's mission "
+            f"({shuffled['distinct_missions']} distinct missions; "
+            f"{shuffled['same_text']} episodes shown their own text)"
+        )
+    slots = summary.get("slots")
+    if slots is not None and "error" not in slots:
+        kinds = ", ".join(
+            f"{kind} {slots[kind]['mean']:.2f} [{slots[kind]['p10']:.2f}-{slots[kind]['p90']:.2f}]"
+            for kind in ("cell", "word", "proprio")
+        )
+        print(f"slots    of the {slots['top_k']} kept: {kinds} (mean [p10-p90] over steps)")
+    selection = summary.get("selection")
+    if selection is not None and selection.get("kl_kept") is not None:
+        success = selection["success"]
+        print(
+            f"masking  KL from unmasked: kept {selection['kl_kept']:.4f}, random "
+            f"{selection['kl_random']:.4f} (kept larger at {selection['kept_hurts_more']:.2f} "
+            f"of {selection['steps']} steps); success none {success['none']:.3f}, kept "
+            f"{success['kept']:.3f}, random {success['random']:.3f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +355,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: cannot make {env_id}{kwargs}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     episodes: list[dict[str, Any]] = []
+    extras: dict[str, Any] = {}
     interrupted = False
     try:
         for i in range(args.episodes):
@@ -262,6 +370,7 @@ def _main(argv: list[str] | None) -> int:
             episodes.append(
                 {
                     "seed": seed + i,
+                    "mission": getattr(env.unwrapped, "mission", None),
                     "reward": result.episode_return,
                     "length": result.length,
                     "success": result.success,
@@ -269,7 +378,8 @@ def _main(argv: list[str] | None) -> int:
                     **({"attempts": result.attempts} if result.attempts else {}),
                 }
             )
-    except KeyboardInterrupt:
+        extras = _extra_evaluations(model, env, args, episodes, seed)
+    except KeyboardInterrupt:  # the finished episodes are kept; the extras need all of them
         interrupted = True
     finally:
         env.close()
@@ -302,6 +412,7 @@ def _main(argv: list[str] | None) -> int:
         "mean_length": float(lengths.mean()),
         "std_length": float(lengths.std()),
         **({"attempts": by_attempt} if (by_attempt := _attempt_summary(episodes)) else {}),
+        **extras,
         "per_episode": episodes,
     }
     atomic_write_text(output, json.dumps(summary, indent=2) + "\n")
@@ -314,6 +425,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"mission  {args.mission!r} shown in place of each episode's own")
     print(f"reward   {summary['mean_reward']:.3f} +/- {summary['std_reward']:.3f}")
     print(f"success  {summary['success_rate']:.3f}")
+    _print_extras(summary)
     print(f"length   {summary['mean_length']:.1f} +/- {summary['std_length']:.1f}")
     for row in summary.get("attempts", []):
         print(

@@ -98,6 +98,14 @@ class ThalamusConfig:
     :param backend: ``"auto"``, ``"pure"`` or ``"kernel"`` (mamba-ssm, CUDA only); ``"auto"``
         takes the kernels on CUDA for long sequences only
         (:func:`~thalamus_rl.mamba2.use_kernel_path`).
+    :param film_tokens: the task vector (the pooled mission) modulates every observation token
+        before the gate by a :class:`~thalamus_rl.film.FiLM` (per-channel scale and shift), so
+        what a cell *is* to the gate, the workspace and the readouts depends on the mission.
+    :param film_gate: the task modulates the gate's salience query by a FiLM (after the
+        feedback modulation).
+    :param film_streams: the task modulates each stream's input by its own FiLM.
+        All three start as the identity (a model with them on is, at initialisation, the
+        same function as without) and are per step (step == sequence holds).
     """
 
     d_model: int = 64
@@ -119,6 +127,9 @@ class ThalamusConfig:
     readout_salience_bias: bool = False
     chunk_size: int = 32
     backend: str = "auto"
+    film_tokens: bool = False
+    film_gate: bool = False
+    film_streams: bool = False
 
     def __post_init__(self) -> None:
         # Accept plain dicts for streams (YAML / OmegaConf / saved kwargs).

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from thalamus_rl.config import ThalamusConfig
 from thalamus_rl.distributed import DistributedMamba
+from thalamus_rl.film import FiLM
 from thalamus_rl.gate import PhaseGate
 from thalamus_rl.state import ThalamusState
 from thalamus_rl.workspace import PhaseWorkspace
@@ -125,7 +126,9 @@ class ThalamusCore(nn.Module):
             n_feedback_signals=c.n_feedback_signals,
             use_feedback=c.use_feedback,
             enabled=c.gate_enabled,
+            film_query=c.film_gate,
         )
+        self.token_film = FiLM(c.d_task, c.d_model) if c.film_tokens else None
         self.workspace = (
             PhaseWorkspace(
                 c.d_model,
@@ -148,6 +151,9 @@ class ThalamusCore(nn.Module):
             min_temperature=c.min_temperature,
             chunk_size=c.chunk_size,
             backend=c.backend,
+        )
+        self.stream_film = (
+            FiLM(c.d_task, c.d_model, n_groups=len(c.streams)) if c.film_streams else None
         )
 
     @property
@@ -177,12 +183,17 @@ class ThalamusCore(nn.Module):
         positions: Tensor | None,
     ):
         """Gate, workspace and readouts on a flat batch of steps ``[S, ...]``."""
+        if self.token_film is not None:
+            tokens = self.token_film(tokens, task)
         gate = self.gate(tokens, task, feedback, token_mask, positions)
         kept = gate.tokens
         if self.workspace is not None:
             kept = self.workspace(kept, gate.phase, gate.kept_mask)
         weights = gate.weights if self.config.readout_salience_bias else None
-        return gate, self.readout(kept, gate.kept_mask, gate.query, gate.rest, weights)
+        stream_in = self.readout(kept, gate.kept_mask, gate.query, gate.rest, weights)
+        if self.stream_film is not None:
+            stream_in = self.stream_film(stream_in, task)
+        return gate, stream_in
 
     def _check(
         self,
@@ -322,6 +333,13 @@ class ThalamusCore(nn.Module):
             stats["phase_scale"] = self.workspace.phase_scale.detach().mean()
         if self.gate.feedback_layer is not None:
             stats["feedback_gain"] = self.gate.feedback_layer.gain.detach().reshape(())
+        for where, film in (
+            ("tokens", self.token_film),
+            ("gate", self.gate.query_film),
+            ("streams", self.stream_film),
+        ):
+            if film is not None:  # how far each FiLM has moved from the identity (0 at init)
+                stats[f"film/{where}_norm"] = film.proj.weight.detach().norm()
         mean_alpha = alpha.reshape(-1, alpha.shape[-1]).mean(0)
         for name, value in zip(self.stream_names, mean_alpha, strict=True):
             stats[f"stream_weight/{name}"] = value

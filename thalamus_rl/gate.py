@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from thalamus_rl.feedback import FeedbackLayer
+from thalamus_rl.film import FiLM
 
 
 class GateOutput(NamedTuple):
@@ -112,6 +113,9 @@ class PhaseGate(nn.Module):
         ``feedback_layer = None`` and ignores the ``feedback`` argument.
     :param enabled: False (ablation) turns the selection off: all N tokens are returned in
         their original order with weight 1 (0 at masked tokens), so K = N.
+    :param film_query: modulate the (feedback-conditioned) query by a :class:`FiLM` of the
+        task vector, ``q * (1 + gamma(task)) + beta(task)`` (identity at initialisation), so
+        the task scales each channel of what the gate looks for, not only adds to it.
 
     >>> gate = PhaseGate(d_model=16, d_task=8, top_k=4, phase_dim=3)
     >>> out = gate(torch.randn(2, 10, 16), torch.randn(2, 8), feedback=torch.zeros(2, 3))
@@ -133,6 +137,7 @@ class PhaseGate(nn.Module):
         n_feedback_signals: int = 3,
         use_feedback: bool = True,
         enabled: bool = True,
+        film_query: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -165,6 +170,7 @@ class PhaseGate(nn.Module):
         self.feedback_layer: FeedbackLayer | None = (
             FeedbackLayer(n_feedback_signals, d_model) if use_feedback else None
         )
+        self.query_film: FiLM | None = FiLM(d_task, d_model) if film_query else None
         self.phase_proj = nn.Linear(d_model, phase_dim)
         # Learned 2-D frequencies Omega [P, 2]: random directions, magnitudes spread
         # geometrically over a decade (1 to 0.1 rad per position unit), like 2-D RoPE.
@@ -186,14 +192,23 @@ class PhaseGate(nn.Module):
         """
         q = self.query_proj(task)
         if self.feedback_layer is None:
-            return q, None
+            return self._film_query(q, task), None
         if feedback is None:
             raise ValueError(
                 "PhaseGate: use_feedback=True but feedback=None; pass the reward signals "
                 f"[*, {self.n_feedback_signals}] or build the gate with use_feedback=False."
             )
         mod = self.feedback_layer(feedback)
-        return q * mod.query_scale + mod.query_shift, mod.bias_direction
+        q = q * mod.query_scale + mod.query_shift
+        return self._film_query(q, task), mod.bias_direction
+
+    def _film_query(self, q: Tensor, task: Tensor) -> Tensor:
+        """``q`` modulated by the task's FiLM (``film_query``), else ``q`` unchanged."""
+        if self.query_film is None:
+            return q
+        return self.query_film(q.reshape(-1, self.d_model), task.reshape(-1, self.d_task)).view(
+            q.shape
+        )
 
     def salience(
         self, tokens: Tensor, query: Tensor, bias_direction: Tensor | None, mask: Tensor | None
