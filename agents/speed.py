@@ -115,6 +115,8 @@ class Worker:
             overrides=list(cell.overrides),
         )
         self.steps_per_update = int(reply["steps_per_update"])
+        #: Seconds to build the agent and train its warm-up update (compilation included).
+        self.init_seconds = float(reply.get("init_seconds", float("nan")))
 
     def ask(self, **msg: Any) -> dict[str, Any]:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -169,8 +171,8 @@ def measure_fps(
     Workers start (and warm up) one after the other; then in round ``r`` the cells train in
     their order rotated by ``r``, one at a time.
 
-    :return: ``{"cells": [cell dicts], "rounds": [[{"seconds", "cpu_seconds", "steps"}] per
-        cell] per round}`` (cell order as given).
+    :return: ``{"cells": [cell dicts], "init_seconds": [per cell], "rounds": [[{"seconds",
+        "cpu_seconds", "steps"}] per cell] per round}`` (cell order as given).
     """
     if rounds < 1 or updates < 1:
         raise ValueError(f"rounds={rounds} and updates={updates} must be >= 1")
@@ -190,7 +192,11 @@ def measure_fps(
     finally:
         for w in workers:
             w.close()
-    return {"cells": [_cell_dict(c) for c in cells], "rounds": results}
+    return {
+        "cells": [_cell_dict(c) for c in cells],
+        "init_seconds": [w.init_seconds for w in workers],
+        "rounds": results,
+    }
 
 
 def time_to_threshold(
@@ -290,24 +296,32 @@ def _med_range(values: Sequence[float], fmt: str = "{:.2f}") -> str:
 
 def fps_markdown(result: dict[str, Any], baselines: Sequence[str] = ("lstm", "ppo")) -> str:
     """Tables of :func:`measure_fps`: per env and thread count, each cell's median fps (range
-    over rounds), CPU share (process CPU / wall), and its per-round ratio to every baseline."""
+    over rounds), CPU share (process CPU / wall), the seconds its worker took to start and train
+    its warm-up update (a compiled core's compilation), and its per-round ratio to every
+    baseline."""
     cells = result["cells"]
     lines: list[str] = []
     for (env, threads), idx in _groups(cells).items():
         present = [b for b in baselines if any(cells[i]["name"] == b for i in idx)]
-        header = "| agent | fps, median (range) | CPU / wall |" + "".join(
+        header = "| agent | fps, median (range) | CPU / wall | start + warm-up s |" + "".join(
             f" / {b}, median (range) |" for b in present
         )
         lines += [
             f"**{env}, {threads} thread{'s' if threads > 1 else ''} per run**",
             "",
             header,
-            "|---" * (3 + len(present)) + "|",
+            "|---" * (4 + len(present)) + "|",
         ]
         for i in idx:
             fps = [row[i]["steps"] / row[i]["seconds"] for row in result["rounds"]]
             cpu = [row[i]["cpu_seconds"] / row[i]["seconds"] for row in result["rounds"]]
-            cols = [cells[i]["name"], _med_range(fps, "{:.0f}"), f"{statistics.median(cpu):.2f}"]
+            init = result.get("init_seconds", [float("nan")] * len(cells))[i]
+            cols = [
+                cells[i]["name"],
+                _med_range(fps, "{:.0f}"),
+                f"{statistics.median(cpu):.2f}",
+                f"{init:.0f}",
+            ]
             for b in present:
                 j = next(k for k in idx if cells[k]["name"] == b)
                 cols.append(_med_range(fps_ratios(result, i, j)) + "x" if i != j else "1")

@@ -9,7 +9,8 @@ Protocol: one JSON object per line each way.
 
 * ``{"cmd": "init", "env": id, "agent": kind, "threads": n, "seed": s, "overrides": [...]}``
   builds the agent from the env's config file and runs one warm-up update; answers
-  ``{"steps_per_update": n_envs * n_steps}``.
+  ``{"steps_per_update": n_envs * n_steps, "init_seconds": s}`` (``s`` includes the
+  warm-up, so a compiled core's compile time).
 * ``{"cmd": "train", "updates": k}`` trains ``k`` more updates (rollout + update); answers
   ``{"seconds": wall, "cpu_seconds": process CPU time, "steps": env steps}``.
 * ``{"cmd": "eval", "episodes": n}`` evaluates (stochastic actions, own eval envs); answers
@@ -64,8 +65,12 @@ def serve(stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
         cmd = msg["cmd"]
         try:
             if cmd == "init":
+                start = time.perf_counter()
                 model, make_eval, steps_per_update = _init(msg)
-                reply: dict[str, Any] = {"steps_per_update": steps_per_update}
+                reply: dict[str, Any] = {
+                    "steps_per_update": steps_per_update,
+                    "init_seconds": time.perf_counter() - start,
+                }
             elif cmd == "train":
                 assert model is not None, "init first"
                 steps = int(msg["updates"]) * steps_per_update

@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKOUT",
         help="also measure the thalamus agent from these checkouts (before/after)",
     )
+    alt.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=KEY=VALUE[,KEY=VALUE]",
+        help="also measure the thalamus agent with these overrides, as row LABEL "
+        "(e.g. compiled=policy.compile_core=true); repeatable",
+    )
     alt.add_argument("--threshold", type=float, default=0.9)
     alt.add_argument("--eval-every", type=int, default=5, help="updates between evaluations")
     alt.add_argument("--eval-episodes", type=int, default=20)
@@ -169,6 +177,25 @@ def _alternated(args: argparse.Namespace) -> int:
         for env in envs
         for repo in args.compare
     ]
+    for spec in args.variant:
+        label, sep, overrides = spec.partition("=")
+        if not sep or not label or "=" not in overrides:
+            raise BenchmarkError(
+                f"--variant {spec!r}: expected LABEL=KEY=VALUE[,KEY=VALUE], "
+                "e.g. compiled=policy.compile_core=true"
+            )
+        cells += [
+            Cell(
+                env=env,
+                agent="thalamus",
+                threads=n,
+                seed=args.seed,
+                label=label,
+                overrides=tuple(overrides.split(",")),
+            )
+            for n in threads
+            for env in envs
+        ]
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.alternated == "fps":
         result = measure_fps(cells, rounds=args.rounds, updates=args.updates, log=log)
