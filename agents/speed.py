@@ -166,35 +166,45 @@ def measure_fps(
     python: str = sys.executable,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Training fps of every cell, alternated: ``rounds`` x (every cell trains ``updates``).
+    """Training fps of every cell, alternated within each (env, threads) group.
 
-    Workers start (and warm up) one after the other; then in round ``r`` the cells train in
-    their order rotated by ``r``, one at a time.
+    Groups run one after the other, so only one group's workers are alive at a time (each
+    holds an agent and its envs, ~0.5 GB). In a group, workers start (and warm up) one after
+    the other; then in round ``r`` its cells train ``updates`` updates each, one at a time,
+    in their order rotated by ``r``. Ratios are meaningful within a group only.
 
     :return: ``{"cells": [cell dicts], "init_seconds": [per cell], "rounds": [[{"seconds",
-        "cpu_seconds", "steps"}] per cell] per round}`` (cell order as given).
+        "cpu_seconds", "steps"}] per cell] per round}`` (cell order as given; round ``r`` of
+        different groups ran at different times).
     """
     if rounds < 1 or updates < 1:
         raise ValueError(f"rounds={rounds} and updates={updates} must be >= 1")
-    workers = _start(cells, python)
-    results: list[list[dict[str, Any]]] = []
-    try:
-        for r in range(rounds):
-            row: list[dict[str, Any] | None] = [None] * len(cells)
-            for i in range(len(cells)):
-                j = (i + r) % len(cells)
-                row[j] = workers[j].ask(cmd="train", updates=updates)
-                log(
-                    f"round {r + 1}/{rounds} {cells[j].env} {cells[j].name} "
-                    f"{cells[j].threads}t: {row[j]['steps'] / row[j]['seconds']:.0f} fps"
-                )
-            results.append(row)  # type: ignore[arg-type]
-    finally:
-        for w in workers:
-            w.close()
+    results: list[list[dict[str, Any] | None]] = [[None] * len(cells) for _ in range(rounds)]
+    init_seconds = [float("nan")] * len(cells)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, c in enumerate(cells):
+        groups.setdefault((c.env, c.threads), []).append(i)
+    for members in groups.values():
+        workers = _start([cells[i] for i in members], python)
+        try:
+            for i, w in zip(members, workers, strict=True):
+                init_seconds[i] = w.init_seconds
+            for r in range(rounds):
+                for k in range(len(members)):
+                    j = (k + r) % len(members)
+                    i = members[j]
+                    reply = workers[j].ask(cmd="train", updates=updates)
+                    results[r][i] = reply
+                    log(
+                        f"round {r + 1}/{rounds} {cells[i].env} {cells[i].name} "
+                        f"{cells[i].threads}t: {reply['steps'] / reply['seconds']:.0f} fps"
+                    )
+        finally:
+            for w in workers:
+                w.close()
     return {
         "cells": [_cell_dict(c) for c in cells],
-        "init_seconds": [w.init_seconds for w in workers],
+        "init_seconds": init_seconds,
         "rounds": results,
     }
 
