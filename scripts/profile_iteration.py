@@ -85,7 +85,11 @@ def instrument(model: Any, clock: Clock) -> None:
     env = model.env
     _patch(env, "step", clock, "rollout/env step")
     policy = model.policy
-    if hasattr(policy, "core"):  # ThalamusPolicy
+    if getattr(policy, "compile_core", False):
+        # Timers inside a compiled core would break its graphs: phases only.
+        _patch(policy, "evaluate_actions", clock, "update/forward")
+        _patch(policy, "act", clock, "rollout/policy step")
+    elif hasattr(policy, "core"):  # ThalamusPolicy
         core = policy.core
         _patch(policy.features_extractor.tokenizer, "forward", clock, "tokenizer")
         _patch(core.gate, "forward", clock, "gate")
