@@ -261,10 +261,12 @@ class ThalamusPolicy(ActorCriticPolicy):
         ``fused=True`` (unless ``fused`` or ``foreach`` is given): the policy has
         ~90 parameter tensors, and the per-tensor loop PyTorch runs on CPU took 2.3 ms a
         step against 0.4 ms fused (DoorKey-5x5, one thread), ~4% of a minibatch update.
-    :param compile_core: run the core's step (rollouts, :meth:`act`) and sequence pass (updates,
+    :param compile_core: run the core's step (:meth:`act`: rollouts, and the episode loop of
+        evaluation and videos, whose batch compiles once more) and sequence pass (updates,
         :meth:`evaluate_actions`) through ``torch.compile`` (inductor); the eager core stays
-        the reference and serves :meth:`predict`, :meth:`predict_values` and evaluation. Pays
-        only for long runs: see ``docs/benchmarks/profile.md``.
+        the reference and serves :meth:`predict`, :meth:`predict_values` and the truncation
+        bootstrap (any sub-batch of envs). Pays only for long runs:
+        ``docs/benchmarks/profile.md``.
     :param core_lr_scale: the tokenizer and core train at ``core_lr_scale`` times the learning
         rate (the heads at the full rate). Adam moves every parameter by about the learning
         rate per step whatever its gradient, and the core's ~190k parameters sit behind
