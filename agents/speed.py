@@ -253,7 +253,7 @@ def time_to_threshold(
                 )
                 log(
                     f"{cells[i].name}: {done_updates[i]} updates, {seconds[i]:.0f} s, "
-                    f"eval reward {reward:.2f}"
+                    f"eval reward {reward:.3f}"
                 )
                 if reward >= threshold:
                     reached[i] = {

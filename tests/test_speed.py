@@ -61,7 +61,11 @@ def test_a_cell_from_a_folder_that_is_no_checkout_is_refused(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_measure_fps_trains_each_cell_in_turn() -> None:
     cells = [
-        Cell(env="MiniGrid-DoorKey-5x5-v0", agent="ppo", overrides=("ppo.n_steps=16",)),
+        Cell(
+            env="MiniGrid-DoorKey-5x5-v0",
+            agent="ppo",
+            overrides=("ppo.n_steps=16", "ppo.batch_size=64"),
+        ),
         Cell(env="MiniGrid-DoorKey-5x5-v0", agent="ppo", label="ppo-again"),
     ]
     logged: list[str] = []
