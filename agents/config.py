@@ -196,6 +196,13 @@ class PolicyConfig:
         "step than the heads').",
         gt=0.0,
     )
+    compile_core: bool = _param(
+        False,
+        "Run the core through torch.compile (inductor) in rollouts and updates; eager is the "
+        "reference. Compiling costs minutes on a small CPU before the first update and saves "
+        "~25% of each iteration after it: worth it for long runs only "
+        "(docs/benchmarks/profile.md).",
+    )
 
 
 @dataclass

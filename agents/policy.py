@@ -21,7 +21,9 @@ the state before processing it, so callers never mask by hand.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -124,6 +126,10 @@ class ThalamusExtractor(BaseFeaturesExtractor):
     :param thalamus: ``ThalamusConfig`` fields (``n_feedback_signals`` comes from the space).
     :param tokenizer: extra :class:`Tokenizer` arguments (e.g. ``mission_key``); its widths
         are the core's ``d_model`` and ``d_task``.
+    :param compile_core: run the core through ``torch.compile`` (inductor) in the calls that
+        pass ``compiled=True`` (:class:`ThalamusPolicy` does in rollouts and updates). The
+        eager core is the reference; the tokenizer always runs eagerly (its output width
+        depends on the data).
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         observation_space: spaces.Dict,
         thalamus: Mapping[str, Any] | None = None,
         tokenizer: Mapping[str, Any] | None = None,
+        compile_core: bool = False,
     ) -> None:
         tokenizer = dict(tokenizer or {})
         keys = classify_observation_space(
@@ -155,6 +162,23 @@ class ThalamusExtractor(BaseFeaturesExtractor):
                 f"words): set thalamus.top_k to at most {n_tokens}"
             )
         self.core = core
+        self.compile_core = bool(compile_core)
+
+    def _core_call(self, kind: str, compiled: bool) -> Callable[..., Any]:
+        """``core.step`` (``kind="step"``) or ``core.forward``, compiled when asked and enabled.
+
+        The compiled functions live outside the module (:data:`_COMPILED`), so copying,
+        pickling or saving the policy never meets them. ``dynamic=False``: each input shape
+        (rollout batch, minibatch, a shorter last minibatch, evaluation batch) compiles once;
+        the values of ``episode_starts`` never recompile (tests/test_policy.py).
+        """
+        if not (compiled and self.compile_core):
+            return self.core.step if kind == "step" else self.core.forward
+        fns = _COMPILED.setdefault(self.core, {})
+        if kind not in fns:
+            # The unbound function: a bound method would keep the core alive from the value.
+            fns[kind] = th.compile(getattr(type(self.core), kind), dynamic=False)
+        return functools.partial(fns[kind], self.core)
 
     def forward(self, observations: PyTorchObs) -> th.Tensor:
         raise TypeError(
@@ -168,9 +192,13 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         state: ThalamusState | None,
         episode_starts: th.Tensor | None,
         with_stats: bool = True,
+        compiled: bool = False,
     ) -> tuple[ThalamusOutput, ThalamusState]:
-        """One step: ``obs`` entries ``[B, ...]``, ``episode_starts`` ``[B]`` bool."""
-        return self._tokenize_and_run(self.core.step, obs, state, episode_starts, with_stats)
+        """One step: ``obs`` entries ``[B, ...]``, ``episode_starts`` ``[B]`` bool.
+
+        ``compiled``: use the compiled core if ``compile_core`` is on."""
+        run = self._core_call("step", compiled)
+        return self._tokenize_and_run(run, obs, state, episode_starts, with_stats)
 
     def sequence(
         self,
@@ -178,9 +206,13 @@ class ThalamusExtractor(BaseFeaturesExtractor):
         state: ThalamusState | None,
         episode_starts: th.Tensor | None,
         with_stats: bool = True,
+        compiled: bool = False,
     ) -> tuple[ThalamusOutput, ThalamusState]:
-        """Whole sequences: ``obs`` entries ``[B, T, ...]``, ``episode_starts`` ``[B, T]`` bool."""
-        return self._tokenize_and_run(self.core, obs, state, episode_starts, with_stats)
+        """Whole sequences: ``obs`` entries ``[B, T, ...]``, ``episode_starts`` ``[B, T]`` bool.
+
+        ``compiled``: use the compiled core if ``compile_core`` is on."""
+        run = self._core_call("forward", compiled)
+        return self._tokenize_and_run(run, obs, state, episode_starts, with_stats)
 
     def _tokenize_and_run(self, run, obs, state, episode_starts, with_stats):
         """Tokenize ``obs`` and feed the tokens to ``run`` (``core.step`` or ``core``)."""
@@ -206,6 +238,12 @@ class ThalamusExtractor(BaseFeaturesExtractor):
             )
         return out, state
 
+
+#: The ``torch.compile`` functions of each core (:meth:`ThalamusExtractor._core_call`), kept
+#: beside the module rather than on it; an entry goes when its core does.
+_COMPILED: weakref.WeakKeyDictionary[ThalamusCore, dict[str, Callable[..., Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 #: Adam's (and AdamW's) ``eps`` unless ``optimizer_kwargs`` gives one: SB3's choice for its
 #: actor-critic policies, so ThalamusPPO and the baselines share it. Adam's step is
@@ -243,6 +281,12 @@ class ThalamusPolicy(ActorCriticPolicy):
         ``fused=True`` (unless ``fused`` or ``foreach`` is given): the policy has
         ~90 parameter tensors, and the per-tensor loop PyTorch runs on CPU took 2.3 ms a
         step against 0.4 ms fused (DoorKey-5x5, one thread), ~4% of a minibatch update.
+    :param compile_core: run the core's step (:meth:`act`: rollouts, and the episode loop of
+        evaluation and videos, whose batch compiles once more) and sequence pass (updates,
+        :meth:`evaluate_actions`) through ``torch.compile`` (inductor); the eager core stays
+        the reference and serves :meth:`predict`, :meth:`predict_values` and the truncation
+        bootstrap (any sub-batch of envs). Pays only for long runs:
+        ``docs/benchmarks/profile.md``.
     :param core_lr_scale: the tokenizer and core train at ``core_lr_scale`` times the learning
         rate (the heads at the full rate). Adam moves every parameter by about the learning
         rate per step whatever its gradient, and the core's ~190k parameters sit behind
@@ -272,7 +316,9 @@ class ThalamusPolicy(ActorCriticPolicy):
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
         core_lr_scale: float = DEFAULT_CORE_LR_SCALE,
+        compile_core: bool = False,
     ) -> None:
+        self.compile_core = bool(compile_core)
         if not core_lr_scale > 0:
             raise ValueError(f"core_lr_scale must be > 0, got {core_lr_scale}.")
         self.core_lr_scale = float(core_lr_scale)
@@ -305,7 +351,9 @@ class ThalamusPolicy(ActorCriticPolicy):
             squash_output=squash_output,
             features_extractor_class=ThalamusExtractor,
             features_extractor_kwargs=dict(
-                thalamus=self.thalamus_kwargs, tokenizer=self.tokenizer_kwargs
+                thalamus=self.thalamus_kwargs,
+                tokenizer=self.tokenizer_kwargs,
+                compile_core=self.compile_core,
             ),
             share_features_extractor=True,
             normalize_images=normalize_images,
@@ -352,6 +400,7 @@ class ThalamusPolicy(ActorCriticPolicy):
             thalamus=self.thalamus_kwargs,
             tokenizer=self.tokenizer_kwargs,
             core_lr_scale=self.core_lr_scale,
+            compile_core=self.compile_core,
         )
         return data
 
@@ -394,7 +443,9 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param with_stats: fill ``PolicyStep.thalamus.stats`` (False: empty, faster).
         :return: a :class:`PolicyStep`.
         """
-        out, state = self.features_extractor.step(obs, state, episode_starts, with_stats)
+        out, state = self.features_extractor.step(
+            obs, state, episode_starts, with_stats, compiled=True
+        )
         distribution, values = self._heads(out.features)
         actions = distribution.get_actions(deterministic=deterministic)
         log_probs = distribution.log_prob(actions)
@@ -449,7 +500,9 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param episode_starts: ``[B, T]`` bool; the core resets inside the scan.
         :return: a :class:`SequenceEvaluation` with ``[B, T]`` values, log-probs, entropies.
         """
-        out, _ = self.features_extractor.sequence(obs, state, episode_starts, with_stats=False)
+        out, _ = self.features_extractor.sequence(
+            obs, state, episode_starts, with_stats=False, compiled=True
+        )
         batch, steps = episode_starts.shape
         distribution, values = self._heads(out.features.reshape(batch * steps, -1))
         log_prob = distribution.log_prob(actions.reshape(batch * steps, *actions.shape[2:]))

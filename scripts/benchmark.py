@@ -9,6 +9,8 @@ Examples::
     python scripts/benchmark.py full --list                # each run's status, no training
     python scripts/benchmark.py full --only 'MiniGrid-MemoryS7-v0__*'
     python scripts/benchmark.py full ablations speed --report    # docs/benchmarks/README.md
+    python scripts/benchmark.py --alternated fps           # agents' fps, alternated in one run
+    python scripts/benchmark.py --alternated threshold     # DoorKey time to 0.9, alternated
 
 Every run trains through agents.training (the code scripts/train_agent.py uses) and writes
 one JSON record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record
@@ -37,6 +39,7 @@ from agents.benchmarking import (
     write_report,
 )
 from agents.hints import script_command
+from agents.speed import SPEED_AGENTS, SPEED_ENVS
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -94,7 +97,123 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run in this process, one at a time (debugging; peak memory then covers all runs)",
     )
+    alt = parser.add_argument_group(
+        "alternated speed suite (agents/speed.py)",
+        "Every cell (env x agent x threads) is a worker process; one at a time trains a few "
+        "updates, round after round, so ratios compare cells under the same machine load.",
+    )
+    alt.add_argument(
+        "--alternated",
+        choices=["fps", "threshold"],
+        help="fps: training throughput; threshold: training seconds to --threshold",
+    )
+    alt.add_argument(
+        "--envs",
+        nargs="+",
+        default=None,
+        metavar="ENV",
+        help="fps default: DoorKey-5x5, MemoryS7, GoToLocal; threshold: DoorKey-5x5",
+    )
+    alt.add_argument("--agents", nargs="+", default=list(SPEED_AGENTS), metavar="KIND")
+    alt.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=[1, 2],
+        metavar="N",
+        help="torch threads per run, one table each (default 1 2)",
+    )
+    alt.add_argument("--rounds", type=int, default=5, help="fps rounds (default 5)")
+    alt.add_argument("--updates", type=int, default=2, help="updates per cell per round")
+    alt.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="CHECKOUT",
+        help="also measure the thalamus agent from these checkouts (before/after)",
+    )
+    alt.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=KEY=VALUE[,KEY=VALUE]",
+        help="also measure the thalamus agent with these overrides, as row LABEL "
+        "(e.g. compiled=policy.compile_core=true); repeatable",
+    )
+    alt.add_argument("--threshold", type=float, default=0.9)
+    alt.add_argument("--eval-every", type=int, default=5, help="updates between evaluations")
+    alt.add_argument("--eval-episodes", type=int, default=20)
+    alt.add_argument("--budget-updates", type=int, default=150, help="per cell (threshold)")
+    alt.add_argument("--seed", type=int, default=0)
+    alt.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="write the raw result here (the Markdown goes to stdout)",
+    )
     return parser
+
+
+def _alternated(args: argparse.Namespace) -> int:
+    """The alternated speed suite: fps or time to threshold, printed as Markdown."""
+    import json
+
+    from agents.speed import Cell, fps_markdown, measure_fps, threshold_markdown
+    from agents.speed import time_to_threshold as run_threshold
+
+    default_envs = list(SPEED_ENVS) if args.alternated == "fps" else [SPEED_ENVS[0]]
+    envs = args.envs or default_envs
+    threads = args.threads if args.alternated == "fps" else args.threads[:1]
+    cells = [
+        Cell(env=env, agent=agent, threads=n, seed=args.seed)
+        for n in threads
+        for env in envs
+        for agent in args.agents
+    ]
+    cells += [
+        Cell(env=env, agent="thalamus", threads=n, seed=args.seed, repo=repo)
+        for n in threads
+        for env in envs
+        for repo in args.compare
+    ]
+    for spec in args.variant:
+        label, sep, overrides = spec.partition("=")
+        if not sep or not label or "=" not in overrides:
+            raise BenchmarkError(
+                f"--variant {spec!r}: expected LABEL=KEY=VALUE[,KEY=VALUE], "
+                "e.g. compiled=policy.compile_core=true"
+            )
+        cells += [
+            Cell(
+                env=env,
+                agent="thalamus",
+                threads=n,
+                seed=args.seed,
+                label=label,
+                overrides=tuple(overrides.split(",")),
+            )
+            for n in threads
+            for env in envs
+        ]
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.alternated == "fps":
+        result = measure_fps(cells, rounds=args.rounds, updates=args.updates, log=log)
+        print(fps_markdown(result))
+    else:
+        result = run_threshold(
+            cells,
+            threshold=args.threshold,
+            eval_every=args.eval_every,
+            eval_episodes=args.eval_episodes,
+            budget_updates=args.budget_updates,
+            log=log,
+        )
+        print(threshold_markdown(result))
+    if args.save is not None:
+        args.save.write_text(json.dumps(result, indent=1))
+    return 0
 
 
 def _out(suite: Suite, args: argparse.Namespace) -> Path:
@@ -117,6 +236,8 @@ def _report_suites(args: argparse.Namespace) -> list[Suite]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.alternated:
+            return _alternated(args)
         if args.report:
             suites = _report_suites(args)
             outs = {_out(s, args) for s in suites}

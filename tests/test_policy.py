@@ -205,3 +205,69 @@ def test_top_k_above_the_tokens_the_space_gives_is_refused_naming_both(
             build_agent(config, venv)
     finally:
         venv.close()
+
+
+def _flat_state(state: ThalamusState) -> list[th.Tensor]:
+    return [t for t in th.utils._pytree.tree_leaves(state) if isinstance(t, th.Tensor)]
+
+
+@pytest.mark.slow
+def test_compiled_core_equals_eager_without_recompiling(observation_space: spaces.Dict) -> None:
+    """policy.compile_core: the compiled step and sequence pass give the eager core's outputs,
+    states and gradients to 1e-5, and new episode-start patterns compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    th._dynamo.reset()
+    th.manual_seed(0)
+    policy = ThalamusPolicy(
+        observation_space,
+        spaces.Discrete(7),
+        lambda _: 1e-3,
+        thalamus={**SMALL, "n_iterations": 2},
+        compile_core=True,
+    ).eval()
+    extractor = policy.features_extractor
+    batch, length = 3, 6
+    obs = random_obs(observation_space, (batch, length), seed=3)
+    state0 = warm_state(policy, observation_space, batch)
+    patterns = [
+        th.zeros(batch, length, dtype=th.bool),
+        th.tensor([[0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=th.bool),
+        th.ones(batch, length, dtype=th.bool),
+    ]
+
+    def steps(starts: th.Tensor, compiled: bool) -> tuple[list[th.Tensor], ThalamusState]:
+        state, feats = state0, []
+        with th.no_grad():
+            for t in range(length):
+                o = {k: v[:, t] for k, v in obs.items()}
+                out, state = extractor.step(o, state, starts[:, t], False, compiled=compiled)
+                feats.append(out.features)
+        return feats, state
+
+    def sequence(starts: th.Tensor, compiled: bool) -> tuple[th.Tensor, list[th.Tensor]]:
+        policy.zero_grad(set_to_none=True)
+        out, state = extractor.sequence(obs, state0, starts, False, compiled=compiled)
+        (
+            out.features.square().mean() + sum(s.square().mean() for s in _flat_state(state))
+        ).backward()
+        grads = [p.grad.clone() for p in extractor.parameters() if p.grad is not None]
+        return out.features.detach(), grads
+
+    graphs_after_first = None
+    for i, starts in enumerate(patterns):
+        fc, sc = steps(starts, compiled=True)
+        fe, se = steps(starts, compiled=False)
+        for a, b in zip(fc + _flat_state(sc), fe + _flat_state(se), strict=True):
+            th.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        yc, gc = sequence(starts, compiled=True)
+        ye, ge = sequence(starts, compiled=False)
+        th.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-5)
+        assert len(gc) == len(ge) > 0
+        for a, b in zip(gc, ge, strict=True):
+            th.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        if i == 1:  # both branches (with and without resets) have been seen
+            graphs_after_first = counters["stats"]["unique_graphs"]
+    assert graphs_after_first is not None and graphs_after_first > 0
+    # A recompilation (a guard on the values of episode_starts, say) adds a graph.
+    assert counters["stats"]["unique_graphs"] == graphs_after_first, "recompiled"

@@ -296,12 +296,22 @@ class PhaseGate(nn.Module):
                 f"PhaseGate: positions must have shape [*, N, 2] = {(*lead, n, 2)}, "
                 f"got {tuple(positions.shape)}."
             )
-        _check_finite("tokens", tokens)
-        _check_finite("task", task)
+        checked = [("tokens", tokens), ("task", task)]
         if feedback is not None and self.feedback_layer is not None:
-            _check_finite("feedback", feedback)
+            checked.append(("feedback", feedback))
         if positions is not None:
-            _check_finite("positions", positions)
+            checked.append(("positions", positions))
+        # One host sync for every check (this runs on every rollout step and minibatch): a NaN
+        # or inf anywhere makes the total non-finite, and a row without a valid token makes
+        # ``mask.any(-1).all()`` False. Only on failure do the checks run one by one.
+        total = sum(x.detach().sum() for _, x in checked)
+        ok = torch.isfinite(total)
+        if mask is not None:
+            ok = ok & mask.any(-1).all()
+        if bool(ok):
+            return
+        for name, x in checked:
+            _check_finite(name, x)
         if mask is not None and not bool(mask.any(-1).all()):
             bad = (~mask.any(-1)).nonzero()[0].tolist()
             raise ValueError(
