@@ -14,9 +14,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
+import envs
 from agents.config import DEFAULT_CONFIG, ConfigError, load_config
 from agents.exploration import EpisodicCountBonus, ExplorationLogger, wrap_exploration
-from agents.training import RunCallbacks, _fixes_the_run, train
+from agents.training import RunCallbacks, _fixes_the_run, resume, train
 
 COEF = 0.5
 
@@ -114,6 +115,16 @@ def test_monitor_and_episode_infos_stay_extrinsic() -> None:
     assert info["exploration_episode"] == {"r": pytest.approx(3 * COEF), "l": 3}
 
 
+def test_reward_feedback_observations_stay_extrinsic() -> None:
+    """The thalamus reads prev_reward / episode_return: the bonus must not leak into them."""
+    venv = EpisodicCountBonus(envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=1), coef=1.0)
+    venv.reset()
+    for action in (0, 0, 1):  # left, left, right: new views, no extrinsic reward
+        obs, reward, _, _ = venv.step(np.array([action]))
+        assert reward[0] > 0
+        assert obs["prev_reward"][0, 0] == 0.0 and obs["episode_return"][0, 0] == 0.0
+
+
 def test_errors_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="coef = -1"):
         EpisodicCountBonus(scripted_venv([(1, 0), (2, 0)]), coef=-1)
@@ -178,10 +189,8 @@ class Inspect(BaseCallback):
         self.eval_reward = self.run_callbacks.evaluation.last_mean_reward
 
 
-@pytest.mark.parametrize("agent", ["ppo", "lstm", "thalamus"])
-def test_every_agent_trains_with_the_bonus_and_reports_extrinsic_returns(
-    tmp_path: Path, agent: str, recwarn: pytest.WarningsRecorder
-) -> None:
+def tiny_run(tmp_path: Path, agent: str) -> list[str]:
+    """Overrides of a 64-step run with the bonus, evaluating at step 32."""
     overrides = [
         f"agent.kind={agent}",
         "env.id=MiniGrid-Empty-5x5-v0",
@@ -204,6 +213,14 @@ def test_every_agent_trains_with_the_bonus_and_reports_extrinsic_returns(
     if agent == "thalamus":
         overrides += ["thalamus.d_model=32", "thalamus.d_task=32", "thalamus.d_workspace=32"]
         overrides += ["thalamus.top_k=8"]
+    return overrides
+
+
+@pytest.mark.parametrize("agent", ["ppo", "lstm", "thalamus"])
+def test_every_agent_trains_with_the_bonus_and_reports_extrinsic_returns(
+    tmp_path: Path, agent: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    overrides = tiny_run(tmp_path, agent)
     inspect: list[Inspect] = []
 
     def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
@@ -229,3 +246,20 @@ def test_logger_ignores_envs_without_the_bonus() -> None:
     logger._on_rollout_start()
     logger._on_step()
     assert logger.rollout_steps == 0 and not logger.episode_returns
+
+
+def test_resume_keeps_the_bonus_and_refuses_to_change_it(tmp_path: Path) -> None:
+    config = load_config(DEFAULT_CONFIG, [*tiny_run(tmp_path, "ppo"), "train.checkpoint_freq=32"])
+    run_dir = train(config)
+    with pytest.raises(ConfigError, match="exploration.coef=0.1.*cannot change a resumed run"):
+        resume(run_dir, ["exploration.coef=0.1"], total_timesteps=96)
+    inspect: list[Inspect] = []
+
+    def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
+        inspect.append(Inspect(callbacks))
+        return inspect
+
+    resume(run_dir, total_timesteps=96, extra_callbacks=extra)
+    assert EpisodicCountBonus in inspect[0].train_chain
+    assert EpisodicCountBonus not in inspect[0].eval_chain
+    assert inspect[0].logged[0]["exploration/intrinsic_mean"] > 0
