@@ -252,6 +252,12 @@ class ExplorationConfig:
     coef: float = _param(
         0.005, "Intrinsic reward of a view new in the episode, in reward units.", ge=0.0
     )
+    decay_steps: int = _param(
+        0,
+        "Lower coef linearly to 0 over this many env steps, set at each rollout start from the "
+        "run's step count (so a resume continues it); 0: constant.",
+        ge=0,
+    )
 
 
 @dataclass

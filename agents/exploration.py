@@ -51,6 +51,7 @@ __all__ = [
     "EXPLORATION_KINDS",
     "EpisodicCountBonus",
     "ExplorationLogger",
+    "decayed_coef",
     "observation_key",
     "wrap_exploration",
 ]
@@ -153,18 +154,37 @@ def wrap_exploration(venv: VecEnv, kind: str, coef: float) -> VecEnv:
     )
 
 
+def decayed_coef(coef: float, decay_steps: int, timesteps: int) -> float:
+    """``coef`` lowered linearly to 0 over ``decay_steps`` env steps (0: constant).
+
+    >>> decayed_coef(0.01, 1000, 250), decayed_coef(0.01, 1000, 5000), decayed_coef(0.01, 0, 9)
+    (0.0075, 0.0, 0.01)
+    """
+    if decay_steps <= 0:
+        return coef
+    return coef * max(0.0, 1.0 - timesteps / decay_steps)
+
+
 class ExplorationLogger(BaseCallback):
-    """Log the intrinsic reward apart from the extrinsic one, once per rollout.
+    """Log the intrinsic reward apart from the extrinsic one, once per rollout, and set the
+    bonus' coefficient for each rollout from the run's step count.
 
     ``exploration/intrinsic_mean``: the mean bonus per env step of the rollout (times
     ``coef``, what was added to the reward); ``exploration/intrinsic_ep_return_mean``: the
     mean intrinsic return of the last 100 finished episodes (``rollout/ep_rew_mean`` stays
-    the extrinsic one). Reads the infos :class:`EpisodicCountBonus` writes; logs nothing for
-    an env without them.
+    the extrinsic one); ``exploration/coef``. Reads the infos :class:`EpisodicCountBonus`
+    writes; logs nothing for an env without them.
+
+    :param coef: the coefficient at step 0 (``None``: leave the wrapper's as it is).
+    :param decay_steps: see :func:`decayed_coef`. The coefficient follows
+        ``model.num_timesteps``, which a resume restores, so a resumed run continues the decay.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, coef: float | None = None, decay_steps: int = 0) -> None:
         super().__init__()
+        self.coef = coef
+        self.decay_steps = decay_steps
+        self.current_coef: float | None = None
         self.rollout_sum = 0.0
         self.rollout_steps = 0
         self.episode_returns: deque[float] = deque(maxlen=100)
@@ -172,6 +192,15 @@ class ExplorationLogger(BaseCallback):
     def _on_rollout_start(self) -> None:
         self.rollout_sum = 0.0
         self.rollout_steps = 0
+        if self.coef is None:
+            return
+        coef = decayed_coef(self.coef, self.decay_steps, self.num_timesteps)
+        venv: Any = self.training_env
+        while isinstance(venv, VecEnvWrapper):
+            if isinstance(venv, EpisodicCountBonus):
+                venv.coef = coef
+            venv = venv.venv
+        self.current_coef = coef
 
     def _on_step(self) -> bool:
         for info in self.locals.get("infos", ()):
@@ -183,6 +212,9 @@ class ExplorationLogger(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
+        # Recorded here, not at rollout start: an evaluation inside the rollout dumps the log.
+        if self.current_coef is not None:
+            self.logger.record("exploration/coef", self.current_coef)
         if self.rollout_steps:
             self.logger.record("exploration/intrinsic_mean", self.rollout_sum / self.rollout_steps)
         if self.episode_returns:

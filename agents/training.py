@@ -471,7 +471,11 @@ def _callbacks(
     if config.exploration.kind != "none":
         from agents.exploration import ExplorationLogger
 
-        callbacks.append(ExplorationLogger())
+        callbacks.append(
+            ExplorationLogger(
+                coef=config.exploration.coef, decay_steps=config.exploration.decay_steps
+            )
+        )
     if evaluation is not None:
         callbacks.append(evaluation)
     callbacks.append(

@@ -16,7 +16,12 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
 import envs
 from agents.config import DEFAULT_CONFIG, ConfigError, load_config
-from agents.exploration import EpisodicCountBonus, ExplorationLogger, wrap_exploration
+from agents.exploration import (
+    EpisodicCountBonus,
+    ExplorationLogger,
+    decayed_coef,
+    wrap_exploration,
+)
 from agents.training import RunCallbacks, _fixes_the_run, resume, train
 
 COEF = 0.5
@@ -189,6 +194,15 @@ class Inspect(BaseCallback):
         self.eval_reward = self.run_callbacks.evaluation.last_mean_reward
 
 
+INSPECTED: list[Inspect] = []
+
+
+def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
+    """An ``extra_callbacks`` factory that keeps each session's :class:`Inspect`."""
+    INSPECTED.append(Inspect(callbacks))
+    return [INSPECTED[-1]]
+
+
 def tiny_run(tmp_path: Path, agent: str) -> list[str]:
     """Overrides of a 64-step run with the bonus, evaluating at step 32."""
     overrides = [
@@ -221,14 +235,8 @@ def test_every_agent_trains_with_the_bonus_and_reports_extrinsic_returns(
     tmp_path: Path, agent: str, recwarn: pytest.WarningsRecorder
 ) -> None:
     overrides = tiny_run(tmp_path, agent)
-    inspect: list[Inspect] = []
-
-    def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
-        inspect.append(Inspect(callbacks))
-        return inspect
-
     train(load_config(DEFAULT_CONFIG, overrides), extra_callbacks=extra)
-    seen = inspect[0]
+    seen = INSPECTED[-1]
     assert EpisodicCountBonus in seen.train_chain
     assert EpisodicCountBonus not in seen.eval_chain
     assert seen.episode_returns and max(seen.episode_returns) <= 1.0  # extrinsic
@@ -240,6 +248,10 @@ def test_every_agent_trains_with_the_bonus_and_reports_extrinsic_returns(
     assert not [w for w in recwarn if "not of the same type" in str(w.message)]
 
 
+def test_decayed_coef_reaches_zero_and_stays() -> None:
+    assert [decayed_coef(0.2, 100, t) for t in (0, 50, 100, 150)] == [0.2, 0.1, 0.0, 0.0]
+
+
 def test_logger_ignores_envs_without_the_bonus() -> None:
     logger = ExplorationLogger()
     logger.locals = {"infos": [{}, {"episode": {"r": 1.0}}]}
@@ -248,18 +260,23 @@ def test_logger_ignores_envs_without_the_bonus() -> None:
     assert logger.rollout_steps == 0 and not logger.episode_returns
 
 
-def test_resume_keeps_the_bonus_and_refuses_to_change_it(tmp_path: Path) -> None:
-    config = load_config(DEFAULT_CONFIG, [*tiny_run(tmp_path, "ppo"), "train.checkpoint_freq=32"])
-    run_dir = train(config)
+def test_resume_keeps_the_bonus_continues_its_decay_and_refuses_to_change_it(
+    tmp_path: Path,
+) -> None:
+    """Rollouts of 32 steps, coef 1 decaying to 0 over 128 steps: 1, 0.75 in the first
+    session (steps 0, 32), 0.5, 0.25 after resuming from the checkpoint at step 64."""
+    overrides = [*tiny_run(tmp_path, "ppo"), "train.checkpoint_freq=32"]
+    run_dir = train(
+        load_config(DEFAULT_CONFIG, [*overrides, "exploration.decay_steps=128"]),
+        extra_callbacks=extra,
+    )
     with pytest.raises(ConfigError, match="exploration.coef=0.1.*cannot change a resumed run"):
-        resume(run_dir, ["exploration.coef=0.1"], total_timesteps=96)
-    inspect: list[Inspect] = []
-
-    def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
-        inspect.append(Inspect(callbacks))
-        return inspect
-
-    resume(run_dir, total_timesteps=96, extra_callbacks=extra)
-    assert EpisodicCountBonus in inspect[0].train_chain
-    assert EpisodicCountBonus not in inspect[0].eval_chain
-    assert inspect[0].logged[0]["exploration/intrinsic_mean"] > 0
+        resume(run_dir, ["exploration.coef=0.1"], total_timesteps=128)
+    resume(run_dir, total_timesteps=128, extra_callbacks=extra)
+    first, resumed = INSPECTED[-2:]
+    assert [logged["exploration/coef"] for logged in first.logged] == [1.0, 0.75]
+    assert [logged["exploration/coef"] for logged in resumed.logged] == [0.5, 0.25]
+    for logged in first.logged + resumed.logged:  # every bonus is at most the coef
+        assert 0 < logged["exploration/intrinsic_mean"] <= logged["exploration/coef"]
+    assert EpisodicCountBonus in resumed.train_chain
+    assert EpisodicCountBonus not in resumed.eval_chain
