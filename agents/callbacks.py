@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -633,6 +634,13 @@ class PeriodicEval(EvalCallback):
         self.last_eval_timesteps: int | None = None
         self.last_eval_seconds: float | None = None
         self.n_evaluations = 0
+
+    def _init_callback(self) -> None:
+        # The training env may carry wrappers the eval env must not (the intrinsic reward of
+        # agents.exploration), so SB3's "not of the same type" warning would be a false alarm.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Training and eval env are not of the same")
+            super()._init_callback()
 
     def _on_training_start(self) -> None:
         self._last_check = self.num_timesteps

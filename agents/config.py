@@ -50,6 +50,7 @@ from agents.constants import (
     ADVANTAGE_NORMALIZATIONS,
     AGENT_KINDS,
     DEFAULT_CORE_LR_SCALE,
+    EXPLORATION_KINDS,
     check_batch_size,
 )
 from thalamus_rl.config import ThalamusConfig
@@ -62,6 +63,7 @@ __all__ = [
     "ConfigError",
     "EnvConfig",
     "ExperimentConfig",
+    "ExplorationConfig",
     "LSTMConfig",
     "PPOConfig",
     "PolicyConfig",
@@ -243,6 +245,29 @@ class LSTMConfig:
 
 
 @dataclass
+class ExplorationConfig:
+    """An intrinsic reward added to the training reward, for every agent kind
+    (:mod:`agents.exploration`; evaluation and the logged episode returns stay extrinsic)."""
+
+    kind: str = _param(
+        "none",
+        "none: extrinsic reward only; episodic_count: add coef / sqrt(n) per step, n the visits "
+        "of the new view (egocentric image and direction) in this episode, counts cleared at "
+        "each episode start.",
+        choices=EXPLORATION_KINDS,
+    )
+    coef: float = _param(
+        0.005, "Intrinsic reward of a view new in the episode, in reward units.", ge=0.0
+    )
+    decay_steps: int = _param(
+        0,
+        "Lower coef linearly to 0 over this many env steps, set at each rollout start from the "
+        "run's step count (so a resume continues it); 0: constant.",
+        ge=0,
+    )
+
+
+@dataclass
 class TrainConfig:
     """Budget, seeding, device, and what the run writes while it trains."""
 
@@ -314,6 +339,7 @@ class ExperimentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     thalamus_ppo: ThalamusPPOConfig = field(default_factory=ThalamusPPOConfig)
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

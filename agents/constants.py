@@ -12,6 +12,7 @@ __all__ = [
     "ADVANTAGE_NORMALIZATIONS",
     "AGENT_KINDS",
     "DEFAULT_CORE_LR_SCALE",
+    "EXPLORATION_KINDS",
     "MODEL_SUFFIX",
     "check_batch_size",
 ]
@@ -27,6 +28,9 @@ MODEL_SUFFIX = ".safetensors"
 
 #: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).
 ADVANTAGE_NORMALIZATIONS: tuple[str, ...] = ("rollout", "minibatch")
+
+#: Intrinsic rewards ``agents.exploration.wrap_exploration`` adds (``exploration.kind``).
+EXPLORATION_KINDS: tuple[str, ...] = ("none", "episodic_count")
 
 
 def check_batch_size(batch_size: int, n_steps: int, n_envs: int) -> int:

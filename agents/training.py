@@ -307,8 +307,13 @@ def make_eval_env(config: ExperimentConfig) -> VecEnv:
 
 
 def _make_envs(config: ExperimentConfig) -> tuple[VecEnv, VecEnv | None]:
-    """Training envs and (if evaluating) eval envs."""
+    """Training envs, with ``exploration``'s intrinsic reward, and (if evaluating) eval envs,
+    which never get it."""
     train_env = _build_vec_env(config, config.env.n_envs, config.train.seed)
+    if config.exploration.kind != "none":
+        from agents.exploration import wrap_exploration
+
+        train_env = wrap_exploration(train_env, config.exploration.kind, config.exploration.coef)
     if config.train.eval_freq == 0:
         return train_env, None
     try:
@@ -465,6 +470,14 @@ def _callbacks(
     guard = NonFiniteGuard(hint)
     stop = StopOnSignal(on_signal=(lambda _: request_stop()) if request_stop else None)
     callbacks: list[BaseCallback] = [guard, stop, checkpoint]
+    if config.exploration.kind != "none":
+        from agents.exploration import ExplorationLogger
+
+        callbacks.append(
+            ExplorationLogger(
+                coef=config.exploration.coef, decay_steps=config.exploration.decay_steps
+            )
+        )
     if evaluation is not None:
         callbacks.append(evaluation)
     callbacks.append(
