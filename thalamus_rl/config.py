@@ -50,9 +50,9 @@ class StreamConfig:
         clocked steps only (about ``1 / clock`` of its compute); rollouts still compute it for
         every env each step and keep the result where the clock ticks. ``mamba`` streams only.
     :param kind: ``mamba`` (a Mamba-2 stack) or ``episodic`` (a bounded per-episode store of
-        one key/value per step, read by attention with a learned, input-conditioned query:
-        :class:`~thalamus_rl.distributed.EpisodicStream`; it uses ``name``, ``headdim`` as its
-        attention head width and ``capacity``, and ignores the Mamba-2 sizes).
+        one key/value per step, read by attention with a learned, input-conditioned query,
+        see :class:`~thalamus_rl.distributed.EpisodicStream`; it uses ``name``, ``capacity``
+        and ``headdim`` as its attention head width, and ignores the Mamba-2 sizes).
     :param capacity: ``episodic`` streams: the store keeps the last ``capacity`` steps of the
         episode (FIFO: the oldest entry is overwritten when it is full).
     """
