@@ -103,6 +103,8 @@ def test_overrides_parse_yaml_values_and_reach_list_items_and_dicts() -> None:
         (["thalamus.top_k=0"], r"thalamus\.top_k must be a positive int, got 0"),
         (["thalamus.d_model=30"], r"thalamus\.d_model=30 must be divisible by n_heads=4"),
         (["train.device=tpu"], r"train\.device = 'tpu'"),
+        (["thalamus.streams.1.clock=0"], r"thalamus\.streams\.1\.clock must be an int >= 1"),
+        (["thalamus.streams.0.kind=lstm"], r"thalamus\.streams\.0\.kind='lstm'.*mamba, episodic"),
         (["ppo.batch_size=4096"], r"ppo\.batch_size = 4096 is larger than one rollout"),
         (["ppo.batch_size=200"], r"ppo\.batch_size.*multiple of n_steps=128"),
         (["ppo.n_steps"], r"override 'ppo\.n_steps' must look like key=value"),
@@ -131,6 +133,31 @@ def test_errors_in_files_name_the_file(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match=r"config file 'nope' not found.*doorkey_5x5"):
         load_config("nope")
+
+
+THREE_STREAMS_YAML = """\
+thalamus:
+  streams:
+    - {name: visual}
+    - {name: semantic, dt_min: 0.005, dt_max: 0.05, A_init_min: 0.5, A_init_max: 1.0, clock: 4}
+    - {name: episodic, kind: episodic, capacity: 64}
+"""
+
+
+def test_clocked_and_episodic_streams_are_selected_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "three.yaml"
+    path.write_text(THREE_STREAMS_YAML)
+    config = load_config(path, ["thalamus.streams.2.capacity=32"])
+    streams = config.thalamus.streams
+    assert [(s.name, s.kind, s.clock, s.capacity) for s in streams] == [
+        ("visual", "mamba", 1, 64),
+        ("semantic", "mamba", 4, 64),
+        ("episodic", "episodic", 1, 32),
+    ]
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", defaults_file=None) == config
+    # The defaults keep their meaning: clock 1 and no episodic stream.
+    assert all(s.kind == "mamba" and s.clock == 1 for s in load_config(None).thalamus.streams)
 
 
 def test_saved_config_loads_back_identically(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_distributed import random_valid_state, three_streams
 from tests.test_mamba2 import random_resets
 from thalamus_rl import StreamConfig, ThalamusConfig, ThalamusCore
 
@@ -32,8 +33,7 @@ def inputs(batch: int, length: int, seed: int = 0):
 
 
 def random_state(core: ThalamusCore, batch: int):
-    g = torch.Generator().manual_seed(3)
-    return core.initial_state(batch).map(lambda t: torch.randn(t.shape, generator=g))
+    return random_valid_state(core.initial_state(batch), seed=3)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +47,7 @@ def random_state(core: ThalamusCore, batch: int):
         {"streams": [StreamConfig(name="only", n_layers=2)]},
         {"workspace_layers": 0},
         {"readout_salience_bias": True},
+        {"streams": three_streams(clock=4, capacity=6)},
     ],
     ids=[
         "default",
@@ -57,6 +58,7 @@ def random_state(core: ThalamusCore, batch: int):
         "one-stream",
         "no-workspace",
         "readout-salience-bias",
+        "three-streams-clock-episodic",
     ],
 )
 def test_step_equals_forward_with_resets(overrides):

@@ -437,3 +437,20 @@ def test_the_selected_tokens_line_wraps_instead_of_being_cut() -> None:
     background = wrapped[-1, -1]
     text_rows = np.flatnonzero((wrapped != background).any(-1).any(-1))
     assert text_rows.max() > panel_height(2) - 8
+
+
+def test_the_panel_draws_one_bar_per_stream_for_three_streams() -> None:
+    """A 3-stream agent (visual, clocked semantic, episodic) gets three bars, each filled in
+    proportion to its weight."""
+    from agents.video import _LINE_HEIGHT, _MISSION_LINES, OVERLAY_COLOR
+
+    names = ["visual", "semantic", "episodic"]
+    weights = np.array([0.2, 0.3, 0.5])
+    panel = render_panel(320, "go to the door", 1, 0.0, names, weights)
+    assert panel.shape == (panel_height(3), 320, 3)
+    filled = []
+    for m in range(3):
+        y = 4 + (_MISSION_LINES + 1 + m) * _LINE_HEIGHT + _LINE_HEIGHT // 2
+        filled.append(int((panel[y] == np.asarray(OVERLAY_COLOR)).all(-1).sum()))
+    assert 0 < filled[0] < filled[1] < filled[2]
+    assert filled[2] / filled[0] == pytest.approx(2.5, rel=0.1)

@@ -86,6 +86,26 @@ def test_step_equals_forward_with_resets(ngroups):
     torch.testing.assert_close(s.conv, state.conv, atol=ATOL, rtol=ATOL)
 
 
+def test_trailing_padding_past_n_valid_leaves_the_state_alone():
+    """``n_valid[b]``: row b's later steps are padding (clocked streams); the outputs of the
+    real steps and the final state equal a run on the real steps only."""
+    block = make_block()
+    x = torch.randn(3, 13, 16)
+    resets = random_resets(3, 13)
+    state0 = random_state(block, 3)
+    n_valid = torch.tensor([13, 6, 0])
+    y, state = block(x, state0, resets, n_valid)
+    for b, n in enumerate(n_valid.tolist()):
+        row = state0._replace(conv=state0.conv[b : b + 1], ssm=state0.ssm[b : b + 1])
+        if n == 0:
+            want_y, want = x[b : b + 1, :0], row
+        else:
+            want_y, want = block(x[b : b + 1, :n], row, resets[b : b + 1, :n])
+        torch.testing.assert_close(y[b : b + 1, :n], want_y, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(state.ssm[b : b + 1], want.ssm, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(state.conv[b : b + 1], want.conv, atol=ATOL, rtol=ATOL)
+
+
 def test_pure_forward_matches_naive_reference_float64():
     """The whole block in float64 against a per-step loop of the same maths."""
     block = make_block().double()

@@ -51,8 +51,14 @@ def _script(name: str) -> ModuleType:
     return module
 
 
-def _trained(kind: str, steps: int = 64) -> object:
-    config = load_config(DEFAULT_CONFIG, [f"agent.kind={kind}", *TINY])
+THREE_STREAMS = (
+    "thalamus.streams=[{name: visual}, {name: semantic, dt_min: 0.005, dt_max: 0.05, clock: 4},"
+    " {name: episodic, kind: episodic, capacity: 8}]"
+)
+
+
+def _trained(kind: str, steps: int = 64, extra: tuple[str, ...] = ()) -> object:
+    config = load_config(DEFAULT_CONFIG, [f"agent.kind={kind}", *TINY, *extra])
     venv = envs.make_vec_env(config.env.id, n_envs=2, seed=0, **config.env.env_kwargs)
     model = build_agent(config, venv)
     model.learn(steps)
@@ -60,9 +66,11 @@ def _trained(kind: str, steps: int = 64) -> object:
     return model
 
 
-@pytest.mark.parametrize("kind", ["thalamus", "ppo", "lstm"])
+@pytest.mark.parametrize("kind", ["thalamus", "ppo", "lstm", "thalamus-three-streams"])
 def test_a_model_file_round_trips_weights_optimizer_and_counters(tmp_path: Path, kind: str) -> None:
-    model = _trained(kind)
+    extra = (THREE_STREAMS,) if kind == "thalamus-three-streams" else ()
+    kind = kind.removesuffix("-three-streams")
+    model = _trained(kind, extra=extra)
     if kind == "thalamus":
         model.lr_factor = 0.25  # the KL adaptation's state travels too
     save_model(model, tmp_path / "m.safetensors")
@@ -82,7 +90,14 @@ def test_a_model_file_round_trips_weights_optimizer_and_counters(tmp_path: Path,
     assert list(loaded.ep_info_buffer) == list(model.ep_info_buffer)
     if kind == "thalamus":
         assert loaded.lr_factor == 0.25
-    assert read_model_file(tmp_path / "m.safetensors").config.agent.kind == kind
+    config = read_model_file(tmp_path / "m.safetensors").config
+    assert config.agent.kind == kind
+    if extra:  # the clock and the episodic kind travel in the file's config
+        assert [(s.kind, s.clock, s.capacity) for s in config.thalamus.streams] == [
+            ("mamba", 1, 64),
+            ("mamba", 4, 64),
+            ("episodic", 1, 8),
+        ]
 
 
 # --------------------------------------------------------------------------------------

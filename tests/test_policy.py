@@ -61,8 +61,23 @@ def warm_state(policy: ThalamusPolicy, space: spaces.Dict, batch: int) -> Thalam
         {"n_iterations": 1},
         {"streams": [dict(name="only", dt_min=0.01, dt_max=0.1)]},
         {"readout_salience_bias": True},
+        {
+            "streams": [
+                dict(name="visual"),
+                dict(name="semantic", dt_min=0.005, dt_max=0.05, clock=4),
+                dict(name="episodic", kind="episodic", capacity=5),
+            ]
+        },
     ],
-    ids=["full", "no_feedback", "no_gate", "one_iteration", "one_stream", "readout_bias"],
+    ids=[
+        "full",
+        "no_feedback",
+        "no_gate",
+        "one_iteration",
+        "one_stream",
+        "readout_bias",
+        "three_streams",
+    ],
 )
 def test_act_step_by_step_equals_evaluate_actions(
     observation_space: spaces.Dict, ablation: dict[str, Any]

@@ -69,10 +69,25 @@ class RecordInfos(VecEnvWrapper):
 
 
 # ----------------------------------------------------------------------------- rollout == train
-def test_first_minibatch_recomputes_the_rollout() -> None:
+THREE_STREAMS = [
+    dict(name="visual"),
+    dict(name="semantic", dt_min=0.005, dt_max=0.05, clock=4),
+    dict(name="episodic", kind="episodic", capacity=8),
+]
+
+
+@pytest.mark.parametrize("streams", [None, THREE_STREAMS], ids=["default", "three_streams"])
+def test_first_minibatch_recomputes_the_rollout(streams: list[dict[str, Any]] | None) -> None:
     """The log-probs and values that train() recomputes for the first minibatch of the first
-    epoch equal the ones stored during the rollout: rollout and training are one function."""
-    model = make_model(make_venv(n_envs=4, max_steps=10), n_steps=24, batch_size=48)
+    epoch equal the ones stored during the rollout: rollout and training are one function.
+    With a clocked and an episodic stream, the buffer stores their phases and stores too."""
+    thalamus = SMALL if streams is None else {**SMALL, "streams": streams}
+    model = make_model(
+        make_venv(n_envs=4, max_steps=10),
+        n_steps=24,
+        batch_size=48,
+        policy_kwargs=dict(thalamus=thalamus),
+    )
     captured: dict[str, Any] = {}
     buffer_get = model.rollout_buffer.get
     evaluate = model.policy.evaluate_actions

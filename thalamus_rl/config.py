@@ -11,10 +11,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["BACKENDS", "StreamConfig", "ThalamusConfig", "default_streams"]
+__all__ = [
+    "BACKENDS",
+    "STREAM_KINDS",
+    "StreamConfig",
+    "ThalamusConfig",
+    "check_stream_config",
+    "default_streams",
+]
 
 BACKENDS = ("auto", "pure", "kernel")
 """``ThalamusConfig.backend`` choices (see :func:`thalamus_rl.mamba2.use_kernel_path`)."""
+
+STREAM_KINDS = ("mamba", "episodic")
+"""``StreamConfig.kind`` choices (see :mod:`thalamus_rl.distributed`)."""
 
 
 @dataclass
@@ -34,6 +44,17 @@ class StreamConfig:
     :param dt_max: largest initial step size dt.
     :param A_init_min: smallest initial decay rate A.
     :param A_init_max: largest initial decay rate A.
+    :param clock: the stream takes an input and updates its state only on the steps whose
+        phase (steps since the episode start) is a multiple of ``clock``, and holds its state
+        and its output in between (1 = every step). Training runs the stream's scan on the
+        clocked steps only (about ``1 / clock`` of its compute); rollouts still compute it for
+        every env each step and keep the result where the clock ticks. ``mamba`` streams only.
+    :param kind: ``mamba`` (a Mamba-2 stack) or ``episodic`` (a bounded per-episode store of
+        one key/value per step, read by attention with a learned, input-conditioned query,
+        see :class:`~thalamus_rl.distributed.EpisodicStream`; it uses ``name``, ``capacity``
+        and ``headdim`` as its attention head width, and ignores the Mamba-2 sizes).
+    :param capacity: ``episodic`` streams: the store keeps the last ``capacity`` steps of the
+        episode (FIFO: the oldest entry is overwritten when it is full).
     """
 
     name: str = "visual"
@@ -46,6 +67,25 @@ class StreamConfig:
     dt_max: float = 0.5
     A_init_min: float = 1.0
     A_init_max: float = 2.0
+    clock: int = 1
+    kind: str = "mamba"
+    capacity: int = 64
+
+
+def check_stream_config(stream: StreamConfig, where: str = "StreamConfig") -> None:
+    """Raise ValueError naming ``where`` (e.g. ``ThalamusConfig.streams.2``) when a stream's
+    clock, kind or capacity is invalid."""
+    if stream.kind not in STREAM_KINDS:
+        raise ValueError(f"{where}.kind={stream.kind!r} is not one of {', '.join(STREAM_KINDS)}")
+    for key in ("clock", "capacity"):
+        value = getattr(stream, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}.{key} must be an int >= 1, got {value!r}")
+    if stream.kind == "episodic" and stream.clock != 1:
+        raise ValueError(
+            f"{where}.clock={stream.clock}: episodic streams write every step; "
+            "set clock: 1 (clocks apply to mamba streams)"
+        )
 
 
 def default_streams() -> list[StreamConfig]:
@@ -136,6 +176,8 @@ class ThalamusConfig:
         self.streams = [
             s if isinstance(s, StreamConfig) else StreamConfig(**s) for s in self.streams
         ]
+        for i, stream in enumerate(self.streams):
+            check_stream_config(stream, f"ThalamusConfig.streams.{i}")
         for key in (
             "d_model",
             "d_task",

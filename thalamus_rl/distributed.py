@@ -15,8 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from thalamus_rl.config import StreamConfig, default_streams
+from thalamus_rl.config import StreamConfig, check_stream_config, default_streams
 from thalamus_rl.mamba2 import (
     Mamba2Block,
     Mamba2State,
@@ -26,17 +27,52 @@ from thalamus_rl.mamba2 import (
     mamba2_step_multi,
     rms_norm_each,
 )
-from thalamus_rl.ssd import ssd_scan_chunked
-from thalamus_rl.state import ThalamusState
+from thalamus_rl.ssd import segment_ids, ssd_scan_chunked
+from thalamus_rl.state import ClockedStreamState, EpisodicState, StreamState, ThalamusState
 
-__all__ = ["StreamConfig", "MambaStream", "DistributedMamba", "default_streams"]
+__all__ = [
+    "StreamConfig",
+    "MambaStream",
+    "EpisodicStream",
+    "DistributedMamba",
+    "build_stream",
+    "default_streams",
+    "episode_phase",
+]
+
+
+def episode_phase(phase0: Tensor, starts: Tensor | None, length: int) -> Tensor:
+    """Steps since the episode start at every position of a sequence.
+
+    :param phase0: ``[B]`` the phase of position 0 if it does not start an episode (an
+        integer held in any dtype; a stored phase modulo ``k`` gives the phase modulo ``k``).
+    :param starts: ``[B, T]`` bool or None. :return: ``[B, T]`` long.
+    """
+    steps = torch.arange(length, device=phase0.device)
+    phase = phase0.round().long()[:, None] + steps
+    if starts is None:
+        return phase
+    last_start = torch.where(starts, steps, -1).cummax(dim=1).values  # [B, T]
+    return torch.where(last_start >= 0, steps - last_start, phase)
 
 
 class MambaStream(nn.Module):
     """Pre-norm residual stack of :class:`Mamba2Block` s: ``h <- h + block(norm(h))``.
 
+    With ``config.clock = k > 1`` the stream is *clocked*: it takes its input and updates its
+    state only on the steps whose phase (steps since the episode start, kept in the state so
+    that :meth:`step` knows it) is a multiple of ``k``, and repeats its last output in between.
+    The sequence path gathers each row's clocked steps to the front (``[B, ~T/k, d]``, the
+    rows' shorter tails padded with steps that leave the state unchanged: ``dt = 0`` in the
+    scan, not in the conv window), runs the stack on them, and scatters the outputs back as
+    held values. So the scan, the conv and the projections see exactly the subsampled
+    sequence (the causal conv's taps are the previous *clocked* inputs), and training costs
+    about ``1 / k`` of a clock-1 stream's compute. :meth:`step` computes the stack for every
+    env and keeps the result where the clock ticks: rollouts save nothing. A clocked stream
+    runs outside the fused multi-stream ops (:func:`mamba2_forward_multi`).
+
     :param d_model: stream width.
-    :param config: the stream's sizes and time scale.
+    :param config: the stream's sizes, time scale and clock.
     """
 
     def __init__(
@@ -47,7 +83,9 @@ class MambaStream(nn.Module):
             raise ValueError(
                 f"stream {config.name!r}: n_layers must be >= 1, got {config.n_layers}"
             )
+        check_stream_config(config, f"stream {config.name!r}")
         self.name = config.name
+        self.clock = config.clock
         self.norms = nn.ModuleList(RMSNormGated(d_model) for _ in range(config.n_layers))
         self.blocks = nn.ModuleList(
             Mamba2Block(
@@ -66,34 +104,248 @@ class MambaStream(nn.Module):
         )
         self.norm_out = RMSNormGated(d_model)
 
-    def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[Mamba2State, ...]:
-        return tuple(b.initial_state(batch_size, device, dtype) for b in self.blocks)
+    def initial_state(
+        self, batch_size: int, device=None, dtype=None
+    ) -> tuple[Mamba2State, ...] | ClockedStreamState:
+        layers = tuple(b.initial_state(batch_size, device, dtype) for b in self.blocks)
+        if self.clock == 1:
+            return layers
+        ref = layers[0].ssm
+        return ClockedStreamState(
+            layers=layers,
+            phase=ref.new_zeros(batch_size),
+            held=ref.new_zeros(batch_size, self.blocks[0].d_model),
+        )
 
     def half_lives(self) -> Tensor:
-        """Half-lives in steps of every head of every layer at the current parameters."""
-        return torch.cat([b.half_lives() for b in self.blocks])
+        """Half-lives in env steps of every head of every layer at the current parameters
+        (a clocked stream's ticks are ``clock`` steps apart)."""
+        return torch.cat([b.half_lives() for b in self.blocks]) * self.clock
 
-    def forward(
-        self, x: Tensor, state: tuple[Mamba2State, ...], episode_starts: Tensor | None
+    def _stack(
+        self,
+        x: Tensor,
+        state: tuple[Mamba2State, ...],
+        episode_starts: Tensor | None,
+        n_valid: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Mamba2State, ...]]:
-        """:param x: ``[B, T, d]``. :return: ``[B, T, d]`` and the new per-layer states."""
         new_state = []
         for norm, block, s in zip(self.norms, self.blocks, state, strict=True):
-            y, s = block(norm(x), s, episode_starts)
+            y, s = block(norm(x), s, episode_starts, n_valid)
             x = x + y
             new_state.append(s)
         return self.norm_out(x), tuple(new_state)
 
-    def step(
+    def _step_stack(
         self, x: Tensor, state: tuple[Mamba2State, ...], episode_starts: Tensor | None
     ) -> tuple[Tensor, tuple[Mamba2State, ...]]:
-        """:param x: ``[B, d]``. :return: ``[B, d]`` and the new per-layer states."""
         new_state = []
         for norm, block, s in zip(self.norms, self.blocks, state, strict=True):
             y, s = block.step(norm(x), s, episode_starts)
             x = x + y
             new_state.append(s)
         return self.norm_out(x), tuple(new_state)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: tuple[Mamba2State, ...] | ClockedStreamState,
+        episode_starts: Tensor | None,
+    ) -> tuple[Tensor, tuple[Mamba2State, ...] | ClockedStreamState]:
+        """:param x: ``[B, T, d]``. :return: ``[B, T, d]`` and the new state."""
+        if self.clock == 1:
+            assert not isinstance(state, ClockedStreamState)
+            return self._stack(x, state, episode_starts)
+        assert isinstance(state, ClockedStreamState)
+        batch, length, d = x.shape
+        phase = episode_phase(state.phase, episode_starts, length) % self.clock  # [B, T]
+        tick = phase == 0
+        n_ticks = tick.sum(1)  # [B]
+        ticks_so_far = tick.long().cumsum(1)  # [B, T], including t
+        new_phase = ((phase[:, -1] + 1) % self.clock).to(state.phase.dtype)
+        width = int(n_ticks.max())
+        if width == 0:
+            held = state.held[:, None].expand(batch, length, d)
+            return held, ClockedStreamState(state.layers, new_phase, state.held)
+        # Each row's clocked steps first, in time order (a stable sort of "not a tick").
+        order = torch.sort((~tick).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        x_ticks = x.gather(1, order[..., None].expand(-1, -1, d))
+        starts_ticks = None
+        if episode_starts is not None:
+            real = torch.arange(width, device=x.device) < n_ticks[:, None]
+            starts_ticks = episode_starts.gather(1, order) & real
+        y_ticks, layers = self._stack(x_ticks, state.layers, starts_ticks, n_ticks)
+        last_tick = (ticks_so_far - 1).clamp(min=0)
+        y = y_ticks.gather(1, last_tick[..., None].expand(-1, -1, d))
+        y = torch.where((ticks_so_far > 0)[..., None], y, state.held[:, None])
+        return y, ClockedStreamState(layers, new_phase, y[:, -1])
+
+    def step(
+        self,
+        x: Tensor,
+        state: tuple[Mamba2State, ...] | ClockedStreamState,
+        episode_starts: Tensor | None,
+    ) -> tuple[Tensor, tuple[Mamba2State, ...] | ClockedStreamState]:
+        """:param x: ``[B, d]``. :return: ``[B, d]`` and the new state."""
+        if self.clock == 1:
+            assert not isinstance(state, ClockedStreamState)
+            return self._step_stack(x, state, episode_starts)
+        assert isinstance(state, ClockedStreamState)
+        if episode_starts is not None:
+            keep = (~episode_starts.bool()).to(x.dtype)
+            state = pytree.tree_map(lambda t: t * keep.view(-1, *[1] * (t.ndim - 1)), state)
+        tick = state.phase == 0  # [B]
+        y, layers = self._step_stack(x, state.layers, None)
+        y = torch.where(tick[:, None], y, state.held)
+        layers = pytree.tree_map(
+            lambda new, old: torch.where(tick.view(-1, *[1] * (new.ndim - 1)), new, old),
+            layers,
+            state.layers,
+        )
+        return y, ClockedStreamState(layers, (state.phase + 1) % self.clock, y)
+
+
+class EpisodicStream(nn.Module):
+    """Episodic memory: a bounded per-episode store of one key/value per step, read by
+    attention with a learned, input-conditioned query.
+
+    At every step ``t`` the stream writes ``(k_t, v_t) = W_kv LN(x_t)`` into the store, then
+    reads it with ``q_t = q + W_q LN(x_t)`` (``q`` learned) by multi-head attention over the
+    entries of the current episode (the one just written included), and outputs
+    ``RMSNorm(x_t + W_o read_t)``. The store holds the episode's last ``capacity`` steps:
+    a ring buffer, the oldest entry overwritten when it is full (FIFO), emptied at an episode
+    start. The sequence path is the same function as a causal sliding window of ``capacity``
+    steps within the episode (the stored entries of earlier calls included), at
+    ``O(T (capacity + T))`` attention cost; memory is bounded: ``[B, capacity, d]`` keys and
+    values in the state.
+
+    :param d_model: stream width. :param config: ``name``, ``capacity`` and ``headdim`` (the
+        attention head width; ``d_model`` must be a multiple of it).
+    """
+
+    def __init__(self, d_model: int, config: StreamConfig) -> None:
+        super().__init__()
+        check_stream_config(config, f"stream {config.name!r}")
+        if config.headdim < 1 or d_model % config.headdim:
+            raise ValueError(
+                f"episodic stream {config.name!r}: d_model={d_model} must be a multiple of "
+                f"headdim={config.headdim} (its attention head width)"
+            )
+        self.name = config.name
+        self.capacity = config.capacity
+        self.d_model = d_model
+        self.n_heads = d_model // config.headdim
+        self.norm_in = nn.LayerNorm(d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.query = nn.Parameter(torch.randn(d_model) / math.sqrt(d_model))
+        self.query_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm_out = RMSNormGated(d_model)
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> EpisodicState:
+        device = device if device is not None else self.query.device
+        dtype = dtype or self.query.dtype
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        return EpisodicState(
+            keys=zeros(batch_size, self.capacity, self.d_model),
+            values=zeros(batch_size, self.capacity, self.d_model),
+            filled=zeros(batch_size, self.capacity),
+            pointer=zeros(batch_size),
+        )
+
+    def half_lives(self) -> Tensor:
+        """None: the store does not decay (an empty tensor, for the per-stream dict)."""
+        return self.query.new_zeros(0)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.norm_in(x)
+        key, value = self.kv(h).chunk(2, dim=-1)
+        return self.query + self.query_proj(h), key, value
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """``[B, S, d]`` -> ``[B, H, S, d / H]``."""
+        return t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+
+    def _read(self, x: Tensor, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor):
+        """``query [B, T, d]`` over ``keys/values [B, S, d]`` where ``mask [B, T, S]``."""
+        read = F.scaled_dot_product_attention(
+            self._heads(query), self._heads(keys), self._heads(values), attn_mask=mask[:, None]
+        )
+        return self.norm_out(x + self.out(read.transpose(1, 2).flatten(-2)))
+
+    def forward(
+        self, x: Tensor, state: EpisodicState, episode_starts: Tensor | None
+    ) -> tuple[Tensor, EpisodicState]:
+        """:param x: ``[B, T, d]``. :return: ``[B, T, d]`` and the new state."""
+        batch, length, d = x.shape
+        cap = self.capacity
+        query, key, value = self._project(x)
+        steps = torch.arange(length, device=x.device)
+        seg = segment_ids(episode_starts, batch, length, x.device)  # 0: the store's episode
+        # Stored entry j was written `age_j` steps before position 0 (1 = the last step); at
+        # position t it is still there iff the t + 1 writes since have not reached its slot.
+        pointer = state.pointer.round().long()
+        age = (pointer[:, None] - 1 - torch.arange(cap, device=x.device)) % cap + 1  # [B, cap]
+        old_ok = (
+            state.filled.bool()[:, None, :]
+            & (seg == 0)[..., None]
+            & (age[:, None, :] + steps[None, :, None] < cap)
+        )  # [B, T, cap]
+        lag = steps[:, None] - steps[None, :]  # t - s
+        new_ok = ((lag >= 0) & (lag < cap))[None] & (seg[:, :, None] == seg[:, None, :])
+        y = self._read(
+            x,
+            query,
+            torch.cat([state.keys, key], dim=1),
+            torch.cat([state.values, value], dim=1),
+            torch.cat([old_ok, new_ok], dim=-1),
+        )
+        # The store after the call: the last `capacity` writes of the last episode segment,
+        # each in slot phase % capacity; the old entries survive only without a reset.
+        phase = episode_phase(state.pointer, episode_starts, length)
+        last_seg = seg[:, -1:]
+        kept = (seg == last_seg) & (steps >= length - cap)[None]
+        slot = torch.where(kept, phase % cap, cap)  # slot `cap`: a scratch column, dropped
+        no_reset = (last_seg == 0).to(x.dtype)  # [B, 1]
+
+        def write(old: Tensor, new: Tensor) -> Tensor:
+            old = old * no_reset.view(-1, *[1] * (old.ndim - 1))
+            old = torch.cat([old, old[:, :1]], dim=1)
+            index = slot.view(*slot.shape, *[1] * (new.ndim - 2)).expand_as(new)
+            return old.scatter(1, index, new)[:, :cap]
+
+        new_state = EpisodicState(
+            keys=write(state.keys, key),
+            values=write(state.values, value),
+            filled=write(state.filled, torch.ones_like(phase, dtype=x.dtype)),
+            pointer=((phase[:, -1] + 1) % cap).to(state.pointer.dtype),
+        )
+        return y, new_state
+
+    def step(
+        self, x: Tensor, state: EpisodicState, episode_starts: Tensor | None
+    ) -> tuple[Tensor, EpisodicState]:
+        """:param x: ``[B, d]``. :return: ``[B, d]`` and the new state."""
+        if episode_starts is not None:
+            keep = (~episode_starts.bool()).to(x.dtype)
+            state = pytree.tree_map(lambda t: t * keep.view(-1, *[1] * (t.ndim - 1)), state)
+        query, key, value = self._project(x)
+        slot = F.one_hot(state.pointer.round().long(), self.capacity).to(x.dtype)  # [B, cap]
+        keys = torch.lerp(state.keys, key[:, None].expand_as(state.keys), slot[..., None])
+        values = torch.lerp(state.values, value[:, None].expand_as(state.values), slot[..., None])
+        filled = torch.maximum(state.filled, slot)
+        y = self._read(x[:, None], query[:, None], keys, values, filled.bool()[:, None])
+        pointer = (state.pointer + 1) % self.capacity
+        return y[:, 0], EpisodicState(keys, values, filled, pointer)
+
+
+def build_stream(
+    d_model: int, config: StreamConfig, chunk_size: int = 64, backend: str = "auto"
+) -> MambaStream | EpisodicStream:
+    """The stream module ``config.kind`` names."""
+    if config.kind == "episodic":
+        return EpisodicStream(d_model, config)
+    return MambaStream(d_model, config, chunk_size, backend)
 
 
 class DistributedMamba(nn.Module):
@@ -165,7 +417,7 @@ class DistributedMamba(nn.Module):
         self.stream_names = tuple(names)
         self.fatigue_decay = fatigue_decay
         self.min_temperature = min_temperature
-        self.streams = nn.ModuleList(MambaStream(d_model, s, chunk_size, backend) for s in streams)
+        self.streams = nn.ModuleList(build_stream(d_model, s, chunk_size, backend) for s in streams)
         # Votes: each stream projects its output into the workspace.
         self.vote = nn.ModuleList(nn.Linear(d_model, d_workspace) for _ in streams)
         self.score = nn.Linear(d_workspace, 1)
@@ -195,9 +447,15 @@ class DistributedMamba(nn.Module):
         # Streams of the same sizes (time scales may differ) run as one set of ops, layer by
         # layer (mamba2_forward_multi); the per-stream loop is the reference and the path for
         # streams of different sizes and for the CUDA kernels. Tests compare the two.
-        self.fuse_streams = len({len(s.blocks) for s in self.streams}) == 1 and all(
-            blocks_fusable([s.blocks[i] for s in self.streams])
-            for i in range(len(self.streams[0].blocks))
+        # Clocked and episodic streams run one by one.
+        plain = all(isinstance(s, MambaStream) and s.clock == 1 for s in self.streams)
+        self.fuse_streams = (
+            plain
+            and len({len(s.blocks) for s in self.streams}) == 1
+            and all(
+                blocks_fusable([s.blocks[i] for s in self.streams])
+                for i in range(len(self.streams[0].blocks))
+            )
         )
 
     @property
@@ -262,10 +520,10 @@ class DistributedMamba(nn.Module):
     def _run_streams(
         self,
         u: Tensor,
-        states: tuple[tuple[Mamba2State, ...], ...],
+        states: tuple[StreamState, ...],
         starts: Tensor | None,
         step: bool,
-    ) -> tuple[Tensor, tuple[tuple[Mamba2State, ...], ...]]:
+    ) -> tuple[Tensor, tuple[StreamState, ...]]:
         """Every stream on its input: ``u: [B, T, M, d]`` (``[B, M, d]`` with ``step``) ->
         outputs of the same shape and the new per-stream, per-layer states."""
         fused = self.fuse_streams and (step or not self.streams[0].blocks[0]._use_kernel(u))

@@ -297,6 +297,7 @@ class Mamba2Block(nn.Module):
         x: Tensor,
         state: Mamba2State | None = None,
         episode_starts: Tensor | None = None,
+        n_valid: Tensor | None = None,
     ) -> tuple[Tensor, Mamba2State]:
         """Run a whole sequence.
 
@@ -304,6 +305,10 @@ class Mamba2Block(nn.Module):
         :param state: state before step 0, or None (zeros).
         :param episode_starts: ``[B, T]`` bool, True where observation t starts an episode
             (the state is zeroed before t, in the conv and in the scan), or None.
+        :param n_valid: ``[B]`` long, or None (all ``T`` steps are real): row ``b``'s steps
+            from ``n_valid[b]`` on are padding that leaves the state as it is (``dt = 0`` in
+            the scan, not in the conv state; their outputs are meaningless). Used by clocked
+            streams (:class:`~thalamus_rl.distributed.MambaStream`); pure path only.
         :return: ``y [B, T, d_model]`` and the state after the last step.
         """
         self._check_input(x, state, 3)
@@ -315,9 +320,14 @@ class Mamba2Block(nn.Module):
             )
         if state is None:
             state = self.initial_state(batch, x.device, x.dtype)
+        real = None
+        if n_valid is not None:
+            real = torch.arange(length, device=x.device) < n_valid[:, None]  # [B, T]
+            if episode_starts is not None:  # padding starts nothing
+                episode_starts = episode_starts.bool() & real
         z, xBC_raw, dt_raw = self._split(self.in_proj(x))
         seg = segment_ids(episode_starts, batch, length, x.device)
-        if self._use_kernel(x):
+        if n_valid is None and self._use_kernel(x):
             y, ssm_state, xBC = self._scan_kernel(xBC_raw, dt_raw, state, seg)
         else:
             xBC = F.silu(
@@ -326,6 +336,8 @@ class Mamba2Block(nn.Module):
             xs, B, C = self._ssm_inputs(xBC)
             A = -torch.exp(self.A_log)
             dt = F.softplus(dt_raw + self.dt_bias)  # [b, t, h]
+            if real is not None:  # dt = 0 on padding: no decay and no input, the identity
+                dt = dt * real.to(dt.dtype)[..., None]
             y, ssm_state = ssd_scan_chunked(
                 xs * dt[..., None],
                 dt * A,
@@ -338,7 +350,8 @@ class Mamba2Block(nn.Module):
             y = y + xs * self.D[:, None]
             y = y.reshape(batch, length, self.d_inner)
         y = self.out_proj(self.norm(y, z))
-        return y, Mamba2State(conv=final_conv_state(xBC_raw, state.conv, seg), ssm=ssm_state)
+        conv = final_conv_state(xBC_raw, state.conv, seg, n_valid)
+        return y, Mamba2State(conv=conv, ssm=ssm_state)
 
     def _scan_kernel(
         self, xBC_raw: Tensor, dt_raw: Tensor, state: Mamba2State, seg: Tensor
@@ -447,18 +460,27 @@ def causal_conv(
     return out
 
 
-def final_conv_state(xBC: Tensor, conv_state: Tensor, seg: Tensor) -> Tensor:
+def final_conv_state(
+    xBC: Tensor, conv_state: Tensor, seg: Tensor, n_valid: Tensor | None = None
+) -> Tensor:
     """The last ``k`` conv inputs after a sequence, zeroed where they precede its last reset.
 
-    :param xBC: ``[B, T, c]``; :param conv_state: ``[B, c, k]``; :param seg: ``[B, T]``.
-    :return: ``[B, c, k]``.
+    :param xBC: ``[B, T, c]``; :param conv_state: ``[B, c, k]``; :param seg: ``[B, T]``;
+    :param n_valid: ``[B]`` or None: only row ``b``'s first ``n_valid[b]`` steps are real
+        (trailing padding, see :meth:`Mamba2Block.forward`). :return: ``[B, c, k]``.
     """
     k = conv_state.shape[-1]
     if k == 0:
         return conv_state
-    full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)[:, -k:]
-    seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)[:, -k:]
-    same = (seg_full == seg[:, -1:])[..., None]
+    full = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)
+    seg_full = torch.cat([seg.new_zeros(seg.shape[0], k), seg], dim=1)
+    if n_valid is None:
+        full, seg_full = full[:, -k:], seg_full[:, -k:]
+    else:  # the k positions before row b's first padding step: k + n_valid - k .. - 1
+        idx = n_valid[:, None] + torch.arange(k, device=xBC.device)  # [B, k]
+        full = full.gather(1, idx[..., None].expand(-1, -1, full.shape[-1]))
+        seg_full = seg_full.gather(1, idx)
+    same = (seg_full == seg_full[:, -1:])[..., None]
     return (full * same).transpose(1, 2).contiguous()
 
 

@@ -10,7 +10,45 @@ from torch.utils import _pytree as pytree
 
 from thalamus_rl.mamba2 import Mamba2State
 
-__all__ = ["ThalamusState"]
+__all__ = ["ClockedStreamState", "EpisodicState", "StreamState", "ThalamusState"]
+
+
+class ClockedStreamState(NamedTuple):
+    """State of a Mamba stream with ``clock = k > 1`` (:class:`~thalamus_rl.MambaStream`).
+
+    :param layers: the per-layer :class:`Mamba2State` s, as of the stream's last clocked step.
+    :param phase: ``[B]`` steps since the episode start, modulo ``k`` (a float holding an
+        integer, so the state flattens into one float tensor); the stream's clock ticks when
+        it is 0. Zero at an episode start, so masking restarts the clock.
+    :param held: ``[B, d_model]`` the stream's output at its last clocked step, repeated in
+        between.
+    """
+
+    layers: tuple[Mamba2State, ...]
+    phase: Tensor
+    held: Tensor
+
+
+class EpisodicState(NamedTuple):
+    """State of an episodic-memory stream (:class:`~thalamus_rl.EpisodicStream`): a ring
+    buffer of the episode's last ``capacity`` steps. All zeros is an empty store.
+
+    :param keys: ``[B, capacity, d_model]``.
+    :param values: ``[B, capacity, d_model]``.
+    :param filled: ``[B, capacity]`` 1.0 where a slot holds an entry of this episode.
+    :param pointer: ``[B]`` the slot the next step writes (steps since the episode start,
+        modulo ``capacity``; a float holding an integer).
+    """
+
+    keys: Tensor
+    values: Tensor
+    filled: Tensor
+    pointer: Tensor
+
+
+StreamState = tuple[Mamba2State, ...] | ClockedStreamState | EpisodicState
+"""One stream's state: per-layer Mamba-2 states (clock 1, the default, as before), a clocked
+Mamba stream's, or an episodic stream's."""
 
 
 class ThalamusState(NamedTuple):
@@ -21,15 +59,16 @@ class ThalamusState(NamedTuple):
     and flattened with the methods below, whatever the number of streams, layers or
     iterations.
 
-    :param mamba: ``mamba[i][m][l]`` is the :class:`Mamba2State` of layer ``l`` of stream
-        ``m`` in feedback iteration ``i``.
+    :param mamba: ``mamba[i][m]`` is the :data:`StreamState` of stream ``m`` in feedback
+        iteration ``i``: for a Mamba stream with clock 1 (the default), ``mamba[i][m][l]``
+        is the :class:`Mamba2State` of its layer ``l``.
     :param prev_workspace: ``[B, I - 1, d_workspace]``: for iteration ``i + 1``, the
         workspace that iteration ``i`` produced at the previous step (``w^(i)_{t-1}``).
     :param prev_weights: ``[B, I - 1, M]``: iteration ``i``'s stream weights ``α^(i)_{t-1}``.
     :param fatigue: ``[B, I - 1, M]``: iteration ``i + 1``'s fatigue used at the previous step.
     """
 
-    mamba: tuple[tuple[tuple[Mamba2State, ...], ...], ...]
+    mamba: tuple[tuple[StreamState, ...], ...]
     prev_workspace: Tensor
     prev_weights: Tensor
     fatigue: Tensor
