@@ -195,7 +195,14 @@ def probability_of_improvement(
 
 
 def _fmt_interval(e: Estimate) -> str:
+    if np.isnan(e.low):
+        return f"{e.value:.2f} (1 seed: no CI)"
     return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]"
+
+
+def _point_only(value: float) -> Estimate:
+    """An estimate without an interval: a bootstrap of one seed has one resample."""
+    return Estimate(value, float("nan"), float("nan"))
 
 
 def _fmt_range(e: Estimate) -> str:
@@ -211,8 +218,9 @@ def median_range(scores: TaskScores, label: str, seed: int) -> Estimate | None:
 
 @aggregate_metric("IQM [95% CI]", render=_fmt_interval)
 def iqm_with_ci(scores: TaskScores, label: str, seed: int) -> Estimate | None:
-    """Interquartile mean over seeds, stratified bootstrap CI."""
-    return iqm_interval(scores.by_label[label], seed)
+    """Interquartile mean over seeds, stratified bootstrap CI (none for one seed)."""
+    values = scores.by_label[label]
+    return iqm_interval(values, seed) if len(values) > 1 else _point_only(iqm(values))
 
 
 @aggregate_metric("P({reference} > row) [95% CI]", render=_fmt_interval)
@@ -220,9 +228,9 @@ def improvement_over_row(scores: TaskScores, label: str, seed: int) -> Estimate 
     """Probability that the reference agent beats this row's agent (None on its own row)."""
     if scores.reference is None or label == scores.reference:
         return None
-    return probability_of_improvement(
-        scores.by_label[scores.reference], scores.by_label[label], seed
-    )
+    ours, theirs = scores.by_label[scores.reference], scores.by_label[label]
+    estimate = probability_of_improvement(ours, theirs, seed)
+    return estimate if min(len(ours), len(theirs)) > 1 else _point_only(estimate.value)
 
 
 def score_specs(task: TaskSpec) -> list[ScoreSpec]:
@@ -351,11 +359,12 @@ def aggregates_markdown(
         - {0}
     )
     n_seeds = " to ".join(map(str, dict.fromkeys([counts[0], counts[-1]])))
+    plural = "" if n_seeds == "1" else "s"
     references = list(dict.fromkeys(reference_label(t, suite.labels(t.name)) for t in tasks))
     lines = [
         "### Aggregates over seeds (rliable)",
         "",
-        f"Per task, over {n_seeds} seeds per agent ({suite.eval_mode} evaluation): median "
+        f"Per task, over {n_seeds} seed{plural} per agent ({suite.eval_mode} evaluation): median "
         "[min–max]; the interquartile mean (IQM, the mean of the middle 50% of seeds) with a "
         f"{CONFIDENCE:.0%} stratified bootstrap CI over seeds; and the probability that "
         f"{' or '.join(references)} (each table's first row) beats the row's agent, P(X > Y) "
@@ -363,10 +372,11 @@ def aggregates_markdown(
         "difference). rliable (Agarwal et al., NeurIPS 2021), "
         f"{BOOTSTRAP_REPS:,} percentile-bootstrap resamples, seed {BOOTSTRAP_SEED}."
         + (
-            f" **With {n_seeds} seeds these intervals are wide**: they say how little "
-            f"{n_seeds} seeds pin down, not where the agent's true score lies. A probability "
-            "of 1.00 [1.00, 1.00] says every seed beat every seed of the other agent, not "
-            "that it always will: the bootstrap can only resample the seeds there are."
+            f" **With {n_seeds} seed{plural} these intervals are wide**: they say how "
+            f"little {n_seeds} seed{plural} pin down, not where the agent's true score lies. "
+            "A probability of 1.00 [1.00, 1.00] says every seed beat every seed of the other "
+            "agent, not that it always will: the bootstrap can only resample the seeds there "
+            "are."
             if counts[0] < 10
             else ""
         )

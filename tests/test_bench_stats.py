@@ -174,3 +174,16 @@ def test_report_section(tmp_path: Path) -> None:
     assert "DoorKey" not in text
     # Deterministic: the same records give the same section.
     assert bs.aggregates_markdown(suite, fixture_records()) == lines
+
+
+def test_one_seed_gets_a_point_estimate_and_no_interval() -> None:
+    suite = fixture_suite()
+    task = suite.tasks["MiniGrid-Empty-5x5-v0"]
+    seed_0 = [r for r in fixture_records() if r["seed"] == 0]
+    scores = bs.task_scores(
+        task, suite.labels(task.name), seed_0, bs.ScoreSpec("mean_reward"), "stochastic"
+    )
+    table = bs.aggregate_table(scores)
+    assert table.loc[0, "IQM [95% CI]"] == "0.95 (1 seed: no CI)"
+    assert table.loc[1, "P(thalamus > row) [95% CI]"] == "1.00 (1 seed: no CI)"
+    assert "over 1 seed per agent" in "\n".join(bs.aggregates_markdown(suite, seed_0))
