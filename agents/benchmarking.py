@@ -1704,7 +1704,8 @@ def _stale_records(suite: Suite, records: Sequence[dict[str, Any]]) -> list[str]
 def report_markdown(
     suite: Suite, records: Sequence[dict[str, Any]], plots: dict[str, Path], base: Path
 ) -> str:
-    """The report section of one suite: status, targets, one table per task, the plots.
+    """The report section of one suite: status, targets, one table per task, the aggregates
+    over seeds (:mod:`agents.bench_stats`), the plots.
 
     :param plots: ``{"steps": png, "wall": png}`` from :func:`plot_curves` (may be empty).
     :param base: the folder the Markdown file is in (image links are relative to it).
@@ -1852,6 +1853,10 @@ def report_markdown(
                 "",
             ]
         lines += _mission_sensitivity_table(task_records)
+    # Imported here: pandas and rliable (with arch, seaborn) are for the report only.
+    from agents.bench_stats import aggregates_markdown
+
+    lines += aggregates_markdown(suite, records)
     if plots:
         lines += ["### Curves", ""]
         for kind, path in plots.items():

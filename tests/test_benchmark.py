@@ -325,6 +325,9 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
         "| lstm | 0, 1, 2 | 3k | 0.60 [0.40–0.70] | 0.70 [0.50–0.80] | not reached (0/3) |" in text
     )
     assert "do not match" not in text
+    # The aggregates over seeds (tests/test_bench_stats.py) come after the results tables.
+    assert text.index("### Aggregates over seeds (rliable)") > text.index("### Results")
+    assert "#### MiniGrid-Empty-5x5-v0: mean eval reward, at 2k steps" in text
     for kind in ("steps", "wall"):
         png = tmp_path / "plots" / f"fixture_reward_vs_{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
