@@ -989,6 +989,13 @@ def _config_differences(
             for key, value in node.items():
                 out.update(flat(value, f"{prefix}{key}."))
             return out
+        if isinstance(node, list | tuple) and node and all(
+            isinstance(item, dict) or dataclasses.is_dataclass(item) for item in node
+        ):  # e.g. thalamus.streams: the count, then each item's keys (thalamus.streams.1.clock)
+            out = {prefix[:-1]: len(node)}
+            for index, item in enumerate(node):
+                out.update(flat(item, f"{prefix}{index}."))
+            return out
         return {prefix[:-1]: node}
 
     def same(x: Any, y: Any) -> bool:  # JSON turns tuples into lists

@@ -457,6 +457,25 @@ def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None
     ]
 
 
+def test_a_stream_key_added_since_a_record_ran_reads_as_its_default() -> None:
+    """A record's ``thalamus.streams`` items lack keys added later (``clock``, ``kind``): it ran
+    with their defaults, so it is not stale; a stream's count or an item's value still is."""
+    from agents.config import DEFAULT_CONFIG, load_config
+
+    suite_config = load_config(DEFAULT_CONFIG)
+    record = dataclasses.asdict(suite_config)
+    for stream in record["thalamus"]["streams"]:
+        del stream["clock"], stream["kind"]
+    differences = bm._config_differences
+    assert differences(record, suite_config, defaults=suite_config) == []
+    record["thalamus"]["streams"][1]["d_state"] = 32
+    assert differences(record, suite_config, defaults=suite_config) == [
+        "thalamus.streams.1.d_state"
+    ]
+    record["thalamus"]["streams"] = record["thalamus"]["streams"][:1]
+    assert differences(record, suite_config, defaults=suite_config) == ["thalamus.streams"]
+
+
 SHARING = """\
 name: abl
 overrides: [train.eval_freq=1000]
