@@ -23,7 +23,7 @@ AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
 #: Default ``core_lr_scale`` of ``ThalamusPolicy`` (and of ``policy.core_lr_scale``).
 DEFAULT_CORE_LR_SCALE = 0.25
 
-#: The extension of every model and checkpoint file (``agents.model_files``).
+#: The extension of every model and checkpoint file (``agents.experiment.model_files``).
 MODEL_SUFFIX = ".safetensors"
 
 #: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).

@@ -254,7 +254,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         the checkpoint taken on the way out is the state at that rollout's start, as for a
         stop in the middle of a rollout. The budget's last update is not stopped: it completes
         the run. Call it from a signal handler; ``learn`` then ends at the next env step
-        (:class:`agents.callbacks.StopOnSignal`)."""
+        (:class:`agents.experiment.callbacks.StopOnSignal`)."""
         self._stop_requested = True
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:

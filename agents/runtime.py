@@ -1,4 +1,4 @@
-"""Process-wide settings that make CPU training faster; applied by ``agents.training``.
+"""Process-wide settings that make CPU training faster; applied by ``agents.experiment.training``.
 
 Training allocates and frees the same multi-MiB activations every minibatch (on DoorKey a
 ``[256, 63, 64]`` float token tensor is 4 MiB, and an update makes hundreds of them). With

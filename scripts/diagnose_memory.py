@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.config import ConfigError
-from agents.model_files import TRUST_PICKLE_HELP
+from agents.experiment.config import ConfigError
+from agents.experiment.model_files import TRUST_PICKLE_HELP
 
 EXIT_CONFIG_ERROR = 2
 MIN_PROBE_EPISODES = 20
@@ -214,7 +214,10 @@ def diagnose(
     from minigrid.envs import MemoryEnv
 
     import envs
-    from agents.training import EVAL_SEED_OFFSET, load_model
+    from agents.experiment.training import (
+        EVAL_SEED_OFFSET,
+        load_model,
+    )
 
     model, config, model_path, _ = load_model(target, device="cpu", trust_pickle=trust_pickle)
     env_id = env_id or config.env.id

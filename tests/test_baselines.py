@@ -9,9 +9,9 @@ from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 
 import envs
-from agents.config import DEFAULT_CONFIG, load_config
+from agents.experiment.config import DEFAULT_CONFIG, load_config
+from agents.experiment.training import build_agent
 from agents.factory import FlatDictExtractor
-from agents.training import build_agent
 
 
 def _image_space(channels_first: bool) -> spaces.Box:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.config import (
+from agents.experiment.config import (
     CONFIG_DIR,
     DEFAULT_CONFIG,
     DEFAULTS_FILE,
@@ -196,8 +196,8 @@ def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypa
     change in a section of another agent leaves the agent's arguments alone, a change in one
     of its own sections reaches them."""
     import agents
-    from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
-    from agents.training import build_agent
+    from agents.experiment.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
+    from agents.experiment.training import build_agent
 
     calls = []
 
@@ -228,7 +228,7 @@ def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypa
 
 
 def test_agent_only_sections_name_agent_kinds_and_config_sections() -> None:
-    from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
+    from agents.experiment.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
     from agents.factory import AGENT_KINDS
 
     assert set(AGENT_ONLY_SECTIONS) == set(AGENT_KINDS)

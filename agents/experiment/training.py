@@ -10,7 +10,7 @@ Used by ``scripts/train_agent.py`` and by the benchmark harness. A run directory
     final_model.safetensors  the model when training reached train.total_timesteps
     videos/                  evaluation videos (train.video=true)
 
-Every model file is a :mod:`agents.model_files` file: weights and optimizer state as
+Every model file is a :mod:`agents.experiment.model_files` file: weights and optimizer state as
 safetensors, everything else as JSON/YAML, the run's config included; loading one never
 unpickles anything. Runs saved by older versions as stable-baselines3 zips are converted once
 with ``scripts/convert_run.py RUN --trust-pickle``.
@@ -18,7 +18,7 @@ with ``scripts/convert_run.py RUN --trust-pickle``.
 Everything that can be checked is checked before the run directory is created: the config,
 the env id, building the envs and the agent. A run stopped by SIGINT/SIGTERM saves a
 checkpoint and raises :class:`TrainingInterrupted`; a non-finite loss or parameter raises
-:class:`agents.callbacks.NonFiniteTrainingError` and keeps the last good checkpoint.
+:class:`agents.experiment.callbacks.NonFiniteTrainingError` and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import fcntl
 import json
-import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,9 +44,7 @@ from stable_baselines3.common.logger import HParam, configure
 from stable_baselines3.common.vec_env import VecEnv
 
 import envs
-from agents.callbacks import (
-    CheckpointInfo,
-    DiskFullError,
+from agents.experiment.callbacks import (
     EvalVideo,
     NonFiniteGuard,
     PeriodicCheckpoint,
@@ -56,16 +52,11 @@ from agents.callbacks import (
     ProgressCallback,
     SaveBestModel,
     StopOnSignal,
-    atomic_save_model,
     best_model_reward,
-    latest_checkpoint,
-    latest_good_checkpoint,
-    remove_stale_temp_files,
-    restore_rng_state,
     tensorboard_writer,
     with_sigint_ignored,
 )
-from agents.config import (
+from agents.experiment.config import (
     ConfigError,
     ExperimentConfig,
     config_from_yaml_text,
@@ -75,14 +66,25 @@ from agents.config import (
     sections_ignored_by,
     validate_config,
 )
-from agents.hints import script_command, shell_path
-from agents.model_files import (
+from agents.experiment.hints import script_command, shell_path
+from agents.experiment.io import (
+    RUN_LOCK_NAME,
+    CheckpointInfo,
+    DiskFullError,
+    atomic_save_model,
+    disk_full_message,
+    is_disk_full,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    remove_stale_temp_files,
+    restore_rng_state,
+    run_lock,
+)
+from agents.experiment.model_files import (
     MODEL_SUFFIX,
     PickledModelError,
     apply_model_file,
     attach_config,
-    disk_full_message,
-    is_disk_full,
     load_pickled_model,
     pickled_model_message,
     read_model_file,
@@ -97,7 +99,6 @@ __all__ = [
     "ExtraCallbacks",
     "RunCallbacks",
     "ResumePlan",
-    "RunLockedError",
     "RunPaths",
     "TrainingInterrupted",
     "agent_class",
@@ -106,7 +107,6 @@ __all__ = [
     "make_eval_env",
     "make_run_dir",
     "plan_resume",
-    "run_lock",
     "append_history",
     "refuse_pickled_run",
     "resume",
@@ -180,7 +180,7 @@ class RunPaths:
 
     @property
     def lock(self) -> Path:
-        return self.root / ".lock"
+        return self.root / RUN_LOCK_NAME
 
 
 class RunCallbacks(NamedTuple):
@@ -590,42 +590,6 @@ def train(
             _close_envs(train_env, eval_env)
             raise
         return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
-
-
-class RunLockedError(ConfigError):
-    """Another process is writing the run directory."""
-
-
-@contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[None]:
-    """Hold the run directory's writer lock (``fcntl.flock`` on ``root/.lock``, which holds the
-    writer's PID) for the block: one training process per run directory. The lock goes with
-    the process, so a killed writer never leaves a stale one.
-
-    :raises RunLockedError: another process holds it (its PID named).
-    :raises ConfigError: ``root`` is not a directory.
-    """
-    if not root.is_dir():
-        raise ConfigError(f"{root} is not a run directory")
-    path = RunPaths(root).lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunLockedError(
-            f"{root} is being written by another process (PID {holder}): two writers would "
-            f"overwrite each other's checkpoints; wait for it to finish, or stop it (kill "
-            f"{holder}: it saves a checkpoint) and resume again"
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _checked_overrides(overrides: Iterable[str], total_timesteps: int | None) -> list[str]:
@@ -1047,7 +1011,7 @@ def load_model(
 
 
 def _loaded(model_file: Any, device: str, run_dir: Path) -> LoadedModel:
-    from agents.model_files import model_from_file
+    from agents.experiment.model_files import model_from_file
 
     # The device to evaluate on, not the one the run trained on (which may be absent here).
     config = dataclasses.replace(

@@ -19,7 +19,7 @@ key, the value and what would be valid, before anything is built.
 >>> load_config(overrides=["ppo.n_step=64"])  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-agents.config.ConfigError: unknown key 'ppo.n_step' (from the command line). Did you mean ...
+agents.experiment.config.ConfigError: unknown key 'ppo.n_step' (from the command line). Did you mean ...
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ __all__ = [
     "validate_config",
 ]
 
-CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR: Path = Path(__file__).resolve().parents[2] / "configs"
 """The repository's ``configs/`` folder."""
 DEFAULTS_FILE: Path = CONFIG_DIR / "defaults.yaml"
 """Shared settings, merged under every per-env file."""
@@ -307,7 +307,7 @@ class TrainConfig:
     runs_dir: str = _param("runs", "Where run directories are created.")
 
 
-#: The config sections that only one agent kind reads (:func:`agents.training.build_agent`);
+#: The config sections that only one agent kind reads (:func:`agents.experiment.training.build_agent`);
 #: every other section is shared. A ``ppo`` run ignores all of these, an ``lstm`` run the
 #: thalamus' sections, so two configs that differ only there train the same agent.
 AGENT_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -760,7 +760,7 @@ def config_to_yaml(config: ExperimentConfig) -> str:
 
 def save_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
     """Write :func:`config_to_yaml` to ``path`` atomically (temp file + rename)."""
-    from agents.callbacks import atomic_write_text
+    from agents.experiment.io import atomic_write_text
 
     atomic_write_text(path, config_to_yaml(config))
 

@@ -89,7 +89,7 @@ def shuffled_mission_episodes(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Replay the episodes reset with ``seeds``, each showing another episode's mission.
 
-    :param model: a trained agent (any kind :func:`agents.video.run_episode` plays).
+    :param model: a trained agent (any kind :func:`agents.experiment.video.run_episode` plays).
     :param env: a single env from ``envs.make_env`` whose own missions are shown (no
         ``mission=`` override); it is left as it was.
     :param seeds: the reset seed of each episode.
@@ -100,7 +100,7 @@ def shuffled_mission_episodes(
         summary ``{episodes, success_rate, mean_reward, mean_length, distinct_missions,
         same_text}``.
     """
-    from agents.video import run_episode
+    from agents.experiment.video import run_episode
 
     wrapper = find_mission_wrapper(env)
     if wrapper is None:
@@ -174,7 +174,7 @@ def mission_sensitivity(
     """
     import torch as th
 
-    from agents.video import run_episode
+    from agents.experiment.video import run_episode
 
     if find_mission_wrapper(env) is None:
         return None
