@@ -1,12 +1,14 @@
 """Names, defaults and the minibatch rule that configs and command lines need, without
 torch or SB3.
 
-``agents/config.py`` and the scripts' argument parsers read these; the modules that use them
+``agents/experiment/config.py`` and the scripts' argument parsers read these; the modules that use them
 (``agents.factory``, ``agents.policy``, ``agents.ppo``, ``agents.buffer``) re-export them, and
 ``tests/test_config.py`` checks they agree with what those modules build.
 """
 
 from __future__ import annotations
+
+from agents.registry import AGENT_KINDS as _registered_kinds
 
 __all__ = [
     "ADVANTAGE_NORMALIZATIONS",
@@ -17,8 +19,8 @@ __all__ = [
     "check_batch_size",
 ]
 
-#: The agent kinds ``agents.make_agent`` builds (``agents.factory.AGENT_CLASSES``' keys).
-AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
+#: The agent kinds ``agents.make_agent`` builds (the kinds of :mod:`agents.registry`).
+AGENT_KINDS: tuple[str, ...] = _registered_kinds
 
 #: Default ``core_lr_scale`` of ``ThalamusPolicy`` (and of ``policy.core_lr_scale``).
 DEFAULT_CORE_LR_SCALE = 0.25

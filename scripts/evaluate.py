@@ -209,7 +209,7 @@ def _extra_evaluations(
         shuffled_mission_episodes,
     )
     from agents.experiment.slots import selection_test, slot_report
-    from agents.policy import ThalamusPolicy
+    from agents.registry import spec_of_model
 
     jobs: list[tuple[str, Any]] = []
     missions = [e["mission"] for e in episodes]
@@ -228,13 +228,13 @@ def _extra_evaluations(
             return {**summary, "per_episode": replays}
 
         jobs.append(("shuffled_mission", shuffled))
-    thalamus = isinstance(model.policy, ThalamusPolicy)
+    shows_gate = spec_of_model(model).shows_gate
     for flag, name, function in (
         ("report_slots", "slots", slot_report),
         ("selection_test", "selection", selection_test),
     ):
         if getattr(args, flag):
-            if not thalamus:
+            if not shows_gate:
                 print(f"note: --{flag.replace('_', '-')} needs the thalamus agent; skipped")
                 continue
             jobs.append(

@@ -229,7 +229,7 @@ def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypa
 
 def test_agent_only_sections_name_agent_kinds_and_config_sections() -> None:
     from agents.experiment.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
-    from agents.factory import AGENT_KINDS
+    from agents.registry import AGENT_KINDS
 
     assert set(AGENT_ONLY_SECTIONS) == set(AGENT_KINDS)
     fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -259,9 +259,10 @@ def test_single_sample_minibatches_are_refused_only_where_normalised_per_minibat
         assert load_config(None, tiny).ppo.batch_size == 1
 
 
-def test_the_agent_kinds_the_config_lists_are_the_agents_the_factory_builds() -> None:
-    """``agents.constants.AGENT_KINDS`` repeats, without torch, ``AGENT_CLASSES``' keys."""
+def test_the_agent_kinds_the_config_lists_are_the_registered_ones() -> None:
+    """``agents.constants.AGENT_KINDS`` (read by the config without torch) is the registry's."""
     from agents.constants import AGENT_KINDS
-    from agents.factory import AGENT_CLASSES
+    from agents.registry import AGENT_SPECS
 
-    assert tuple(AGENT_CLASSES) == AGENT_KINDS
+    assert tuple(AGENT_SPECS) == AGENT_KINDS
+    assert ExperimentConfig.__dataclass_fields__  # the schema loaded with them

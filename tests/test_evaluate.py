@@ -28,9 +28,9 @@ from agents.experiment.video import (
     render_panel,
     run_episode,
     selected_cells,
-    view_to_world,
     write_mp4,
 )
+from envs.geometry import view_to_world
 from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]

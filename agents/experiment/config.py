@@ -53,6 +53,7 @@ from agents.constants import (
     EXPLORATION_KINDS,
     check_batch_size,
 )
+from agents.registry import AGENT_SPECS, spec
 from thalamus_rl.config import ThalamusConfig
 
 __all__ = [
@@ -145,8 +146,7 @@ class AgentConfig:
 
     kind: str = _param(
         "thalamus",
-        "thalamus: ThalamusPPO (the thalamus policy); ppo: feed-forward PPO baseline; "
-        "lstm: sb3-contrib RecurrentPPO baseline.",
+        "; ".join(f"{s.kind}: {s.description}" for s in AGENT_SPECS.values()) + ".",
         choices=AGENT_KINDS,
     )
 
@@ -307,13 +307,12 @@ class TrainConfig:
     runs_dir: str = _param("runs", "Where run directories are created.")
 
 
-#: The config sections that only one agent kind reads (:func:`agents.experiment.training.build_agent`);
-#: every other section is shared. A ``ppo`` run ignores all of these, an ``lstm`` run the
-#: thalamus' sections, so two configs that differ only there train the same agent.
+#: The config sections that only one agent kind reads (``config_sections`` of its
+#: :class:`agents.registry.AgentSpec`); every other section is shared. A ``ppo`` run ignores
+#: all of these, an ``lstm`` run the thalamus' sections, so two configs that differ only there
+#: train the same agent.
 AGENT_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {
-    "thalamus": ("thalamus", "tokenizer", "policy", "thalamus_ppo"),
-    "ppo": (),
-    "lstm": ("lstm",),
+    kind: agent_spec.config_sections for kind, agent_spec in AGENT_SPECS.items()
 }
 
 
@@ -622,15 +621,17 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             "train.video = true records one episode at each evaluation, but train.eval_freq = 0 "
             "turns evaluation off; set train.eval_freq > 0 or train.video = false"
         )
+    agent_spec = spec(config.agent.kind)
     per_rollout = (
-        config.agent.kind == "thalamus" and config.thalamus_ppo.advantage_normalization == "rollout"
+        "thalamus_ppo" in agent_spec.algorithm_sections
+        and config.thalamus_ppo.advantage_normalization == "rollout"
     )
     if config.ppo.normalize_advantage and config.ppo.batch_size < 2 and not per_rollout:
         raise ConfigError(
             f"ppo.batch_size = {config.ppo.batch_size} must be >= 2 with "
             "ppo.normalize_advantage = true (advantages are normalised per minibatch)"
         )
-    if config.agent.kind == "thalamus":
+    if agent_spec.env_column_minibatches:
         try:
             check_batch_size(config.ppo.batch_size, config.ppo.n_steps, config.env.n_envs)
         except ValueError as exc:

@@ -69,6 +69,8 @@ def masked_policy_step(
 
 
 def _require_thalamus(model: Any) -> Any:
+    """``model``'s policy, if it is the thalamus policy these diagnoses read (its tokenizer,
+    gate and heads)."""
     from agents.policy import ThalamusPolicy
 
     policy = model.policy

@@ -89,6 +89,7 @@ from agents.experiment.model_files import (
     pickled_model_message,
     read_model_file,
 )
+from agents.registry import AGENT_SPECS, spec
 from agents.runtime import tune_allocator
 
 __all__ = [
@@ -204,13 +205,11 @@ training end, so they see an evaluation or a checkpoint in the same step it happ
 
 def agent_class(kind: str) -> type[BaseAlgorithm]:
     """The algorithm class of ``agent.kind`` (what ``load`` must be called on)."""
-    from agents.factory import AGENT_CLASSES as classes
-
-    if kind not in classes:
+    if kind not in AGENT_SPECS:
         raise ConfigError(
-            f"agent.kind = {kind!r} is not a valid choice; choose one of: {', '.join(classes)}"
+            f"agent.kind = {kind!r} is not a valid choice; choose one of: {', '.join(AGENT_SPECS)}"
         )
-    return classes[kind]
+    return AGENT_SPECS[kind].algorithm_class()
 
 
 def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> Path:
@@ -233,10 +232,10 @@ def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> P
 
 def _hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
     """Algorithm arguments of ``agents.make_agent`` / ``load``: the shared ``ppo`` section,
-    and ``thalamus_ppo`` for the thalamus agent."""
+    and the kind's own ``algorithm_sections`` (``thalamus_ppo`` for the thalamus agent)."""
     hyperparams = dataclasses.asdict(config.ppo)
-    if config.agent.kind == "thalamus":
-        hyperparams.update(dataclasses.asdict(config.thalamus_ppo))
+    for section in spec(config.agent.kind).algorithm_sections:
+        hyperparams.update(dataclasses.asdict(getattr(config, section)))
     return hyperparams
 
 
@@ -247,24 +246,13 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
     """
     from agents import make_agent
 
-    policy_kwargs: dict[str, Any] | None = None
-    if config.agent.kind == "thalamus":
-        policy_kwargs = {
-            "thalamus": dataclasses.asdict(config.thalamus),
-            "tokenizer": dataclasses.asdict(config.tokenizer),
-            **dataclasses.asdict(config.policy),
-        }
-    else:  # the baselines read MiniGrid's symbolic view at unit scale (FlatDictExtractor)
-        policy_kwargs = {"features_extractor_kwargs": {"image_high": envs.IMAGE_CHANNEL_HIGH}}
-        if config.agent.kind == "lstm":
-            policy_kwargs.update(dataclasses.asdict(config.lstm))
     try:
         model = make_agent(
-            config.agent.kind,  # type: ignore[arg-type]
+            config.agent.kind,
             env,
             seed=config.train.seed,
             device=config.train.device,
-            policy_kwargs=policy_kwargs,
+            policy_kwargs=spec(config.agent.kind).policy_kwargs_from_config(config),
             **_hyperparameters(config),
         )
     except (TypeError, ValueError) as exc:
