@@ -1,8 +1,9 @@
 """Names, defaults and the minibatch rule that configs and command lines need, without
 torch or SB3.
 
-``agents/experiment/config.py`` and the scripts' argument parsers read these; the modules that use them
-(``agents.factory``, ``agents.policy``, ``agents.ppo``, ``agents.buffer``) re-export them, and
+``agents/experiment/config.py`` and the scripts' argument parsers read these; the modules that
+use them (``agents.factory``, ``agents.policy``, ``agents.ppo``, ``agents.buffer``) re-export
+them, and
 ``tests/test_config.py`` checks they agree with what those modules build.
 """
 

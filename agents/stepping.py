@@ -120,7 +120,9 @@ class PredictStepper:
         advance: bool = True,
     ) -> AgentStep:
         action, state = self.model.predict(
-            obs, state=self.state, episode_start=np.array([episode_start]),
+            obs,
+            state=self.state,
+            episode_start=np.array([episode_start]),
             deterministic=deterministic,
         )
         if advance:

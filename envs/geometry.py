@@ -46,7 +46,5 @@ def view_cell_in_grid(env: gym.Env, vis_i: int, vis_j: int) -> tuple[int, int] |
     :param env: a MiniGrid env (any wrapper).
     """
     grid = env.unwrapped
-    x, y = view_to_world(
-        grid.agent_pos, grid.agent_dir, int(grid.agent_view_size), vis_i, vis_j
-    )
+    x, y = view_to_world(grid.agent_pos, grid.agent_dir, int(grid.agent_view_size), vis_i, vis_j)
     return (x, y) if 0 <= x < grid.width and 0 <= y < grid.height else None

@@ -34,8 +34,9 @@ ignores it keeps it (BabyAI's GoTo tasks: does the agent read the mission at all
 Mission sensitivity is measured on every env whose missions differ between episodes: after the
 episodes with their own missions, the same episodes (same seeds, torch reseeded) are played
 again, each shown the mission of another episode (a seeded derangement,
-:mod:`agents.experiment.mission_sensitivity`); the JSON's ``shuffled_mission`` holds that success, and the
-table shows both. ``--no-shuffled-mission`` skips it (it doubles the episodes played).
+:mod:`agents.experiment.mission_sensitivity`); the JSON's ``shuffled_mission`` holds that
+success, and the table shows both. ``--no-shuffled-mission`` skips it (it doubles the episodes
+played).
 
 For the thalamus agent, ``--report-slots`` adds which kinds of tokens the gate kept (cells,
 mission words, proprio; ``slots`` in the JSON), and ``--selection-test`` masks the gate's kept

@@ -1,4 +1,5 @@
-"""The baselines' observation encoding (agents.baselines.FlatDictExtractor) as build_agent sets it."""
+"""The baselines' observation encoding (agents.baselines.FlatDictExtractor) as build_agent
+sets it."""
 
 from __future__ import annotations
 

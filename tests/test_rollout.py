@@ -115,7 +115,7 @@ def test_play_episode_reproduces_the_old_loop(
                 deterministic=deterministic,
                 seed=seed,
                 with_features=True,
-                on_step=lambda _e, _o, step: seen.append(
+                on_step=lambda _e, _o, step, seen=seen: seen.append(
                     (int(step.action), np.asarray(step.features, dtype=np.float64))
                 ),
             )

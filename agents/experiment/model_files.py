@@ -13,9 +13,9 @@ in it. Our files hold no pickles. One ``.safetensors`` file per model:
   built for (JSON).
 
 Loading reads the header and the tensors as data, rebuilds the agent from the config through
-:func:`agents.experiment.training.build_agent`, then puts the tensors and counters back. A stable-baselines3
-zip is read only through :func:`load_pickled_model`, which callers reach through an explicit
-``--trust-pickle`` opt-in (``scripts/convert_run.py`` converts an old run once).
+:func:`agents.experiment.training.build_agent`, then puts the tensors and counters back. A
+stable-baselines3 zip is read only through :func:`load_pickled_model`, which callers reach
+through an explicit ``--trust-pickle`` opt-in (``scripts/convert_run.py`` converts an old run once).
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def model_file_bytes(model: BaseAlgorithm, config: ExperimentConfig | None = Non
     config = config if config is not None else attached_config(model)
     if config is None:
         raise ValueError(
-            "save_model needs the model's config: build it with agents.experiment.training.build_agent, "
-            "or pass config="
+            "save_model needs the model's config: build it with "
+            "agents.experiment.training.build_agent, or pass config="
         )
     tensors: dict[str, th.Tensor] = {}
     # A module shared by several attributes (SB3's features_extractor, pi_ and

@@ -85,9 +85,7 @@ def play_episode(
     is_trial = trial_space is not None and int(trial_space.n) > 1
     episode = Episode()
     while True:
-        step = stepper.act(
-            obs, episode.length == 0, deterministic, with_features=with_features
-        )
+        step = stepper.act(obs, episode.length == 0, deterministic, with_features=with_features)
         episode.last_step = step
         if on_step is not None:
             on_step(episode, obs, step)

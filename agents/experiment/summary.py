@@ -44,8 +44,9 @@ class EvalRecord:
 
 
 class EvalRecorder(BaseCallback):
-    """Keep every evaluation of ``evaluation`` (a :class:`~agents.experiment.callbacks.PeriodicEval`)
-    in :attr:`records`; runs after it in the same step.
+    """Keep every evaluation of ``evaluation`` (a
+    :class:`~agents.experiment.callbacks.PeriodicEval`) in :attr:`records`; runs after it in the
+    same step.
 
     :param evaluation: the run's evaluation callback (None: the run does not evaluate).
     """
