@@ -266,3 +266,28 @@ def test_the_agent_kinds_the_config_lists_are_the_registered_ones() -> None:
 
     assert tuple(AGENT_SPECS) == AGENT_KINDS
     assert ExperimentConfig.__dataclass_fields__  # the schema loaded with them
+
+
+def test_the_ppo_defaults_have_one_source() -> None:
+    """They lived in three places that disagreed (ThalamusPPO: 4 epochs at 3e-4, the schema:
+    the same, configs/defaults.yaml: 10 epochs at 1e-3, which every run got). Now
+    ``agents.constants.PPO_DEFAULTS`` is the source and the others agree with it."""
+    import inspect
+
+    import yaml
+
+    from agents.constants import PPO_DEFAULTS, THALAMUS_PPO_DEFAULTS
+    from agents.ppo import ThalamusPPO
+
+    schema = ExperimentConfig()
+    assert dataclasses.asdict(schema.ppo) == PPO_DEFAULTS
+    assert dataclasses.asdict(schema.thalamus_ppo) == THALAMUS_PPO_DEFAULTS
+    constructor = inspect.signature(ThalamusPPO).parameters
+    for key, value in {**PPO_DEFAULTS, **THALAMUS_PPO_DEFAULTS}.items():
+        assert constructor[key].default == value, key
+    shared = yaml.safe_load(DEFAULTS_FILE.read_text())
+    for section in ("ppo", "thalamus_ppo"):
+        for key, value in (shared.get(section) or {}).items():
+            assert value == getattr(getattr(schema, section), key), f"{section}.{key}"
+    # Every run still gets the values the defaults file gave it.
+    assert (load_config(None).ppo.n_epochs, load_config(None).ppo.learning_rate) == (10, 1e-3)

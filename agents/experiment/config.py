@@ -51,6 +51,8 @@ from agents.constants import (
     AGENT_KINDS,
     DEFAULT_CORE_LR_SCALE,
     EXPLORATION_KINDS,
+    PPO_DEFAULTS,
+    THALAMUS_PPO_DEFAULTS,
     check_batch_size,
 )
 from agents.registry import AGENT_SPECS, spec
@@ -155,23 +157,25 @@ class AgentConfig:
 class PPOConfig:
     """PPO hyperparameters, shared by all three agents (stable-baselines3 names)."""
 
-    n_steps: int = _param(128, "Rollout length per env between updates.", ge=1)
-    batch_size: int = _param(256, "Minibatch size in env steps.", ge=1)
-    n_epochs: int = _param(4, "Passes over each rollout.", ge=1)
-    learning_rate: float = _param(3e-4, "Adam learning rate.", gt=0.0)
-    gamma: float = _param(0.99, "Discount factor.", ge=0.0, le=1.0)
-    gae_lambda: float = _param(0.95, "GAE lambda.", ge=0.0, le=1.0)
-    clip_range: float = _param(0.2, "PPO ratio clip.", gt=0.0)
-    ent_coef: float = _param(0.01, "Entropy bonus coefficient.", ge=0.0)
-    vf_coef: float = _param(0.5, "Value loss coefficient.", ge=0.0)
-    max_grad_norm: float = _param(0.5, "Gradient norm clip.", gt=0.0)
+    n_steps: int = _param(PPO_DEFAULTS["n_steps"], "Rollout length per env between updates.", ge=1)
+    batch_size: int = _param(PPO_DEFAULTS["batch_size"], "Minibatch size in env steps.", ge=1)
+    n_epochs: int = _param(PPO_DEFAULTS["n_epochs"], "Passes over each rollout.", ge=1)
+    learning_rate: float = _param(PPO_DEFAULTS["learning_rate"], "Adam learning rate.", gt=0.0)
+    gamma: float = _param(PPO_DEFAULTS["gamma"], "Discount factor.", ge=0.0, le=1.0)
+    gae_lambda: float = _param(PPO_DEFAULTS["gae_lambda"], "GAE lambda.", ge=0.0, le=1.0)
+    clip_range: float = _param(PPO_DEFAULTS["clip_range"], "PPO ratio clip.", gt=0.0)
+    ent_coef: float = _param(PPO_DEFAULTS["ent_coef"], "Entropy bonus coefficient.", ge=0.0)
+    vf_coef: float = _param(PPO_DEFAULTS["vf_coef"], "Value loss coefficient.", ge=0.0)
+    max_grad_norm: float = _param(PPO_DEFAULTS["max_grad_norm"], "Gradient norm clip.", gt=0.0)
     normalize_advantage: bool = _param(
-        True,
+        PPO_DEFAULTS["normalize_advantage"],
         "Normalise advantages (PPO and LSTM-PPO: per minibatch; the thalamus agent: as "
         "thalamus_ppo says).",
     )
     target_kl: float | None = _param(
-        None, "Stop an update's epochs early when the approximate KL exceeds this.", gt=0.0
+        PPO_DEFAULTS["target_kl"],
+        "Stop an update's epochs early when the approximate KL exceeds this.",
+        gt=0.0,
     )
 
 
@@ -212,20 +216,20 @@ class ThalamusPPOConfig:
     """ThalamusPPO's update beyond the shared ``ppo`` settings (``agent.kind = thalamus``)."""
 
     advantage_normalization: str = _param(
-        "rollout",
+        THALAMUS_PPO_DEFAULTS["advantage_normalization"],
         "Scope of the advantage normalisation: rollout (one mean and scale per update) or "
         "minibatch (SB3's PPO).",
         choices=ADVANTAGE_NORMALIZATIONS,
     )
     advantage_std_floor: float = _param(
-        0.1,
+        THALAMUS_PPO_DEFAULTS["advantage_std_floor"],
         "Divide advantages by max(std, this), in reward units: before a sparse-reward task "
         "pays, advantages are value noise, and scaled to unit variance they make the core fit "
         "it and stop exploring (DoorKey-5x5). 0: off.",
         ge=0.0,
     )
     adaptive_lr_kl: float | None = _param(
-        0.02,
+        THALAMUS_PPO_DEFAULTS["adaptive_lr_kl"],
         "Scale the learning rate after each update to keep its approximate KL near this "
         "(/1.5 above twice it, x1.5 below half of it, never above ppo.learning_rate); null: off. "
         "The core moves the policy 0.05-0.3 KL per update at ppo.learning_rate once rewards "
