@@ -45,8 +45,8 @@ __all__ = ["ADVANTAGE_NORMALIZATIONS", "ThalamusPPO"]
 
 
 #: Rollout steps (of all envs) whose ``thalamus/*`` signals are averaged into the log; evenly
-#: spaced. Computing them costs ~0.45 ms a step at 8 envs (12% of the policy step), so not
-#: every step pays it.
+#: spaced. Computing them is a noticeable share of a policy step (``docs/measurements.md``),
+#: so not every step pays it.
 THALAMUS_STATS_STEPS = 16
 
 SelfThalamusPPO = TypeVar("SelfThalamusPPO", bound="ThalamusPPO")
@@ -73,9 +73,9 @@ class ThalamusPPO(OnPolicyAlgorithm):
     :param advantage_std_floor: divide by ``max(std, advantage_std_floor)``, in reward units.
         Until a sparse-reward task pays its first rewards, the advantages are value-function
         noise; scaled to unit variance, they make PPO fit that noise and drop its entropy before
-        it finds the goal (DoorKey-5x5: approximate KL 0.15-0.3 per update, 2 seeds of 3 never
-        learned). With the floor, noise keeps its true small scale and the entropy bonus
-        dominates until real returns make the standard deviation exceed it. 0 turns it off.
+        it finds the goal (``docs/measurements.md``, "advantage_std_floor"). With the floor,
+        noise keeps its true small scale and the entropy bonus dominates until real returns
+        make the standard deviation exceed it. 0 turns it off.
     :param ent_coef: entropy bonus coefficient.
     :param vf_coef: value loss coefficient.
     :param max_grad_norm: gradient clipping norm.

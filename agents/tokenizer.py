@@ -120,8 +120,8 @@ class _SummedEmbedding(th.autograd.Function):
     """``weight[index].sum(1)`` with a backward of one ``index_add_`` per index column.
 
     The same function as ``nn.EmbeddingBag(mode="sum")``, whose dense CPU backward sorts the
-    indices: on a DoorKey minibatch (12544 cells x 3 channels into 768 rows, d = 64) its
-    forward + backward took 3.1 ms against 0.85 ms here, with identical gradients.
+    indices and is several times slower on a minibatch of cells (``docs/measurements.md``,
+    "summed embedding"); the gradients are identical.
     """
 
     @staticmethod

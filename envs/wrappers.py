@@ -111,8 +111,8 @@ class QuietLevelSamplingWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Keeps BabyAI's layout-retry messages off stdout and counts them instead.
 
     BabyAI levels draw their layout and mission by rejection sampling and ``print`` one line per
-    rejected draw (``Sampling rejected: unreachable object at (1, 6)``). On BabyAI-GoToLocal-v0
-    that is about 10,000 lines per 2M env steps, which buries the training progress lines.
+    rejected draw (``Sampling rejected: unreachable object at (1, 6)``): thousands of lines
+    over a training run (``docs/measurements.md``), which bury the training progress lines.
     ``reset()`` captures stdout, drops those lines, adds them up in ``rejected_samples``, and
     writes any other output through unchanged. Observations, rewards and seeding are untouched.
 

@@ -249,9 +249,9 @@ def global_rng_preserved() -> Iterator[None]:
     Stochastic evaluation samples its actions from torch's global RNG, as many draws as its
     episodes have steps. Without this, the evaluation settings changed training: every
     rollout after the first evaluation differed with ``train.eval_freq``,
-    ``train.eval_episodes`` or the benchmark's second evaluation mode (DoorKey-5x5, seed 0:
-    the same updates until the 30k evaluation, then eval reward 0.79 vs 0.86 at 100k). The
-    block draws from a copy of the current states (python, numpy, torch CPU and CUDA).
+    ``train.eval_episodes`` or the benchmark's second evaluation mode
+    (``docs/measurements.md``, "evaluation RNG"). The block draws from a copy of the current
+    states (python, numpy, torch CPU and CUDA).
     """
     state = capture_rng_state()
     try:
