@@ -36,6 +36,7 @@ __all__ = [
     "THALAMUS_POLICY_KWARGS",
     "FlatDictExtractor",
     "build_lstm",
+    "checked_policy_kwargs",
     "build_ppo",
     "policy_kwargs",
 ]
@@ -123,7 +124,7 @@ def _image_rescale(space: spaces.Box, image_high: Sequence[float]) -> th.Tensor:
     return factor.view(-1, 1, 1) if channels_first else factor
 
 
-def _checked_policy_kwargs(
+def checked_policy_kwargs(
     kind: str, env_space: spaces.Space, policy_kwargs: dict[str, Any] | None
 ) -> dict[str, Any]:
     """``policy_kwargs`` with :class:`FlatDictExtractor` for a Dict space.
@@ -157,7 +158,7 @@ def build_ppo(
         env,
         seed=seed,
         device=device,
-        policy_kwargs=_checked_policy_kwargs("ppo", space, policy_kwargs),
+        policy_kwargs=checked_policy_kwargs("ppo", space, policy_kwargs),
         **hyperparams,
     )
 
@@ -177,7 +178,7 @@ def build_lstm(
         env,
         seed=seed,
         device=device,
-        policy_kwargs=_checked_policy_kwargs("lstm", space, policy_kwargs),
+        policy_kwargs=checked_policy_kwargs("lstm", space, policy_kwargs),
         **hyperparams,
     )
 

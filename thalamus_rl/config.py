@@ -1,7 +1,7 @@
 """The core's sizes and switches as plain dataclasses: no torch, so configs load fast.
 
 :class:`ThalamusConfig` and :class:`StreamConfig` are what a config file's ``thalamus`` section
-is checked against (``agents/config.py``); ``scripts/train_agent.py --help-config`` and
+is checked against (``agents/experiment/config.py``); ``scripts/train_agent.py --help-config`` and
 ``--print-config`` read them without importing torch. The modules re-export them
 (``thalamus_rl.core.ThalamusConfig``, ``thalamus_rl.distributed.StreamConfig``).
 """
