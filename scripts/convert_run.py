@@ -11,8 +11,8 @@ Older versions saved ``final_model.zip``, ``best_model.zip`` and ``checkpoints/s
 with stable-baselines3's ``save``: the zips hold pickled Python objects, and loading one runs
 any code its author put in it. This project now reads only ``.safetensors`` model files
 (weights and optimizer state as tensors, the config and counters as text; see
-``agents/experiment/model_files.py``). This script loads each zip of a run **once, by unpickling it**
-(hence ``--trust-pickle``: use it only on runs you made or trust) and writes the
+``agents/experiment/model_files.py``). This script loads each zip of a run **once, by
+unpickling it** (hence ``--trust-pickle``: use it only on runs you made or trust) and writes the
 ``.safetensors`` file beside it, with the run's ``config.yaml`` inside, the same modification
 time, and the checkpoint's JSON sidecar pointing to it. The zips are left in place (nothing
 reads them any more); delete them once the converted run resumes and evaluates.
