@@ -20,6 +20,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.distributions import Distribution
 
+from agents.experiment.rollout import play_episode
 from agents.selection import (
     MASK_MODES,
     TOKEN_KINDS,
@@ -27,6 +28,7 @@ from agents.selection import (
     mask_tokens,
     slot_kind_fractions,
 )
+from agents.stepping import AgentStep
 from thalamus_rl import ThalamusOutput, ThalamusState
 
 __all__ = ["masked_policy_step", "selection_test", "slot_report"]
@@ -87,8 +89,79 @@ def _kl(p: Distribution, q: Distribution) -> float:
     return float(th.distributions.kl_divergence(p.distribution, q.distribution).sum())
 
 
-@th.no_grad()
+class _MaskingStepper:
+    """Steps a thalamus policy with the token mask ``drive`` says (``"none"``, ``"kept"``,
+    ``"random"``); at each step (``compare``) also the kept- and random-masked action
+    distributions from the same state, and their KL from the unmasked one.
+
+    :ivar kl_kept: per step, KL of the kept-masked distribution from the unmasked one.
+    :ivar kl_random: the same for random tokens.
+    :ivar skipped: steps with too few valid tokens to mask K.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        drive: str,
+        generator: th.Generator,
+        slot_fractions: list[np.ndarray] | None = None,
+        compare: bool = True,
+    ) -> None:
+        self.policy = policy
+        self.drive = drive
+        self.generator = generator
+        self.slot_fractions = slot_fractions
+        self.compare = compare
+        self.layout = policy.tokenizer.token_layout
+        self.gate_enabled = policy.core.config.gate_enabled
+        self.state: ThalamusState | None = None
+        self.kl_kept: list[float] = []
+        self.kl_random: list[float] = []
+        self.skipped = 0
+
+    @th.no_grad()
+    def act(
+        self,
+        obs: dict[str, np.ndarray],
+        episode_start: bool,
+        deterministic: bool,
+        *,
+        with_features: bool = False,
+        advance: bool = True,
+    ) -> AgentStep:
+        policy = self.policy
+        obs_tensor, _ = policy.obs_to_tensor(obs)
+        starts = th.tensor([episode_start], device=policy.device)
+        state = self.state
+        full, out, full_state, token_mask = masked_policy_step(policy, obs_tensor, state, starts)
+        kept = kept_slots(out.indices, token_mask, self.gate_enabled)
+        if self.slot_fractions is not None:
+            fractions = slot_kind_fractions(out.indices, token_mask, self.layout, self.gate_enabled)
+            self.slot_fractions.append(fractions[0].cpu().numpy())
+        dists = {"none": (full, full_state)}
+        for mode in ("kept", "random") if self.compare else ():
+            mask = mask_tokens(token_mask, out.indices, kept, mode, self.generator)
+            if mask is None:
+                continue
+            dist, _, next_state, _ = masked_policy_step(policy, obs_tensor, state, starts, mask)
+            dists[mode] = (dist, next_state)
+        if not self.compare:
+            pass
+        elif len(dists) == 3:
+            self.kl_kept.append(_kl(full, dists["kept"][0]))
+            self.kl_random.append(_kl(full, dists["random"][0]))
+        else:
+            self.skipped += 1
+        distribution, next_state = dists.get(self.drive, dists["none"])
+        if advance:
+            self.state = next_state
+        action = distribution.get_actions(deterministic=deterministic).cpu().numpy()
+        features = out.features[0].cpu().numpy() if with_features else None
+        return AgentStep(action.reshape(policy.action_space.shape or ()), out, features)
+
+
 def _play(
+    model: Any,
     policy: Any,
     env: gym.Env,
     seed: int,
@@ -98,52 +171,16 @@ def _play(
     slot_fractions: list[np.ndarray] | None = None,
     compare: bool = True,
 ) -> tuple[bool, list[float], list[float], int]:
-    """One episode driven by the ``drive`` mask mode; per step (``compare``), the KL of the
-    kept- and the random-masked distributions from the unmasked one, all from the episode's
-    state; ``slot_fractions`` collects each step's :func:`slot_kind_fractions`.
+    """One episode (:func:`agents.experiment.rollout.play_episode`) driven by the ``drive``
+    mask mode; per step (``compare``), the KL of the kept- and the random-masked distributions
+    from the unmasked one, all from the episode's state; ``slot_fractions`` collects each
+    step's :func:`slot_kind_fractions`.
 
     :return: success, KLs (kept), KLs (random), steps skipped (too few tokens to mask).
     """
-    layout = policy.tokenizer.token_layout
-    gate_enabled = policy.core.config.gate_enabled
-    obs, _ = env.reset(seed=seed)
-    state: ThalamusState | None = None
-    start = True
-    kl_kept: list[float] = []
-    kl_random: list[float] = []
-    skipped = 0
-    info: dict[str, Any] = {}
-    while True:
-        obs_tensor, _ = policy.obs_to_tensor(obs)
-        starts = th.tensor([start], device=policy.device)
-        full, out, full_state, token_mask = masked_policy_step(policy, obs_tensor, state, starts)
-        kept = kept_slots(out.indices, token_mask, gate_enabled)
-        if slot_fractions is not None:
-            slot_fractions.append(
-                slot_kind_fractions(out.indices, token_mask, layout, gate_enabled)[0].cpu().numpy()
-            )
-        dists = {"none": (full, full_state)}
-        for mode in ("kept", "random") if compare else ():
-            mask = mask_tokens(token_mask, out.indices, kept, mode, generator)
-            if mask is None:
-                continue
-            dist, _, next_state, _ = masked_policy_step(policy, obs_tensor, state, starts, mask)
-            dists[mode] = (dist, next_state)
-        if not compare:
-            pass
-        elif len(dists) == 3:
-            kl_kept.append(_kl(full, dists["kept"][0]))
-            kl_random.append(_kl(full, dists["random"][0]))
-        else:
-            skipped += 1
-        distribution, state = dists.get(drive, dists["none"])
-        action = distribution.get_actions(deterministic=deterministic)
-        action = action.cpu().numpy().reshape(env.action_space.shape or ())
-        obs, _, terminated, truncated, info = env.step(action)
-        start = False
-        if terminated or truncated:
-            break
-    return bool(info.get("is_success", False)), kl_kept, kl_random, skipped
+    stepper = _MaskingStepper(policy, drive, generator, slot_fractions, compare)
+    episode = play_episode(model, env, deterministic=deterministic, seed=seed, stepper=stepper)
+    return episode.success, stepper.kl_kept, stepper.kl_random, stepper.skipped
 
 
 def selection_test(
@@ -184,7 +221,7 @@ def selection_test(
         generator = th.Generator().manual_seed(mask_seed)
         wins = []
         for i in range(n_episodes):
-            won, kk, kr, sk = _play(policy, env, seed + i, deterministic, drive, generator)
+            won, kk, kr, sk = _play(model, policy, env, seed + i, deterministic, drive, generator)
             wins.append(won)
             if drive == "none":
                 kl_kept += kk
@@ -215,7 +252,9 @@ def slot_report(
     generator = th.Generator().manual_seed(0)
     fractions: list[np.ndarray] = []
     for i in range(n_episodes):
-        _play(policy, env, seed + i, deterministic, "none", generator, fractions, compare=False)
+        _play(
+            model, policy, env, seed + i, deterministic, "none", generator, fractions, compare=False
+        )
     table = np.stack(fractions)  # [steps, kinds]
     return {
         "episodes": n_episodes,
