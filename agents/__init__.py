@@ -1,6 +1,6 @@
 """RL side: the observation tokenizer, the recurrent ThalamusPolicy, ThalamusPPO, baselines.
 
-Names are imported on first use (PEP 562): ``import agents.config`` (the config schema,
+Names are imported on first use (PEP 562): ``import agents.experiment.config`` (the config schema,
 ``scripts/train_agent.py --help-config``) then costs no torch or stable-baselines3 import.
 """
 

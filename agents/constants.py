@@ -1,12 +1,17 @@
 """Names, defaults and the minibatch rule that configs and command lines need, without
 torch or SB3.
 
-``agents/config.py`` and the scripts' argument parsers read these; the modules that use them
-(``agents.factory``, ``agents.policy``, ``agents.ppo``, ``agents.buffer``) re-export them, and
+``agents/experiment/config.py`` and the scripts' argument parsers read these; the modules that
+use them (``agents.factory``, ``agents.policy``, ``agents.ppo``, ``agents.buffer``) re-export
+them, and
 ``tests/test_config.py`` checks they agree with what those modules build.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from agents.registry import AGENT_KINDS as _registered_kinds
 
 __all__ = [
     "ADVANTAGE_NORMALIZATIONS",
@@ -14,16 +19,45 @@ __all__ = [
     "DEFAULT_CORE_LR_SCALE",
     "EXPLORATION_KINDS",
     "MODEL_SUFFIX",
+    "PPO_DEFAULTS",
+    "THALAMUS_PPO_DEFAULTS",
     "check_batch_size",
 ]
 
-#: The agent kinds ``agents.make_agent`` builds (``agents.factory.AGENT_CLASSES``' keys).
-AGENT_KINDS: tuple[str, ...] = ("thalamus", "ppo", "lstm")
+#: The agent kinds ``agents.make_agent`` builds (the kinds of :mod:`agents.registry`).
+AGENT_KINDS: tuple[str, ...] = _registered_kinds
+
+#: The defaults of the PPO hyperparameters every agent shares: the one source of the ``ppo``
+#: config section's defaults (``agents/experiment/config.py``) and of
+#: :class:`agents.ppo.ThalamusPPO`'s constructor; ``configs/defaults.yaml`` does not repeat
+#: them (``tests/test_config.py`` holds the three together). Why lr 1e-3 and 10 epochs:
+#: ``docs/benchmarks/baselines.md``.
+PPO_DEFAULTS: dict[str, Any] = {
+    "n_steps": 128,
+    "batch_size": 256,
+    "n_epochs": 10,
+    "learning_rate": 1e-3,
+    "gamma": 0.99,
+    "gae_lambda": 0.95,
+    "clip_range": 0.2,
+    "ent_coef": 0.01,
+    "vf_coef": 0.5,
+    "max_grad_norm": 0.5,
+    "normalize_advantage": True,
+    "target_kl": None,
+}
+
+#: The defaults of ThalamusPPO's own update settings (the ``thalamus_ppo`` config section).
+THALAMUS_PPO_DEFAULTS: dict[str, Any] = {
+    "advantage_normalization": "rollout",
+    "advantage_std_floor": 0.1,
+    "adaptive_lr_kl": 0.02,
+}
 
 #: Default ``core_lr_scale`` of ``ThalamusPolicy`` (and of ``policy.core_lr_scale``).
 DEFAULT_CORE_LR_SCALE = 0.25
 
-#: The extension of every model and checkpoint file (``agents.model_files``).
+#: The extension of every model and checkpoint file (``agents.experiment.model_files``).
 MODEL_SUFFIX = ".safetensors"
 
 #: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).

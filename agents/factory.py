@@ -1,57 +1,32 @@
 """One way to build every agent we compare, on the same wrapped envs.
 
-``make_agent("thalamus" | "ppo" | "lstm", env, seed=..., device=..., **hyperparams)`` builds
-:class:`agents.ThalamusPPO`, SB3's ``PPO`` (memoryless, ``MultiInputPolicy``) or sb3-contrib's
-``RecurrentPPO`` (LSTM, ``MultiInputLstmPolicy``) from one set of shared PPO hyperparameters
-(:data:`SHARED_HYPERPARAMETERS`), so a comparison differs only in the agent.
-
-The baselines read a Dict observation through :class:`FlatDictExtractor` (every entry flattened
-after SB3's preprocessing: images scaled to ``[0, 1]``, ``Discrete`` one-hot): SB3's default
-``CombinedExtractor`` would put a NatureCNN on MiniGrid's 7x7 view, which is too small for it.
+``make_agent(kind, env, seed=..., device=..., **hyperparams)`` builds the agent of any kind in
+:mod:`agents.registry` (``"thalamus"``: :class:`agents.ThalamusPPO`; ``"ppo"``: SB3's ``PPO``,
+memoryless; ``"lstm"``: sb3-contrib's ``RecurrentPPO``) from one set of shared PPO
+hyperparameters (:data:`SHARED_HYPERPARAMETERS`), so a comparison differs only in the agent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch as th
 from gymnasium import spaces
-from sb3_contrib import RecurrentPPO
-from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.preprocessing import (
-    get_flattened_obs_dim,
-    is_image_space,
-    is_image_space_channels_first,
-)
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
-from stable_baselines3.common.type_aliases import GymEnv, TensorDict
-from torch import nn
+from stable_baselines3.common.type_aliases import GymEnv
 
-from agents.constants import AGENT_KINDS
-from agents.ppo import ThalamusPPO
-from agents.tokenizer import symlog
+# Model zips saved before the baselines had their own module pickle their extractor as
+# agents.factory.FlatDictExtractor (``--trust-pickle``): it must stay importable here.
+from agents.baselines import THALAMUS_POLICY_KWARGS, FlatDictExtractor
+from agents.registry import AGENT_KINDS, spec
 
 __all__ = [
-    "AGENT_CLASSES",
     "AGENT_KINDS",
     "SHARED_HYPERPARAMETERS",
+    "THALAMUS_POLICY_KWARGS",
     "FlatDictExtractor",
     "make_agent",
 ]
-
-AgentKind = Literal["thalamus", "ppo", "lstm"]
-
-#: The agents :func:`make_agent` builds.
-AGENT_CLASSES: dict[str, type[BaseAlgorithm]] = {
-    "thalamus": ThalamusPPO,
-    "ppo": PPO,
-    "lstm": RecurrentPPO,
-}
-# AGENT_KINDS (agents.constants, read by the config without torch) lists these keys in this
-# order; tests/test_config.py holds the two together.
 
 #: PPO hyperparameters every agent accepts with the same meaning.
 SHARED_HYPERPARAMETERS: tuple[str, ...] = (
@@ -67,106 +42,9 @@ SHARED_HYPERPARAMETERS: tuple[str, ...] = (
     "max_grad_norm",
 )
 
-#: ``policy_kwargs`` keys that only the thalamus policy understands.
-THALAMUS_POLICY_KWARGS: tuple[str, ...] = ("thalamus", "tokenizer", "core_lr_scale")
-
-
-class FlatDictExtractor(BaseFeaturesExtractor):
-    """Concatenate every entry of a Dict observation, flattened and brought to unit scale.
-
-    SB3's preprocessing runs first (images divided by 255, ``Discrete`` one-hot); then a
-    non-image ``Box`` with finite bounds is mapped to ``[0, 1]`` and an unbounded one through
-    ``symlog``, so that e.g. raw word ids (up to the vocabulary size) or returns do not
-    saturate the first layer. An image whose channels hold small indices rather than pixel
-    intensities (MiniGrid's symbolic view: 0-10, 0-5, 0-2, declared as 0-255) is scaled by
-    ``image_high`` instead, to ``[0, 1]`` per channel: divided by 255 its values stay under 0.04,
-    and PPO with that input learned KeyCorridorS3R1 on none of the seeds where the same network
-    on unit-scale input did (``docs/benchmarks/baselines.md``).
-
-    :param observation_space: a ``gymnasium.spaces.Dict`` without nested spaces.
-    :param image_high: the largest value of each image channel (e.g.
-        ``envs.IMAGE_CHANNEL_HIGH``); ``None`` keeps SB3's division by 255.
-    """
-
-    def __init__(
-        self, observation_space: spaces.Dict, image_high: Sequence[float] | None = None
-    ) -> None:
-        if not isinstance(observation_space, spaces.Dict):
-            raise TypeError(
-                f"FlatDictExtractor needs a Dict observation space, got {observation_space}."
-            )
-        features_dim = sum(get_flattened_obs_dim(s) for s in observation_space.spaces.values())
-        super().__init__(observation_space, features_dim=features_dim)
-        self.keys = tuple(observation_space.spaces)
-        self.flatten = nn.Flatten()
-        self.bounded: dict[str, tuple[th.Tensor, th.Tensor]] = {}
-        self.unbounded: set[str] = set()
-        # Per image key, the factor that takes SB3's x / 255 to x / high, per channel.
-        self.image_rescale: dict[str, th.Tensor] = {}
-        for key, space in observation_space.spaces.items():
-            if isinstance(space, spaces.Box) and is_image_space(space) and image_high is not None:
-                self.image_rescale[key] = _image_rescale(space, image_high)
-            if not isinstance(space, spaces.Box) or is_image_space(space):
-                continue
-            low = np.asarray(space.low, dtype=np.float64).reshape(-1)
-            high = np.asarray(space.high, dtype=np.float64).reshape(-1)
-            if np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
-                scale = np.where(high > low, high - low, 1.0)
-                self.bounded[key] = (
-                    th.as_tensor(low, dtype=th.float32),
-                    th.as_tensor(1.0 / scale, dtype=th.float32),
-                )
-            else:
-                self.unbounded.add(key)
-
-    def forward(self, observations: TensorDict) -> th.Tensor:
-        """``[B, features_dim]`` from a dict of preprocessed ``[B, ...]`` tensors."""
-        parts = []
-        for key in self.keys:
-            x = observations[key].float()
-            if key in self.image_rescale:
-                x = x * self.image_rescale[key].to(x.device)
-            x = self.flatten(x)
-            if key in self.bounded:
-                low, inv_scale = self.bounded[key]
-                x = (x - low.to(x.device)) * inv_scale.to(x.device)
-            elif key in self.unbounded:
-                x = symlog(x)
-            parts.append(x)
-        return th.cat(parts, dim=1)
-
-
-def _image_rescale(space: spaces.Box, image_high: Sequence[float]) -> th.Tensor:
-    """``255 / high`` shaped to broadcast over ``space``'s channel axis (SB3 may have moved the
-    channels first, ``VecTransposeImage``)."""
-    channels_first = is_image_space_channels_first(space)
-    n_channels = space.shape[0 if channels_first else -1]
-    if len(image_high) != n_channels or min(image_high) <= 0:
-        raise ValueError(
-            f"image_high={tuple(image_high)} must give one positive maximum per channel of the "
-            f"image {space} ({n_channels} channels)."
-        )
-    factor = th.tensor([255.0 / h for h in image_high], dtype=th.float32)
-    return factor.view(-1, 1, 1) if channels_first else factor
-
-
-def _baseline_policy_kwargs(
-    kind: str, env_space: spaces.Space, policy_kwargs: dict[str, Any] | None
-) -> dict[str, Any]:
-    kwargs = dict(policy_kwargs or {})
-    wrong = sorted(set(kwargs) & set(THALAMUS_POLICY_KWARGS))
-    if wrong:
-        raise ValueError(
-            f"policy_kwargs {wrong} only apply to kind='thalamus', not kind={kind!r}. Drop them "
-            "from the baseline's policy_kwargs."
-        )
-    if isinstance(env_space, spaces.Dict):
-        kwargs.setdefault("features_extractor_class", FlatDictExtractor)
-    return kwargs
-
 
 def make_agent(
-    kind: AgentKind,
+    kind: str,
     env: GymEnv,
     seed: int | None = None,
     device: th.device | str = "auto",
@@ -176,8 +54,8 @@ def make_agent(
 ) -> BaseAlgorithm:
     """Build an agent of ``kind`` on ``env`` with shared PPO hyperparameters.
 
-    :param kind: ``"thalamus"`` (:class:`agents.ThalamusPPO`), ``"ppo"`` (SB3 ``PPO``,
-        memoryless) or ``"lstm"`` (sb3-contrib ``RecurrentPPO``).
+    :param kind: a kind of :mod:`agents.registry`: ``"thalamus"`` (:class:`agents.ThalamusPPO`),
+        ``"ppo"`` (SB3 ``PPO``, memoryless) or ``"lstm"`` (sb3-contrib ``RecurrentPPO``).
     :param env: the (vectorised) env, e.g. ``envs.make_vec_env(...)``.
     :param seed: random seed.
     :param device: torch device.
@@ -197,44 +75,18 @@ def make_agent(
     >>> type(agent).__name__, agent.n_steps
     ('PPO', 64)
     """
-    space = _observation_space(env)
-    if kind not in AGENT_KINDS:
-        raise ValueError(f"Unknown agent kind {kind!r}; choose one of {list(AGENT_KINDS)}.")
+    _check_env(env)
+    agent_spec = spec(kind)
     if torch_threads is not None:
         if torch_threads < 1:
             raise ValueError(f"torch_threads={torch_threads} must be >= 1 (or None to keep).")
         th.set_num_threads(torch_threads)
-    if kind == "thalamus":
-        return ThalamusPPO(
-            "ThalamusPolicy",
-            env,
-            seed=seed,
-            device=device,
-            policy_kwargs=policy_kwargs,
-            **hyperparams,
-        )
-    if kind == "ppo":
-        return PPO(
-            "MultiInputPolicy" if isinstance(space, spaces.Dict) else "MlpPolicy",
-            env,
-            seed=seed,
-            device=device,
-            policy_kwargs=_baseline_policy_kwargs(kind, space, policy_kwargs),
-            **hyperparams,
-        )
-    if kind == "lstm":
-        return RecurrentPPO(
-            "MultiInputLstmPolicy" if isinstance(space, spaces.Dict) else "MlpLstmPolicy",
-            env,
-            seed=seed,
-            device=device,
-            policy_kwargs=_baseline_policy_kwargs(kind, space, policy_kwargs),
-            **hyperparams,
-        )
-    raise ValueError(f"Unknown agent kind {kind!r}; choose one of {list(AGENT_KINDS)}.")
+    return agent_spec.build_function()(
+        env, seed=seed, device=device, policy_kwargs=policy_kwargs, **hyperparams
+    )
 
 
-def _observation_space(env: GymEnv) -> spaces.Space:
+def _check_env(env: GymEnv) -> spaces.Space:
     if isinstance(env, str):
         raise TypeError(
             "make_agent needs an env object (e.g. envs.make_vec_env(...)), not an id string, "

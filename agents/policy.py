@@ -248,8 +248,8 @@ _COMPILED: weakref.WeakKeyDictionary[ThalamusCore, dict[str, Callable[..., Any]]
 #: Adam's (and AdamW's) ``eps`` unless ``optimizer_kwargs`` gives one: SB3's choice for its
 #: actor-critic policies, so ThalamusPPO and the baselines share it. Adam's step is
 #: ``lr * m / (sqrt(v) + eps)``: with PyTorch's 1e-8 a parameter moves by about the full rate
-#: whatever its gradient's size, with 1e-5 one whose gradients stay under ~1e-5 moves less. In
-#: the first DoorKey-5x5 update 39% of the core's gradients were under 1e-5 (median 3.7e-5).
+#: whatever its gradient's size, with 1e-5 one whose gradients stay under ~1e-5 moves less,
+#: and many of the core's gradients are that small (``docs/measurements.md``, "Adam eps").
 ADAM_EPS = 1e-5
 
 
@@ -279,8 +279,8 @@ class ThalamusPolicy(ActorCriticPolicy):
     :param optimizer_kwargs: optimizer arguments besides the learning rate. Adam and AdamW
         default to ``eps=ADAM_EPS`` (1e-5, as SB3's policies and so the baselines) and to
         ``fused=True`` (unless ``fused`` or ``foreach`` is given): the policy has
-        ~90 parameter tensors, and the per-tensor loop PyTorch runs on CPU took 2.3 ms a
-        step against 0.4 ms fused (DoorKey-5x5, one thread), ~4% of a minibatch update.
+        ~90 parameter tensors, and the per-tensor loop PyTorch runs on CPU costs several
+        times the fused step (``docs/measurements.md``, "fused Adam").
     :param compile_core: run the core's step (:meth:`act`: rollouts, and the episode loop of
         evaluation and videos, whose batch compiles once more) and sequence pass (updates,
         :meth:`evaluate_actions`) through ``torch.compile`` (inductor); the eager core stays
@@ -290,8 +290,8 @@ class ThalamusPolicy(ActorCriticPolicy):
     :param core_lr_scale: the tokenizer and core train at ``core_lr_scale`` times the learning
         rate (the heads at the full rate). Adam moves every parameter by about the learning
         rate per step whatever its gradient, and the core's ~190k parameters sit behind
-        several normalisations: at PPO's usual 1e-3 one epoch moved the policy 80x more
-        through the core than through the heads (approx. KL 0.19 vs 0.0024 on DoorKey-5x5),
+        several normalisations: at PPO's usual 1e-3 one epoch moves the policy far more
+        through the core than through the heads (``docs/measurements.md``, "core_lr_scale"),
         enough to fit the advantage noise of reward-free rollouts and stop exploring.
     """
 

@@ -37,7 +37,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
 from agents.buffer import ThalamusRolloutBuffer, check_batch_size
-from agents.constants import ADVANTAGE_NORMALIZATIONS
+from agents.constants import ADVANTAGE_NORMALIZATIONS, PPO_DEFAULTS, THALAMUS_PPO_DEFAULTS
 from agents.policy import ThalamusPolicy
 from thalamus_rl import ThalamusState
 
@@ -45,8 +45,8 @@ __all__ = ["ADVANTAGE_NORMALIZATIONS", "ThalamusPPO"]
 
 
 #: Rollout steps (of all envs) whose ``thalamus/*`` signals are averaged into the log; evenly
-#: spaced. Computing them costs ~0.45 ms a step at 8 envs (12% of the policy step), so not
-#: every step pays it.
+#: spaced. Computing them is a noticeable share of a policy step (``docs/measurements.md``),
+#: so not every step pays it.
 THALAMUS_STATS_STEPS = 16
 
 SelfThalamusPPO = TypeVar("SelfThalamusPPO", bound="ThalamusPPO")
@@ -73,9 +73,9 @@ class ThalamusPPO(OnPolicyAlgorithm):
     :param advantage_std_floor: divide by ``max(std, advantage_std_floor)``, in reward units.
         Until a sparse-reward task pays its first rewards, the advantages are value-function
         noise; scaled to unit variance, they make PPO fit that noise and drop its entropy before
-        it finds the goal (DoorKey-5x5: approximate KL 0.15-0.3 per update, 2 seeds of 3 never
-        learned). With the floor, noise keeps its true small scale and the entropy bonus
-        dominates until real returns make the standard deviation exceed it. 0 turns it off.
+        it finds the goal (``docs/measurements.md``, "advantage_std_floor"). With the floor,
+        noise keeps its true small scale and the entropy bonus dominates until real returns
+        make the standard deviation exceed it. 0 turns it off.
     :param ent_coef: entropy bonus coefficient.
     :param vf_coef: value loss coefficient.
     :param max_grad_norm: gradient clipping norm.
@@ -104,22 +104,22 @@ class ThalamusPPO(OnPolicyAlgorithm):
         self,
         policy: str | type[ThalamusPolicy],
         env: GymEnv | str,
-        learning_rate: float | Schedule = 3e-4,
-        n_steps: int = 128,
-        batch_size: int = 256,
-        n_epochs: int = 4,
-        gamma: float = 0.99,
-        gae_lambda: float = 0.95,
-        clip_range: float | Schedule = 0.2,
+        learning_rate: float | Schedule = PPO_DEFAULTS["learning_rate"],
+        n_steps: int = PPO_DEFAULTS["n_steps"],
+        batch_size: int = PPO_DEFAULTS["batch_size"],
+        n_epochs: int = PPO_DEFAULTS["n_epochs"],
+        gamma: float = PPO_DEFAULTS["gamma"],
+        gae_lambda: float = PPO_DEFAULTS["gae_lambda"],
+        clip_range: float | Schedule = PPO_DEFAULTS["clip_range"],
         clip_range_vf: float | Schedule | None = None,
-        normalize_advantage: bool = True,
-        advantage_normalization: str = "rollout",
-        advantage_std_floor: float = 0.1,
-        ent_coef: float = 0.01,
-        vf_coef: float = 0.5,
-        max_grad_norm: float = 0.5,
-        target_kl: float | None = None,
-        adaptive_lr_kl: float | None = 0.02,
+        normalize_advantage: bool = PPO_DEFAULTS["normalize_advantage"],
+        advantage_normalization: str = THALAMUS_PPO_DEFAULTS["advantage_normalization"],
+        advantage_std_floor: float = THALAMUS_PPO_DEFAULTS["advantage_std_floor"],
+        ent_coef: float = PPO_DEFAULTS["ent_coef"],
+        vf_coef: float = PPO_DEFAULTS["vf_coef"],
+        max_grad_norm: float = PPO_DEFAULTS["max_grad_norm"],
+        target_kl: float | None = PPO_DEFAULTS["target_kl"],
+        adaptive_lr_kl: float | None = THALAMUS_PPO_DEFAULTS["adaptive_lr_kl"],
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -254,7 +254,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         the checkpoint taken on the way out is the state at that rollout's start, as for a
         stop in the middle of a rollout. The budget's last update is not stopped: it completes
         the run. Call it from a signal handler; ``learn`` then ends at the next env step
-        (:class:`agents.callbacks.StopOnSignal`)."""
+        (:class:`agents.experiment.callbacks.StopOnSignal`)."""
         self._stop_requested = True
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:

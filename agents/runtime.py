@@ -1,12 +1,11 @@
-"""Process-wide settings that make CPU training faster; applied by ``agents.training``.
+"""Process-wide settings that make CPU training faster; applied by ``agents.experiment.training``.
 
 Training allocates and frees the same multi-MiB activations every minibatch (on DoorKey a
 ``[256, 63, 64]`` float token tensor is 4 MiB, and an update makes hundreds of them). With
 glibc's default malloc, blocks that large are ``mmap``-ed and unmapped again on free, and the
-heap top is trimmed back to the kernel, so every reuse page-faults the memory in once more:
-43k-137k minor faults per ThalamusPPO update on DoorKey-5x5, one per 4 KiB page, about 5% of
-the training time. :func:`tune_allocator` keeps freed memory in the process instead (0-500
-faults per update).
+heap top is trimmed back to the kernel, so every reuse page-faults the memory in once more,
+one fault per 4 KiB page. :func:`tune_allocator` keeps freed memory in the process instead
+(what it saves: ``docs/measurements.md``, "allocator").
 """
 
 from __future__ import annotations

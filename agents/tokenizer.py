@@ -9,9 +9,10 @@ What each kind of entry becomes (the tokenizer is built from the space, not from
   padding (masked out); the masked mean of the word embeddings, projected, is the task vector;
 * every ``Discrete`` / ``MultiDiscrete`` entry: one learned embedding each, summed into a single
   *proprio* token;
-* every float ``Box`` with at most one dimension: concatenated (in the space's key order) into
+* every float ``Box`` with at most one dimension whose key is a declared reward-feedback key
+  (:func:`envs.wrappers.declare_feedback_keys`): concatenated (in the space's key order) into
   the raw feedback vector handed to the core, and, through ``symlog`` and a linear map, added to
-  the proprio token as well.
+  the proprio token as well. Any other float Box is refused with an error.
 
 Token order (``Tokenizer.token_layout``): the ``H*W`` cells in row-major order (token ``j`` is
 cell ``(j // W, j % W)``), then the proprio token, then the mission words. The words come
@@ -22,13 +23,15 @@ words): the token count per step is then ``H*W + 1 + (longest mission in the bat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import NamedTuple
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from torch import nn
+
+from envs.wrappers import feedback_keys as envs_feedback_keys
 
 __all__ = [
     "ObservationKeys",
@@ -117,8 +120,8 @@ class _SummedEmbedding(th.autograd.Function):
     """``weight[index].sum(1)`` with a backward of one ``index_add_`` per index column.
 
     The same function as ``nn.EmbeddingBag(mode="sum")``, whose dense CPU backward sorts the
-    indices: on a DoorKey minibatch (12544 cells x 3 channels into 768 rows, d = 64) its
-    forward + backward took 3.1 ms against 0.85 ms here, with identical gradients.
+    indices and is several times slower on a minibatch of cells (``docs/measurements.md``,
+    "summed embedding"); the gradients are identical.
     """
 
     @staticmethod
@@ -172,15 +175,24 @@ class ObservationKeys(NamedTuple):
 
 
 def classify_observation_space(
-    observation_space: spaces.Space, mission_key: str = "mission"
+    observation_space: spaces.Space,
+    mission_key: str = "mission",
+    feedback_keys: Collection[str] | None = None,
 ) -> ObservationKeys:
     """Sort the entries of a Dict observation space into the tokenizer's kinds.
 
+    A float Box is a reward-feedback signal only if its key is declared as one: by default the
+    keys the env wrappers declare (:func:`envs.wrappers.declare_feedback_keys`), so a new
+    wrapper cannot change the FeedbackLayer's input without saying so.
+
     :param observation_space: the observation space (must be a ``spaces.Dict``).
     :param mission_key: key of the integer 1-D Box read as word ids.
+    :param feedback_keys: the keys that may be feedback signals (default:
+        :func:`envs.wrappers.feedback_keys`).
     :raises TypeError: the space is not a Dict.
     :raises ValueError: an entry cannot be tokenized (the message names it and the options).
     """
+    declared = envs_feedback_keys() if feedback_keys is None else frozenset(feedback_keys)
     if not isinstance(observation_space, spaces.Dict):
         raise TypeError(
             f"The tokenizer needs a gymnasium.spaces.Dict observation space, got "
@@ -191,7 +203,7 @@ def classify_observation_space(
     discrete_keys: list[str] = []
     discrete_sizes: list[int] = []
     discrete_starts: list[int] = []
-    feedback_keys: list[str] = []
+    found_feedback: list[str] = []
     feedback_dim = 0
     for key, space in observation_space.spaces.items():
         if _is_int_box(space) and len(space.shape) == 3:
@@ -218,14 +230,23 @@ def classify_observation_space(
             and np.issubdtype(space.dtype, np.floating)
             and len(space.shape) <= 1
         ):
-            feedback_keys.append(key)
+            if key not in declared:
+                raise ValueError(
+                    f"Observation key {key!r} is a float Box {space}, but not a declared "
+                    f"reward-feedback key ({', '.join(sorted(declared)) or 'none declared'}). If "
+                    "it is a reward signal for the FeedbackLayer, declare it where its wrapper "
+                    "is defined with envs.wrappers.declare_feedback_keys(wrapper, key); "
+                    "otherwise make it a Discrete / integer Box or drop it with an "
+                    "ObservationWrapper."
+                )
+            found_feedback.append(key)
             feedback_dim += int(np.prod(space.shape, dtype=int))
         else:
             raise ValueError(
                 f"Cannot tokenize observation key {key!r} with space {space}. Supported: an "
                 "integer Box [H, W, C] (image, one token per cell), an integer 1-D Box named "
                 f"{mission_key!r} (word ids), Discrete / 1-D MultiDiscrete (proprio token), "
-                "float Box with at most one dimension (feedback signals). Convert or drop "
+                "declared float Box with at most one dimension (feedback signals). Convert or drop "
                 "this key with an ObservationWrapper."
             )
     if max(discrete_sizes, default=0) > MAX_EMBEDDING_VALUES:
@@ -239,7 +260,7 @@ def classify_observation_space(
         discrete_keys=tuple(discrete_keys),
         discrete_sizes=tuple(discrete_sizes),
         discrete_starts=tuple(discrete_starts),
-        feedback_keys=tuple(feedback_keys),
+        feedback_keys=tuple(found_feedback),
         feedback_dim=feedback_dim,
     )
 
@@ -254,6 +275,8 @@ class Tokenizer(nn.Module):
     :param max_word_tokens: keep only the first this many mission slots as word tokens
         (``None``: all). The task vector still pools every word; use it when the space pads
         missions far beyond the longest one the env produces (fewer tokens, faster core).
+    :param feedback_keys: the float Box keys that are reward feedback (default: the keys the
+        env wrappers declare, :func:`envs.wrappers.feedback_keys`).
 
     >>> import numpy as np
     >>> from gymnasium import spaces
@@ -279,11 +302,12 @@ class Tokenizer(nn.Module):
         d_task: int,
         mission_key: str = "mission",
         max_word_tokens: int | None = None,
+        feedback_keys: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         if max_word_tokens is not None and max_word_tokens < 0:
             raise ValueError(f"max_word_tokens={max_word_tokens} must be >= 0 or None.")
-        keys = classify_observation_space(observation_space, mission_key)
+        keys = classify_observation_space(observation_space, mission_key, feedback_keys)
         self.observation_space = observation_space
         self.d_model = d_model
         self.d_task = d_task

@@ -23,6 +23,8 @@ from envs.wrappers import (
     QuietLevelSamplingWrapper,
     RewardFeedbackWrapper,
     TrialWrapper,
+    declare_feedback_keys,
+    feedback_keys,
 )
 
 __all__ = [
@@ -38,7 +40,9 @@ __all__ = [
     "RewardFeedbackWrapper",
     "TrialWrapper",
     "check_env_id",
+    "declare_feedback_keys",
     "default_vocabulary",
+    "feedback_keys",
     "make_env",
     "make_vec_env",
     "minigrid_env_ids",

@@ -27,6 +27,8 @@ from envs.vocab import MissionVocabulary, default_vocabulary, tokenize
 
 __all__ = [
     "IMAGE_CHANNEL_HIGH",
+    "declare_feedback_keys",
+    "feedback_keys",
     "MissionObservationWrapper",
     "QuietLevelSamplingWrapper",
     "RewardFeedbackWrapper",
@@ -41,6 +43,40 @@ IMAGE_CHANNEL_HIGH: tuple[int, int, int] = (10, 5, 2)
 """Largest value of each channel of MiniGrid's symbolic ``image`` (object index, colour index,
 door state; ``minigrid.core.constants``). The space declares 0-255 (uint8), which is what
 stable-baselines3 divides by; a feature extractor that wants unit scale divides by these."""
+
+
+_FEEDBACK_KEYS: dict[str, str] = {}  # key -> the wrapper that declared it
+
+
+def declare_feedback_keys(wrapper: str, *keys: str) -> None:
+    """Declare observation keys as reward-feedback signals: float Boxes the tokenizer
+    concatenates into the FeedbackLayer's input
+    (:func:`agents.tokenizer.classify_observation_space`).
+
+    A wrapper that adds such a key declares it once, at import, beside its class; any other
+    float Box in an observation is refused by the tokenizer instead of silently widening the
+    feedback vector.
+
+    :param wrapper: the declaring wrapper's name (named in errors).
+    :param keys: the observation keys.
+    :raises ValueError: a key is already declared by another wrapper.
+    """
+    for key in keys:
+        owner = _FEEDBACK_KEYS.setdefault(key, wrapper)
+        if owner != wrapper:
+            raise ValueError(
+                f"feedback key {key!r} is already declared by {owner}; {wrapper} must use "
+                "another name"
+            )
+
+
+def feedback_keys() -> frozenset[str]:
+    """Every declared reward-feedback observation key (:func:`declare_feedback_keys`).
+
+    >>> sorted(feedback_keys())
+    ['episode_return', 'last_episode_return', 'prev_reward']
+    """
+    return frozenset(_FEEDBACK_KEYS)
 
 
 def _scalar_box() -> spaces.Box:
@@ -75,8 +111,8 @@ class QuietLevelSamplingWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Keeps BabyAI's layout-retry messages off stdout and counts them instead.
 
     BabyAI levels draw their layout and mission by rejection sampling and ``print`` one line per
-    rejected draw (``Sampling rejected: unreachable object at (1, 6)``). On BabyAI-GoToLocal-v0
-    that is about 10,000 lines per 2M env steps, which buries the training progress lines.
+    rejected draw (``Sampling rejected: unreachable object at (1, 6)``): thousands of lines
+    over a training run (``docs/measurements.md``), which bury the training progress lines.
     ``reset()`` captures stdout, drops those lines, adds them up in ``rejected_samples``, and
     writes any other output through unchanged. Observations, rewards and seeding are untouched.
 
@@ -273,6 +309,9 @@ class RewardFeedbackWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         )
 
 
+declare_feedback_keys("RewardFeedbackWrapper", "prev_reward", "episode_return")
+
+
 class TrialWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """One Gymnasium episode = a *trial* of ``trial_episodes`` attempts at the same task.
 
@@ -396,3 +435,6 @@ class TrialWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
             else:
                 info = {**info, "is_success": success}
         return self._add_trial_keys(obs), reward, terminated, truncated, info
+
+
+declare_feedback_keys("TrialWrapper", "last_episode_return")

@@ -27,6 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from agents.hints import script_command
+
 from agents.benchmarking import (
     REPO_ROOT,
     SUITE_DIR,
@@ -38,7 +40,6 @@ from agents.benchmarking import (
     run_suite,
     write_report,
 )
-from agents.hints import script_command
 from agents.speed import SPEED_AGENTS, SPEED_ENVS
 
 EXIT_FAILED = 1

@@ -11,8 +11,8 @@ Older versions saved ``final_model.zip``, ``best_model.zip`` and ``checkpoints/s
 with stable-baselines3's ``save``: the zips hold pickled Python objects, and loading one runs
 any code its author put in it. This project now reads only ``.safetensors`` model files
 (weights and optimizer state as tensors, the config and counters as text; see
-``agents/model_files.py``). This script loads each zip of a run **once, by unpickling it**
-(hence ``--trust-pickle``: use it only on runs you made or trust) and writes the
+``agents/experiment/model_files.py``). This script loads each zip of a run **once, by
+unpickling it** (hence ``--trust-pickle``: use it only on runs you made or trust) and writes the
 ``.safetensors`` file beside it, with the run's ``config.yaml`` inside, the same modification
 time, and the checkpoint's JSON sidecar pointing to it. The zips are left in place (nothing
 reads them any more); delete them once the converted run resumes and evaluates.
@@ -29,8 +29,8 @@ import os
 import sys
 from pathlib import Path
 
-from agents.config import ConfigError
-from agents.model_files import MODEL_SUFFIX, TRUST_PICKLE_HELP
+from agents.experiment.config import ConfigError
+from agents.experiment.model_files import MODEL_SUFFIX, TRUST_PICKLE_HELP
 
 EXIT_REFUSED = 2
 
@@ -71,8 +71,8 @@ def convert(zip_path: Path, config_path: Path) -> Path:
 
     :raises ConfigError: the config or the zip cannot be read.
     """
-    from agents.config import load_config
-    from agents.model_files import attach_config, load_pickled_model, save_model
+    from agents.experiment.config import load_config
+    from agents.experiment.model_files import attach_config, load_pickled_model, save_model
 
     config = load_config(config_path, ["train.device=cpu"], defaults_file=None)
     model = load_pickled_model(zip_path, config.agent.kind, device="cpu")
@@ -83,7 +83,7 @@ def convert(zip_path: Path, config_path: Path) -> Path:
     os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # "newest" stays as it was
     sidecar = zip_path.with_suffix(".json")
     if zip_path.parent.name == "checkpoints" and sidecar.is_file():
-        from agents.callbacks import atomic_write_text
+        from agents.experiment.io import atomic_write_text
 
         meta = json.loads(sidecar.read_text())
         meta["model"] = target.name

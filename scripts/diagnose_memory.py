@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.config import ConfigError
-from agents.model_files import TRUST_PICKLE_HELP
+from agents.experiment.config import ConfigError
+from agents.experiment.model_files import TRUST_PICKLE_HELP
 
 EXIT_CONFIG_ERROR = 2
 MIN_PROBE_EPISODES = 20
@@ -144,52 +144,33 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[s
 
 def play(model: Any, env: Any, seed: int, deterministic: bool) -> tuple[MemoryEpisode, np.ndarray]:
     """Play one episode; return it and the policy's features ``[F]`` at its last step."""
-    import torch as th
+    from agents.experiment.rollout import play_episode
 
-    from agents.policy import ThalamusPolicy
-
-    policy = model.policy
-    thalamus = isinstance(policy, ThalamusPolicy)
-    recurrent = hasattr(policy, "lstm_actor")  # sb3-contrib RecurrentPPO
-    obs, _ = env.reset(seed=seed)
     grid = env.unwrapped
-    cue_cell = (1, grid.height // 2 - 1)
-    cue = grid.grid.get(*cue_cell).type
-    start_x = int(grid.agent_pos[0])
-    state: Any = None
-    first_seen: int | None = None
-    step = 0
-    episode_return = 0.0
-    while True:
-        if first_seen is None and grid.agent_sees(*cue_cell):
-            first_seen = step
-        starts = np.array([step == 0])
-        if thalamus:
-            obs_tensor, _ = policy.obs_to_tensor(obs)
-            with th.no_grad():
-                out = policy.act(obs_tensor, state, th.as_tensor(starts), deterministic, False)
-            state = out.state
-            action = out.actions[0].cpu().numpy()
-            features = out.thalamus.features[0].cpu().numpy()
-        else:
-            action, state = model.predict(
-                obs, state=state, episode_start=starts, deterministic=deterministic
-            )
-            if recurrent:  # sb3-contrib RecurrentPPO: (h, c) of the actor LSTM
-                features = np.asarray(state[0])[:, 0].reshape(-1)
-            else:
-                obs_tensor, _ = policy.obs_to_tensor(obs)
-                with th.no_grad():
-                    latent = policy.extract_features(obs_tensor, policy.pi_features_extractor)
-                    features = policy.mlp_extractor.forward_actor(latent)[0].cpu().numpy()
-        obs, reward, terminated, truncated, _ = env.step(np.asarray(action).reshape(()))
-        episode_return += float(reward)
-        step += 1
-        if terminated or truncated:
-            break
-    outcome = "success" if episode_return > 0 else ("failure" if terminated else "timeout")
-    episode = MemoryEpisode(cue, first_seen is not None, first_seen, outcome, step, start_x)
-    return episode, np.asarray(features, dtype=np.float64).copy()
+    layout: dict[str, Any] = {}  # read at the first step, from the episode's reset
+    first_seen: list[int] = []
+
+    def watch_cue(episode: Any, _obs: Any, _step: Any) -> None:
+        if not layout:
+            layout["cue_cell"] = (1, grid.height // 2 - 1)
+            layout["cue"] = grid.grid.get(*layout["cue_cell"]).type
+            layout["start_x"] = int(grid.agent_pos[0])
+        if not first_seen and grid.agent_sees(*layout["cue_cell"]):
+            first_seen.append(episode.length)
+
+    episode = play_episode(
+        model, env, deterministic=deterministic, seed=seed, with_features=True, on_step=watch_cue
+    )
+    if episode.episode_return > 0:
+        outcome = "success"
+    else:
+        outcome = "failure" if episode.terminated else "timeout"
+    seen_at = first_seen[0] if first_seen else None
+    row = MemoryEpisode(
+        layout["cue"], seen_at is not None, seen_at, outcome, episode.length, layout["start_x"]
+    )
+    assert episode.last_step is not None and episode.last_step.features is not None
+    return row, np.asarray(episode.last_step.features, dtype=np.float64).copy()
 
 
 def _rate(flags: list[bool]) -> float | None:
@@ -214,7 +195,10 @@ def diagnose(
     from minigrid.envs import MemoryEnv
 
     import envs
-    from agents.training import EVAL_SEED_OFFSET, load_model
+    from agents.experiment.training import (
+        EVAL_SEED_OFFSET,
+        load_model,
+    )
 
     model, config, model_path, _ = load_model(target, device="cpu", trust_pickle=trust_pickle)
     env_id = env_id or config.env.id

@@ -34,14 +34,15 @@ ignores it keeps it (BabyAI's GoTo tasks: does the agent read the mission at all
 Mission sensitivity is measured on every env whose missions differ between episodes: after the
 episodes with their own missions, the same episodes (same seeds, torch reseeded) are played
 again, each shown the mission of another episode (a seeded derangement,
-:mod:`agents.mission_sensitivity`); the JSON's ``shuffled_mission`` holds that success, and the
-table shows both. ``--no-shuffled-mission`` skips it (it doubles the episodes played).
+:mod:`agents.experiment.mission_sensitivity`); the JSON's ``shuffled_mission`` holds that
+success, and the table shows both. ``--no-shuffled-mission`` skips it (it doubles the episodes
+played).
 
 For the thalamus agent, ``--report-slots`` adds which kinds of tokens the gate kept (cells,
 mission words, proprio; ``slots`` in the JSON), and ``--selection-test`` masks the gate's kept
 tokens vs as many random valid tokens (``selection``: the KL of the action distribution from
 the unmasked one at each step, and success with that masking at every step;
-:mod:`agents.selection`).
+:mod:`agents.experiment.slots`).
 
 Videos are recorded headless from ``render_mode="rgb_array"``; the overlay marks the cells
 the thalamus gate selected at each step (brighter = more salient) and shows the mission, the
@@ -66,8 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.config import ConfigError
-from agents.model_files import TRUST_PICKLE_HELP
+from agents.experiment.config import ConfigError
+from agents.experiment.model_files import TRUST_PICKLE_HELP
 
 EXIT_CONFIG_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
@@ -204,9 +205,12 @@ def _extra_evaluations(
     ``--mission`` or ``--no-shuffled-mission``), slots by kind, the selection test."""
     import torch as th
 
-    from agents.mission_sensitivity import find_mission_wrapper, shuffled_mission_episodes
-    from agents.policy import ThalamusPolicy
-    from agents.selection import selection_test, slot_report
+    from agents.experiment.mission_sensitivity import (
+        find_mission_wrapper,
+        shuffled_mission_episodes,
+    )
+    from agents.experiment.slots import selection_test, slot_report
+    from agents.registry import spec_of_model
 
     jobs: list[tuple[str, Any]] = []
     missions = [e["mission"] for e in episodes]
@@ -225,13 +229,13 @@ def _extra_evaluations(
             return {**summary, "per_episode": replays}
 
         jobs.append(("shuffled_mission", shuffled))
-    thalamus = isinstance(model.policy, ThalamusPolicy)
+    shows_gate = spec_of_model(model).shows_gate
     for flag, name, function in (
         ("report_slots", "slots", slot_report),
         ("selection_test", "selection", selection_test),
     ):
         if getattr(args, flag):
-            if not thalamus:
+            if not shows_gate:
                 print(f"note: --{flag.replace('_', '-')} needs the thalamus agent; skipped")
                 continue
             jobs.append(
@@ -297,9 +301,12 @@ def _main(argv: list[str] | None) -> int:
     import torch as th
 
     import envs
-    from agents.callbacks import atomic_write_text
-    from agents.training import EVAL_SEED_OFFSET, load_model
-    from agents.video import run_episode, write_mp4
+    from agents.experiment.io import atomic_write_text
+    from agents.experiment.training import (
+        EVAL_SEED_OFFSET,
+        load_model,
+    )
+    from agents.experiment.video import run_episode, write_mp4
 
     try:
         model, config, model_path, run_dir = load_model(

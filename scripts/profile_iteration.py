@@ -43,8 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.benchmarking import git_commit  # noqa: E402
-from agents.config import find_config_for_env, load_config  # noqa: E402
-from agents.training import _build_vec_env, build_agent  # noqa: E402
+from agents.experiment.config import find_config_for_env, load_config  # noqa: E402
+from agents.experiment.training import _build_vec_env, build_agent  # noqa: E402
+from agents.registry import AGENT_KINDS, spec  # noqa: E402
 
 Timings = dict[str, float]
 
@@ -179,7 +180,7 @@ def setup(env_id: str, agent: str, overrides: list[str]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="MiniGrid-DoorKey-5x5-v0")
-    parser.add_argument("--agent", default="thalamus", choices=["thalamus", "ppo", "lstm"])
+    parser.add_argument("--agent", default="thalamus", choices=AGENT_KINDS)
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--top-ops", type=int, default=15, help="0: no profiler iteration")
@@ -252,7 +253,7 @@ def report(
         f"{model.batch_size}, {model.n_epochs} epochs"
         + (
             f", thalamus n_iterations {config.thalamus.n_iterations}"
-            if args.agent == "thalamus"
+            if "thalamus" in spec(args.agent).config_sections
             else ""
         )
         + f". Medians of {args.iterations} iterations after one warm-up.",

@@ -34,9 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agents.constants import AGENT_KINDS
+
 # Nothing here imports torch or stable-baselines3 (tests/test_train_script.py checks it):
 # the training modules are imported only once a run is about to train.
-from agents.config import (
+from agents.experiment.config import (
     DEFAULT_CONFIG,
     ConfigError,
     ExperimentConfig,
@@ -47,14 +49,16 @@ from agents.config import (
     load_config,
     sections_ignored_by,
 )
-from agents.constants import AGENT_KINDS
-from agents.hints import shell_path
+from agents.experiment.hints import shell_path
 
 if TYPE_CHECKING:
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from agents.summary import EvalRecorder
-    from agents.training import ExtraCallbacks, RunCallbacks
+    from agents.experiment.summary import EvalRecorder
+    from agents.experiment.training import (
+        ExtraCallbacks,
+        RunCallbacks,
+    )
 
 # Flags that would change what a resumed run is (its config stays as saved).
 FIXED_ON_RESUME = ("config", "env", "agent", "seed", "n_envs")
@@ -221,9 +225,10 @@ def _train_and_summarise(
     :param config: the run's config (for the summary).
     :param fresh: a new run: its directory is printed as soon as it exists.
     """
-    from agents.callbacks import DiskFullError, NonFiniteTrainingError
-    from agents.summary import EvalRecorder, closing_summary
-    from agents.training import TrainingInterrupted
+    from agents.experiment.callbacks import NonFiniteTrainingError
+    from agents.experiment.io import DiskFullError
+    from agents.experiment.summary import EvalRecorder, closing_summary
+    from agents.experiment.training import TrainingInterrupted
 
     recorders: list[EvalRecorder] = []
 
@@ -295,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                     "its config (only --total-timesteps, --device and ppo.*, thalamus_ppo.* and "
                     "train.* overrides may change)"
                 )
-            from agents.training import resume, resumed_config
+            from agents.experiment.training import (
+                resume,
+                resumed_config,
+            )
 
             overrides = list(args.overrides)
             if args.device is not None:
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
-    from agents.training import train
+    from agents.experiment.training import train
 
     return _train_and_summarise(
         config, lambda extra: train(config, extra_callbacks=extra), fresh=True

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import envs
-from agents.config import DEFAULT_CONFIG, load_config, save_config
-from agents.model_files import save_model
-from agents.training import build_agent
+from agents.experiment.config import DEFAULT_CONFIG, load_config, save_config
+from agents.experiment.model_files import save_model
+from agents.experiment.training import build_agent
 
 
 def save_untrained_run(root: Path, overrides: list[str]) -> Path:
@@ -15,7 +15,7 @@ def save_untrained_run(root: Path, overrides: list[str]) -> Path:
 
     :param root: the folder to write ``final_model.safetensors`` and ``config.yaml`` into.
     :param overrides: dotted ``KEY=VALUE`` overrides of the default config.
-    :return: ``root``, loadable by ``agents.training.load_model``.
+    :return: ``root``, loadable by ``agents.experiment.training.load_model``.
     """
     config = load_config(DEFAULT_CONFIG, overrides)
     venv = envs.make_vec_env(config.env.id, n_envs=1, seed=0, **config.env.env_kwargs)

@@ -1,4 +1,5 @@
-"""The baselines' observation encoding (agents.factory.FlatDictExtractor) as build_agent sets it."""
+"""The baselines' observation encoding (agents.baselines.FlatDictExtractor) as build_agent
+sets it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 
 import envs
-from agents.config import DEFAULT_CONFIG, load_config
-from agents.factory import FlatDictExtractor
-from agents.training import build_agent
+from agents.baselines import FlatDictExtractor
+from agents.experiment.config import DEFAULT_CONFIG, load_config
+from agents.experiment.training import build_agent
 
 
 def _image_space(channels_first: bool) -> spaces.Box:

@@ -10,12 +10,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import agents.training
 import pytest
 import torch
-
-import agents.training
-from agents import benchmarking as bm
 from agents.config import CONFIG_DIR, find_config_for_env
+
+from agents import benchmarking as bm
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
@@ -787,9 +787,8 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
     """The recorder's second evaluation mode plays on its own copy of the eval envs and
     samples from a copy of the RNGs: the run's weights and its own-mode curve are those of
     ``agents.training.train`` on the same config (random layouts, so shared envs would show)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from agents.model_files import load_model_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     text = (
         valid_text(tmp_path / "out", budget=768)

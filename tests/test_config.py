@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.config import (
+from agents.experiment.config import (
     CONFIG_DIR,
     DEFAULT_CONFIG,
     DEFAULTS_FILE,
@@ -196,8 +196,8 @@ def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypa
     change in a section of another agent leaves the agent's arguments alone, a change in one
     of its own sections reaches them."""
     import agents
-    from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
-    from agents.training import build_agent
+    from agents.experiment.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
+    from agents.experiment.training import build_agent
 
     calls = []
 
@@ -228,8 +228,8 @@ def test_build_agent_reads_exactly_the_sections_the_mapping_gives(kind, monkeypa
 
 
 def test_agent_only_sections_name_agent_kinds_and_config_sections() -> None:
-    from agents.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
-    from agents.factory import AGENT_KINDS
+    from agents.experiment.config import AGENT_ONLY_SECTIONS, ExperimentConfig, sections_ignored_by
+    from agents.registry import AGENT_KINDS
 
     assert set(AGENT_ONLY_SECTIONS) == set(AGENT_KINDS)
     fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
@@ -259,9 +259,35 @@ def test_single_sample_minibatches_are_refused_only_where_normalised_per_minibat
         assert load_config(None, tiny).ppo.batch_size == 1
 
 
-def test_the_agent_kinds_the_config_lists_are_the_agents_the_factory_builds() -> None:
-    """``agents.constants.AGENT_KINDS`` repeats, without torch, ``AGENT_CLASSES``' keys."""
+def test_the_agent_kinds_the_config_lists_are_the_registered_ones() -> None:
+    """``agents.constants.AGENT_KINDS`` (read by the config without torch) is the registry's."""
     from agents.constants import AGENT_KINDS
-    from agents.factory import AGENT_CLASSES
+    from agents.registry import AGENT_SPECS
 
-    assert tuple(AGENT_CLASSES) == AGENT_KINDS
+    assert tuple(AGENT_SPECS) == AGENT_KINDS
+    assert ExperimentConfig.__dataclass_fields__  # the schema loaded with them
+
+
+def test_the_ppo_defaults_have_one_source() -> None:
+    """They lived in three places that disagreed (ThalamusPPO: 4 epochs at 3e-4, the schema:
+    the same, configs/defaults.yaml: 10 epochs at 1e-3, which every run got). Now
+    ``agents.constants.PPO_DEFAULTS`` is the source and the others agree with it."""
+    import inspect
+
+    import yaml
+
+    from agents.constants import PPO_DEFAULTS, THALAMUS_PPO_DEFAULTS
+    from agents.ppo import ThalamusPPO
+
+    schema = ExperimentConfig()
+    assert dataclasses.asdict(schema.ppo) == PPO_DEFAULTS
+    assert dataclasses.asdict(schema.thalamus_ppo) == THALAMUS_PPO_DEFAULTS
+    constructor = inspect.signature(ThalamusPPO).parameters
+    for key, value in {**PPO_DEFAULTS, **THALAMUS_PPO_DEFAULTS}.items():
+        assert constructor[key].default == value, key
+    shared = yaml.safe_load(DEFAULTS_FILE.read_text())
+    for section in ("ppo", "thalamus_ppo"):
+        for key, value in (shared.get(section) or {}).items():
+            assert value == getattr(getattr(schema, section), key), f"{section}.{key}"
+    # Every run still gets the values the defaults file gave it.
+    assert (load_config(None).ppo.n_epochs, load_config(None).ppo.learning_rate) == (10, 1e-3)

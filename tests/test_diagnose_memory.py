@@ -111,7 +111,7 @@ def test_episodes_record_whether_the_cue_was_in_view(
 def test_features_at_the_last_step_are_what_the_policy_acts_on(
     memory_runs: dict[str, Path], agent: str
 ) -> None:
-    from agents.training import load_model
+    from agents.experiment.training import load_model
 
     model = load_model(memory_runs[agent], device="cpu").model
     env = envs.make_env(MEMORY_ENV, max_steps=12)

@@ -16,10 +16,10 @@ import pytest
 from minigrid.core.constants import OBJECT_TO_IDX
 
 import envs
-from agents.config import DEFAULT_CONFIG, ExperimentConfig, load_config, save_config
-from agents.model_files import save_model
-from agents.training import build_agent
-from agents.video import (
+from agents.experiment.config import DEFAULT_CONFIG, ExperimentConfig, load_config, save_config
+from agents.experiment.model_files import save_model
+from agents.experiment.training import build_agent
+from agents.experiment.video import (
     GateView,
     SelectedCell,
     draw_selection,
@@ -28,9 +28,9 @@ from agents.video import (
     render_panel,
     run_episode,
     selected_cells,
-    view_to_world,
     write_mp4,
 )
+from envs.geometry import view_to_world
 from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_view_cells_map_to_the_grid_cells_minigrid_observes(env_id: str) -> None
 
 
 def test_selected_tokens_land_on_their_view_cells(run_dir: Path) -> None:
-    from agents.training import load_model
+    from agents.experiment.training import load_model
 
     policy = load_model(run_dir, device="cpu").model.policy
     layout = policy.tokenizer.token_layout
@@ -125,7 +125,7 @@ def test_draw_selection_changes_only_the_selected_tiles() -> None:
 def test_overlay_frames_differ_from_plain_frames_exactly_at_the_selected_cells(
     run_dir: Path,
 ) -> None:
-    from agents.training import load_model
+    from agents.experiment.training import load_model
 
     model = load_model(run_dir, device="cpu").model
     config = _config(run_dir)
@@ -253,7 +253,7 @@ def test_recording_an_overlay_does_not_change_the_episodes(run_dir: Path) -> Non
     RNG ends where an unrecorded episode leaves it, so later episodes play the same."""
     import torch as th
 
-    from agents.training import load_model
+    from agents.experiment.training import load_model
 
     model = load_model(run_dir, device="cpu").model
     config = _config(run_dir)
@@ -376,10 +376,10 @@ def test_ctrl_c_keeps_the_finished_episodes(
 ) -> None:
     """Ctrl-C during the third episode: one line, the two finished episodes printed and
     written beside the output (which a partial result must not replace), exit code 130."""
-    import agents.video
+    import agents.experiment.video
 
     played = 0
-    run_episode_before = agents.video.run_episode
+    run_episode_before = agents.experiment.video.run_episode
 
     def interrupted_third(*args: object, **kwargs: object) -> object:
         nonlocal played
@@ -388,7 +388,7 @@ def test_ctrl_c_keeps_the_finished_episodes(
             raise KeyboardInterrupt
         return run_episode_before(*args, **kwargs)
 
-    monkeypatch.setattr(agents.video, "run_episode", interrupted_third)
+    monkeypatch.setattr(agents.experiment.video, "run_episode", interrupted_third)
     output = tmp_path / "eval.json"
     code = _evaluate_main()([str(run_dir), "--episodes=5", "--seed=3", f"--output={output}"])
     captured = capsys.readouterr()
@@ -405,7 +405,7 @@ def test_ctrl_c_keeps_the_finished_episodes(
     def interrupted_first(*args: object, **kwargs: object) -> object:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(agents.video, "run_episode", interrupted_first)
+    monkeypatch.setattr(agents.experiment.video, "run_episode", interrupted_first)
     assert _evaluate_main()([str(run_dir), "--episodes=2", f"--output={output}"]) == 130
     assert capsys.readouterr().err.strip().endswith("after 0 of 2 episodes; nothing written")
 
@@ -442,7 +442,7 @@ def test_the_selected_tokens_line_wraps_instead_of_being_cut() -> None:
 def test_the_panel_draws_one_bar_per_stream_for_three_streams() -> None:
     """A 3-stream agent (visual, clocked semantic, episodic) gets three bars, each filled in
     proportion to its weight."""
-    from agents.video import _LINE_HEIGHT, _MISSION_LINES, OVERLAY_COLOR
+    from agents.experiment.video import _LINE_HEIGHT, _MISSION_LINES, OVERLAY_COLOR
 
     names = ["visual", "semantic", "episodic"]
     weights = np.array([0.2, 0.3, 0.5])

@@ -15,14 +15,19 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
 import envs
-from agents.config import DEFAULT_CONFIG, ConfigError, load_config
+from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config
+from agents.experiment.training import (
+    RunCallbacks,
+    _fixes_the_run,
+    resume,
+    train,
+)
 from agents.exploration import (
     EpisodicCountBonus,
     ExplorationLogger,
     decayed_coef,
     wrap_exploration,
 )
-from agents.training import RunCallbacks, _fixes_the_run, resume, train
 
 COEF = 0.5
 

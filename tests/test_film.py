@@ -8,7 +8,7 @@ import torch
 from gymnasium import spaces
 
 import envs
-from agents.config import load_config
+from agents.experiment.config import load_config
 from agents.policy import ThalamusPolicy
 from tests.test_core import ATOL, inputs, random_state
 from tests.test_mamba2 import random_resets

@@ -14,14 +14,17 @@ import pytest
 
 import agents.benchmarking as bm
 import envs
-from agents.config import load_config
-from agents.mission_sensitivity import (
+from agents.experiment.config import load_config
+from agents.experiment.mission_sensitivity import (
     derange_missions,
     find_mission_wrapper,
     mission_sensitivity,
     shuffled_mission_episodes,
 )
-from agents.training import RunPaths, load_model
+from agents.experiment.training import (
+    RunPaths,
+    load_model,
+)
 from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +190,7 @@ def test_benchmark_records_and_reports_mission_sensitivity(goto_run: Path, tmp_p
 def test_a_failing_extra_evaluation_keeps_the_main_results(
     goto_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import agents.mission_sensitivity as ms
+    import agents.experiment.mission_sensitivity as ms
 
     def broken(*args, **kwargs):
         raise RuntimeError("env resets are not reproducible")

@@ -16,16 +16,20 @@ import pytest
 import torch as th
 
 import envs
-from agents.callbacks import save_checkpoint
-from agents.config import DEFAULT_CONFIG, ConfigError, load_config, save_config
-from agents.model_files import (
+from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config, save_config
+from agents.experiment.io import save_checkpoint
+from agents.experiment.model_files import (
     ModelFileError,
     PickledModelError,
     load_model_file,
     read_model_file,
     save_model,
 )
-from agents.training import build_agent, load_model, resume
+from agents.experiment.training import (
+    build_agent,
+    load_model,
+    resume,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -181,7 +185,7 @@ def test_the_benchmark_refuses_an_old_run_without_deleting_it(
     poisoned_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
     import agents.benchmarking as bm
-    from agents.config import ExperimentConfig
+    from agents.experiment.config import ExperimentConfig
 
     run_dir, marker = poisoned_run
 

@@ -210,8 +210,8 @@ def test_top_k_above_the_tokens_the_space_gives_is_refused_naming_both(
     with pytest.raises(ValueError, match=rf"top_k = 1000 is more than the {n_tokens} tokens"):
         make_policy(observation_space, top_k=1000)
 
-    from agents.config import DEFAULT_CONFIG, ConfigError, load_config
-    from agents.training import build_agent
+    from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config
+    from agents.experiment.training import build_agent
 
     config = load_config(DEFAULT_CONFIG, ["thalamus.top_k=1000", "env.n_envs=2"])
     venv = envs.make_vec_env(config.env.id, n_envs=2, seed=0)

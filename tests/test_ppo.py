@@ -283,7 +283,7 @@ def test_adaptive_lr_follows_the_update_kl() -> None:
     assert model.lr_factor == pytest.approx(1e-3)
     model._update_learning_rate(model.policy.optimizer)
     for group in model.policy.optimizer.param_groups:
-        assert group["lr"] == pytest.approx(3e-4 * 1e-3 * group["lr_scale"])
+        assert group["lr"] == pytest.approx(model.learning_rate * 1e-3 * group["lr_scale"])
     with pytest.raises(ValueError, match="adaptive_lr_kl=0"):
         make_model(make_venv(n_envs=2), n_steps=16, batch_size=32, adaptive_lr_kl=0)
 

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from agents.config import DEFAULT_CONFIG, ConfigError, load_config
+from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

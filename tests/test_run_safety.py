@@ -20,18 +20,19 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import agents.callbacks
-import agents.training
-from agents.callbacks import (
+import agents.experiment.callbacks
+import agents.experiment.io
+import agents.experiment.training
+from agents.experiment.callbacks import NonFiniteTrainingError
+from agents.experiment.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
+from agents.experiment.io import (
     DiskFullError,
-    NonFiniteTrainingError,
+    RunLockedError,
     list_checkpoints,
     save_checkpoint,
 )
-from agents.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
-from agents.model_files import load_model_file
-from agents.training import (
-    RunLockedError,
+from agents.experiment.model_files import load_model_file
+from agents.experiment.training import (
     TrainingInterrupted,
     load_model,
     resume,
@@ -193,9 +194,9 @@ def test_a_signal_during_a_save_finishes_the_save_then_the_run(
     save: str,
 ) -> None:
     module, name = (
-        (agents.callbacks, "save_checkpoint")
+        (agents.experiment.callbacks, "save_checkpoint")
         if save == "end checkpoint"
-        else (agents.training, "atomic_save_model")
+        else (agents.experiment.training, "atomic_save_model")
     )
     real = getattr(module, name)
 
@@ -273,7 +274,7 @@ def test_loading_a_run_while_its_checkpoint_is_pruned_lists_again(
     for name in ("final_model.safetensors", "best_model.safetensors"):
         (run / name).unlink(missing_ok=True)
     older, latest = list_checkpoints(run / "checkpoints")
-    real = agents.training.read_model_file
+    real = agents.experiment.training.read_model_file
     pruned: list[Path] = []
 
     def read_after_a_prune(path: Path, **kwargs: object) -> object:
@@ -287,7 +288,7 @@ def test_loading_a_run_while_its_checkpoint_is_pruned_lists_again(
                 pruned.append(checkpoint.model_path)
         return real(path, **kwargs)
 
-    monkeypatch.setattr(agents.training, "read_model_file", read_after_a_prune)
+    monkeypatch.setattr(agents.experiment.training, "read_model_file", read_after_a_prune)
     loaded = load_model(run, device="cpu")
     assert pruned and loaded.model_path.name == "step_000000000096.safetensors"
 
@@ -296,7 +297,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_orphans(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model = load_model_file(run / "final_model.safetensors")
-    real = agents.callbacks._write_and_sync
+    real = agents.experiment.io._write_and_sync
     writes: list[int] = []
 
     def full_after(allowed: int):
@@ -309,7 +310,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_orphans(
         return write
 
     target = tmp_path / "ckpt"
-    monkeypatch.setattr(agents.callbacks, "_write_and_sync", full_after(0))
+    monkeypatch.setattr(agents.experiment.io, "_write_and_sync", full_after(0))
     with pytest.raises(DiskFullError) as full:
         save_checkpoint(model, target)
     message = str(full.value)
@@ -318,7 +319,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_orphans(
     assert not list(target.iterdir())  # no temp file
 
     writes.clear()
-    monkeypatch.setattr(agents.callbacks, "_write_and_sync", full_after(1))  # the JSON fails
+    monkeypatch.setattr(agents.experiment.io, "_write_and_sync", full_after(1))  # the JSON fails
     with pytest.raises(DiskFullError, match=r"step_000000000064\.json"):
         save_checkpoint(model, target)
     assert not list(target.iterdir())  # no model file without its sidecar
@@ -326,7 +327,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_orphans(
     script = importlib.util.spec_from_file_location("train_script", REPO / "scripts/train_agent.py")
     module = importlib.util.module_from_spec(script)
     script.loader.exec_module(module)
-    monkeypatch.setattr(agents.callbacks, "_write_and_sync", full_after(0))
+    monkeypatch.setattr(agents.experiment.io, "_write_and_sync", full_after(0))
     code = module.main([*TINY, f"train.runs_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip()
     assert code == 4 and len(err.splitlines()) == 1, err
@@ -353,7 +354,7 @@ def test_a_second_writer_is_refused_with_the_holder_pid(run: Path) -> None:
             sys.executable,
             "-c",
             "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-            "from agents.training import run_lock\n"
+            "from agents.experiment.training import run_lock\n"
             "with run_lock(Path(sys.argv[2])):\n"
             "    print('locked', flush=True); sys.stdin.read()",
             str(REPO),
@@ -422,7 +423,10 @@ def test_a_signal_stops_a_thalamus_update_within_one_minibatch(
 
 
 def test_signals_during_a_save_reach_their_handler_when_it_is_done(tmp_path: Path) -> None:
-    from agents.callbacks import atomic_write_bytes, signals_deferred
+    from agents.experiment.io import (
+        atomic_write_bytes,
+        signals_deferred,
+    )
 
     seen: list[tuple[int, bool]] = []
     target = tmp_path / "file.bin"

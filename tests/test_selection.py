@@ -12,16 +12,14 @@ import torch as th
 from gymnasium import spaces
 
 import envs
+from agents.experiment.slots import masked_policy_step, selection_test, slot_report
 from agents.policy import ThalamusPolicy
 from agents.selection import (
     TOKEN_KINDS,
     kept_slots,
     mask_tokens,
-    masked_policy_step,
-    selection_test,
     slot_kind_fractions,
     slot_kind_stats,
-    slot_report,
     token_kinds,
 )
 from agents.tokenizer import TokenLayout

@@ -7,6 +7,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
+import envs
 from agents.tokenizer import Tokenizer, classify_observation_space, summed_embedding, symlog
 
 H, W, L = 7, 7, 6
@@ -180,7 +181,7 @@ def test_max_word_tokens_keeps_the_first_slots_and_pools_all_words() -> None:
 
 def test_discrete_start_offset() -> None:
     space = spaces.Dict({"x": spaces.Discrete(3, start=-1), "r": spaces.Box(-1, 1, (2,))})
-    tok = Tokenizer(space, d_model=8, d_task=4)
+    tok = Tokenizer(space, d_model=8, d_task=4, feedback_keys={"r"})
     out = tok({"x": th.tensor([-1, 0, 1]), "r": th.zeros(3, 2)})
     assert out.tokens.shape == (3, 1, 8)  # just the proprio token
     assert out.feedback.shape == (3, 2)
@@ -258,3 +259,30 @@ def test_summed_embedding_equals_embedding_bag_in_value_and_gradient() -> None:
 def test_symlog() -> None:
     x = th.tensor([-10.0, -1.0, 0.0, 1.0, 10.0])
     th.testing.assert_close(symlog(x), th.sign(x) * th.log(1 + x.abs()))
+
+
+def test_a_float_box_that_no_wrapper_declares_is_refused_not_read_as_feedback() -> None:
+    """Any float Box used to become a reward-feedback signal: a new wrapper's float key
+    silently widened the FeedbackLayer's input. Now only declared keys are feedback."""
+    space = spaces.Dict(
+        {
+            "image": spaces.Box(0, 255, (7, 7, 3), np.uint8),
+            "prev_reward": spaces.Box(-np.inf, np.inf, (1,), np.float32),
+            "battery": spaces.Box(0.0, 1.0, (1,), np.float32),
+        }
+    )
+    with pytest.raises(ValueError, match="'battery'.*declare_feedback_keys"):
+        classify_observation_space(space)
+    keys = classify_observation_space(space, feedback_keys={"prev_reward", "battery"})
+    assert keys.feedback_keys == ("battery", "prev_reward") and keys.feedback_dim == 2
+
+
+def test_the_env_wrappers_declare_the_feedback_keys_their_observations_carry() -> None:
+    env = envs.make_env("MiniGrid-DoorKey-5x5-v0", trial_episodes=2)
+    try:
+        keys = classify_observation_space(env.observation_space)
+    finally:
+        env.close()
+    assert set(keys.feedback_keys) == envs.feedback_keys()
+    with pytest.raises(ValueError, match="already declared by RewardFeedbackWrapper"):
+        envs.declare_feedback_keys("AnotherWrapper", "prev_reward")

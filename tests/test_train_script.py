@@ -21,23 +21,28 @@ from stable_baselines3.common.logger import Logger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import envs
-from agents import training
-from agents.callbacks import (
+from agents.experiment import training
+from agents.experiment.callbacks import (
     NonFiniteGuard,
     NonFiniteTrainingError,
     PeriodicCheckpoint,
     PeriodicEval,
     SaveBestModel,
-    atomic_write_text,
     best_model_reward,
+)
+from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config
+from agents.experiment.hints import script_command, tensorboard_command
+from agents.experiment.io import (
+    atomic_write_text,
     latest_checkpoint,
     list_checkpoints,
     save_checkpoint,
 )
-from agents.config import DEFAULT_CONFIG, ConfigError, load_config
-from agents.hints import script_command, tensorboard_command
-from agents.model_files import load_model_file
-from agents.training import build_agent, train
+from agents.experiment.model_files import load_model_file
+from agents.experiment.training import (
+    build_agent,
+    train,
+)
 from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -427,8 +432,8 @@ def test_eval_video_seeds_each_episode_by_its_step(
     tmp_path: Path, tiny_ppo: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A resumed run (a new callback at a later step) records new layouts, not its first ones."""
-    import agents.video
-    from agents.callbacks import EvalVideo
+    import agents.experiment.video
+    from agents.experiment.callbacks import EvalVideo
 
     seeds: list[int] = []
 
@@ -442,9 +447,9 @@ def test_eval_video_seeds_each_episode_by_its_step(
 
     frames = [np.zeros((8, 8, 3), dtype=np.uint8)] * 2
     monkeypatch.setattr(
-        agents.video, "run_episode", lambda *a, **k: type("E", (), {"frames": frames})
+        agents.experiment.video, "run_episode", lambda *a, **k: type("E", (), {"frames": frames})
     )
-    monkeypatch.setattr(agents.video, "write_mp4", lambda *a, **k: None)
+    monkeypatch.setattr(agents.experiment.video, "write_mp4", lambda *a, **k: None)
     for steps in (32, 64):  # one session, then a resumed one
         video = EvalVideo(make_env, tmp_path, seed=1000)
         video.init_callback(tiny_ppo)

@@ -1,7 +1,7 @@
 """The core's sizes and switches as plain dataclasses: no torch, so configs load fast.
 
 :class:`ThalamusConfig` and :class:`StreamConfig` are what a config file's ``thalamus`` section
-is checked against (``agents/config.py``); ``scripts/train_agent.py --help-config`` and
+is checked against (``agents/experiment/config.py``); ``scripts/train_agent.py --help-config`` and
 ``--print-config`` read them without importing torch. The modules re-export them
 (``thalamus_rl.core.ThalamusConfig``, ``thalamus_rl.distributed.StreamConfig``).
 """
@@ -113,11 +113,9 @@ class ThalamusConfig:
     :param d_workspace: width of the global workspace = the output features.
     :param streams: the Mamba-2 streams, each with its own time scale.
     :param n_iterations: feedback iterations (1 = no workspace feedback, no fatigue; 2 feeds
-        the previous step's workspace back into the streams). 1 trains ~1.1x faster and
-        learned DoorKey-5x5 faster (median eval reward at 100k 0.93 against 0.49 over the
-        same 13 seeds; ``configs/doorkey_5x5.yaml`` sets it), but learned MemoryS7's recall
-        in 1 of 6 runs against 2 of 3 (the ablation suite and
-        ``docs/benchmarks/archive/one-iteration``; the README's Status).
+        the previous step's workspace back into the streams). 1 trains faster and learned
+        DoorKey-5x5 faster (``configs/doorkey_5x5.yaml`` sets it), but learned MemoryS7's
+        recall less often (``docs/measurements.md``, "n_iterations").
     :param fatigue_decay: EMA factor of the competition fatigue.
     :param init_fatigue_strength: initial strength κ of the (learned) fatigue term; small, so
         the competition starts without it (see :class:`DistributedMamba`).
@@ -129,12 +127,11 @@ class ThalamusConfig:
         decides how much of each token the streams read. Without it the readout's per-token
         LayerNorm cancels the weight's scale and the scorer learns only through the
         workspace's residual mix and the dropped tokens' summary (none at all with
-        ``workspace_layers=0`` when K covers every token). Off: on DoorKey-5x5 (seeds 0-12,
-        one iteration, 100k steps) it gave median eval reward 0.95 with 8 of 13 reaching 0.9,
-        against 0.93 and 9 of 13 without, and 4 seeds ended under 0.6 (1 without).
-    :param chunk_size: chunk length of the SSD scan (the same function at any length). 32 ran
-        DistributedMamba's forward + backward ~10% faster than 64 on PPO minibatches
-        (B=2, T=128, one CPU thread: 19.7-21.0 ms vs 21.9-22.8 ms; 16 was no faster).
+        ``workspace_layers=0`` when K covers every token). Off by default: on DoorKey-5x5 it
+        did not learn more reliably (``docs/measurements.md``, "readout_salience_bias").
+    :param chunk_size: chunk length of the SSD scan (the same function at any length); the
+        default is the fastest measured on PPO minibatches on a CPU
+        (``docs/measurements.md``, "chunk_size").
     :param backend: ``"auto"``, ``"pure"`` or ``"kernel"`` (mamba-ssm, CUDA only); ``"auto"``
         takes the kernels on CUDA for long sequences only
         (:func:`~thalamus_rl.mamba2.use_kernel_path`).

@@ -270,8 +270,8 @@ class ThalamusCore(nn.Module):
         :param positions: ``[B, T, N, 2]`` 2-D token positions in [0, 1], or None (zeros).
         :param state: state before step 0, or None (zeros).
         :param episode_starts: ``[B, T]`` bool, True where observation t starts an episode.
-        :param with_stats: compute ``ThalamusOutput.stats`` (False: an empty dict; they cost
-            ~30 small ops, 12% of a rollout step at 8 envs).
+        :param with_stats: compute ``ThalamusOutput.stats`` (False: an empty dict; they are
+            ~30 small ops, a noticeable share of a rollout step: ``docs/measurements.md``).
         :return: :class:`ThalamusOutput` with ``[B, T, ...]`` fields, and the final state.
         """
         self._check(tokens, token_mask, task, feedback, 4, positions, episode_starts)

@@ -361,13 +361,11 @@ class DistributedMamba(nn.Module):
         fatigue^(i+1)_t = β fatigue^(i+1)_{t-1} + (1 - β) α^(i)_{t-1}
 
     The fatigue strength ``κ = softplus(ρ_κ) >= 0`` is learned and starts small
-    (``init_fatigue_strength``). Measured on MiniGrid-DoorKey-5x5 (PPO, lr 1e-3, 10 epochs):
-    with the fatigue at full strength from the first update (κ = 1) the O(1) fatigue term
-    dominated the untrained scores, made the workspace a time-varying mix of the streams
-    within an episode, and the policy fitted the advantage noise of the reward-free early
-    rollouts until it stopped exploring (eval reward 0.00 at 100k steps); without fatigue the
-    same agent learned (0.33 at 80k). Starting near 0 lets the competition learn how much
-    inhibition of the recent winner helps.
+    (``init_fatigue_strength``): at full strength from the first update (κ = 1) the O(1)
+    fatigue term dominates the untrained scores, makes the workspace a time-varying mix of the
+    streams within an episode, and the policy fits the advantage noise of the reward-free
+    early rollouts until it stops exploring (``docs/measurements.md``, "fatigue"). Starting
+    near 0 lets the competition learn how much inhibition of the recent winner helps.
 
     :param d_model: width of each stream's input and of the streams.
     :param streams: stream configs (names must be unique).
@@ -423,8 +421,8 @@ class DistributedMamba(nn.Module):
         self.score = nn.Linear(d_workspace, 1)
         # Workspace feedback into each stream (iterations >= 2); small init so that the
         # feedback starts as a perturbation of the feed-forward streams. Not zero: a zero init
-        # (two iterations then start as exactly one) learned DoorKey-5x5 slower: mean eval
-        # reward at 100k 0.13, 0.19, 0.90 on the benchmark's seeds 0-2 against 0.70, 0.69, 0.94.
+        # (two iterations then start as exactly one) learned DoorKey-5x5 slower
+        # (docs/measurements.md, "feedback init").
         self.feedback = (
             nn.ModuleList(nn.Linear(d_workspace, d_model, bias=False) for _ in streams)
             if n_iterations > 1

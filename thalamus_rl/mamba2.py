@@ -506,10 +506,10 @@ def mamba2_forward_multi(
     The same function as ``[blocks[m](x[:, :, m], states[m], episode_starts)]`` (pure path;
     tested against it): the blocks' heads are concatenated along the SSD head axis with one
     B/C group per block, their conv channels side by side, and the projections run as batched
-    matmuls, so ``M`` blocks take one op where the loop takes ``M``. On DoorKey's default model
-    (2 streams) this saved 2% of a training minibatch and 7% of a rollout step: most of the
-    streams' time is the scan's arithmetic, not per-op overhead. Parameters stay in the
-    blocks (state dicts are unchanged).
+    matmuls, so ``M`` blocks take one op where the loop takes ``M`` (what that saves:
+    ``docs/measurements.md``, "fused streams"; most of the streams' time is the scan's
+    arithmetic, not per-op overhead). Parameters stay in the blocks (state dicts are
+    unchanged).
 
     :param blocks: ``M`` blocks with :func:`blocks_fusable` true.
     :param x: ``[B, T, M, d_model]``.

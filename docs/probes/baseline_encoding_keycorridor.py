@@ -35,7 +35,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecNormalize
 
 import envs
-from agents.factory import FlatDictExtractor
+from agents.baselines import FlatDictExtractor
 
 ENV_ID = "MiniGrid-KeyCorridorS3R1-v0"
 RECIPES = {

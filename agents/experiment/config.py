@@ -19,7 +19,7 @@ key, the value and what would be valid, before anything is built.
 >>> load_config(overrides=["ppo.n_step=64"])  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-agents.config.ConfigError: unknown key 'ppo.n_step' (from the command line). Did you mean ...
+agents.experiment.config.ConfigError: unknown key 'ppo.n_step' ...
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ from agents.constants import (
     AGENT_KINDS,
     DEFAULT_CORE_LR_SCALE,
     EXPLORATION_KINDS,
+    PPO_DEFAULTS,
+    THALAMUS_PPO_DEFAULTS,
     check_batch_size,
 )
+from agents.registry import AGENT_SPECS, spec
 from thalamus_rl.config import ThalamusConfig
 
 __all__ = [
@@ -85,7 +88,7 @@ __all__ = [
     "validate_config",
 ]
 
-CONFIG_DIR: Path = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR: Path = Path(__file__).resolve().parents[2] / "configs"
 """The repository's ``configs/`` folder."""
 DEFAULTS_FILE: Path = CONFIG_DIR / "defaults.yaml"
 """Shared settings, merged under every per-env file."""
@@ -145,8 +148,7 @@ class AgentConfig:
 
     kind: str = _param(
         "thalamus",
-        "thalamus: ThalamusPPO (the thalamus policy); ppo: feed-forward PPO baseline; "
-        "lstm: sb3-contrib RecurrentPPO baseline.",
+        "; ".join(f"{s.kind}: {s.description}" for s in AGENT_SPECS.values()) + ".",
         choices=AGENT_KINDS,
     )
 
@@ -155,23 +157,25 @@ class AgentConfig:
 class PPOConfig:
     """PPO hyperparameters, shared by all three agents (stable-baselines3 names)."""
 
-    n_steps: int = _param(128, "Rollout length per env between updates.", ge=1)
-    batch_size: int = _param(256, "Minibatch size in env steps.", ge=1)
-    n_epochs: int = _param(4, "Passes over each rollout.", ge=1)
-    learning_rate: float = _param(3e-4, "Adam learning rate.", gt=0.0)
-    gamma: float = _param(0.99, "Discount factor.", ge=0.0, le=1.0)
-    gae_lambda: float = _param(0.95, "GAE lambda.", ge=0.0, le=1.0)
-    clip_range: float = _param(0.2, "PPO ratio clip.", gt=0.0)
-    ent_coef: float = _param(0.01, "Entropy bonus coefficient.", ge=0.0)
-    vf_coef: float = _param(0.5, "Value loss coefficient.", ge=0.0)
-    max_grad_norm: float = _param(0.5, "Gradient norm clip.", gt=0.0)
+    n_steps: int = _param(PPO_DEFAULTS["n_steps"], "Rollout length per env between updates.", ge=1)
+    batch_size: int = _param(PPO_DEFAULTS["batch_size"], "Minibatch size in env steps.", ge=1)
+    n_epochs: int = _param(PPO_DEFAULTS["n_epochs"], "Passes over each rollout.", ge=1)
+    learning_rate: float = _param(PPO_DEFAULTS["learning_rate"], "Adam learning rate.", gt=0.0)
+    gamma: float = _param(PPO_DEFAULTS["gamma"], "Discount factor.", ge=0.0, le=1.0)
+    gae_lambda: float = _param(PPO_DEFAULTS["gae_lambda"], "GAE lambda.", ge=0.0, le=1.0)
+    clip_range: float = _param(PPO_DEFAULTS["clip_range"], "PPO ratio clip.", gt=0.0)
+    ent_coef: float = _param(PPO_DEFAULTS["ent_coef"], "Entropy bonus coefficient.", ge=0.0)
+    vf_coef: float = _param(PPO_DEFAULTS["vf_coef"], "Value loss coefficient.", ge=0.0)
+    max_grad_norm: float = _param(PPO_DEFAULTS["max_grad_norm"], "Gradient norm clip.", gt=0.0)
     normalize_advantage: bool = _param(
-        True,
+        PPO_DEFAULTS["normalize_advantage"],
         "Normalise advantages (PPO and LSTM-PPO: per minibatch; the thalamus agent: as "
         "thalamus_ppo says).",
     )
     target_kl: float | None = _param(
-        None, "Stop an update's epochs early when the approximate KL exceeds this.", gt=0.0
+        PPO_DEFAULTS["target_kl"],
+        "Stop an update's epochs early when the approximate KL exceeds this.",
+        gt=0.0,
     )
 
 
@@ -212,20 +216,20 @@ class ThalamusPPOConfig:
     """ThalamusPPO's update beyond the shared ``ppo`` settings (``agent.kind = thalamus``)."""
 
     advantage_normalization: str = _param(
-        "rollout",
+        THALAMUS_PPO_DEFAULTS["advantage_normalization"],
         "Scope of the advantage normalisation: rollout (one mean and scale per update) or "
         "minibatch (SB3's PPO).",
         choices=ADVANTAGE_NORMALIZATIONS,
     )
     advantage_std_floor: float = _param(
-        0.1,
+        THALAMUS_PPO_DEFAULTS["advantage_std_floor"],
         "Divide advantages by max(std, this), in reward units: before a sparse-reward task "
         "pays, advantages are value noise, and scaled to unit variance they make the core fit "
         "it and stop exploring (DoorKey-5x5). 0: off.",
         ge=0.0,
     )
     adaptive_lr_kl: float | None = _param(
-        0.02,
+        THALAMUS_PPO_DEFAULTS["adaptive_lr_kl"],
         "Scale the learning rate after each update to keep its approximate KL near this "
         "(/1.5 above twice it, x1.5 below half of it, never above ppo.learning_rate); null: off. "
         "The core moves the policy 0.05-0.3 KL per update at ppo.learning_rate once rewards "
@@ -307,13 +311,12 @@ class TrainConfig:
     runs_dir: str = _param("runs", "Where run directories are created.")
 
 
-#: The config sections that only one agent kind reads (:func:`agents.training.build_agent`);
-#: every other section is shared. A ``ppo`` run ignores all of these, an ``lstm`` run the
-#: thalamus' sections, so two configs that differ only there train the same agent.
+#: The config sections that only one agent kind reads (``config_sections`` of its
+#: :class:`agents.registry.AgentSpec`); every other section is shared. A ``ppo`` run ignores
+#: all of these, an ``lstm`` run the thalamus' sections, so two configs that differ only there
+#: train the same agent.
 AGENT_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {
-    "thalamus": ("thalamus", "tokenizer", "policy", "thalamus_ppo"),
-    "ppo": (),
-    "lstm": ("lstm",),
+    kind: agent_spec.config_sections for kind, agent_spec in AGENT_SPECS.items()
 }
 
 
@@ -622,15 +625,17 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             "train.video = true records one episode at each evaluation, but train.eval_freq = 0 "
             "turns evaluation off; set train.eval_freq > 0 or train.video = false"
         )
+    agent_spec = spec(config.agent.kind)
     per_rollout = (
-        config.agent.kind == "thalamus" and config.thalamus_ppo.advantage_normalization == "rollout"
+        "thalamus_ppo" in agent_spec.algorithm_sections
+        and config.thalamus_ppo.advantage_normalization == "rollout"
     )
     if config.ppo.normalize_advantage and config.ppo.batch_size < 2 and not per_rollout:
         raise ConfigError(
             f"ppo.batch_size = {config.ppo.batch_size} must be >= 2 with "
             "ppo.normalize_advantage = true (advantages are normalised per minibatch)"
         )
-    if config.agent.kind == "thalamus":
+    if agent_spec.env_column_minibatches:
         try:
             check_batch_size(config.ppo.batch_size, config.ppo.n_steps, config.env.n_envs)
         except ValueError as exc:
@@ -760,7 +765,7 @@ def config_to_yaml(config: ExperimentConfig) -> str:
 
 def save_config(config: ExperimentConfig, path: str | os.PathLike[str]) -> None:
     """Write :func:`config_to_yaml` to ``path`` atomically (temp file + rename)."""
-    from agents.callbacks import atomic_write_text
+    from agents.experiment.io import atomic_write_text
 
     atomic_write_text(path, config_to_yaml(config))
 

@@ -6,11 +6,9 @@ at that step, tinted and outlined with an intensity given by their salience, and
 under the grid shows the mission, the step, the reward so far, the streams' competition
 weights and which non-cell tokens (mission words, the proprio token) were selected.
 
-Cells are placed with MiniGrid's own view geometry: token ``j < H*W`` of the tokenizer is
-cell ``(j // W, j % W)`` of the egocentric ``image``, i.e. view column ``i`` and view row
-``j`` in MiniGrid's ``gen_obs_grid`` convention (the agent at ``(V // 2, V - 1)`` looking
-"up"), mapped to the world with :func:`view_to_world` exactly as MiniGrid's
-``get_full_render`` highlights the field of view.
+Cells are placed with MiniGrid's own view geometry (:mod:`envs.geometry`): token
+``j < H*W`` of the tokenizer is cell ``(j // W, j % W)`` of the egocentric ``image``, mapped
+to the grid with :func:`envs.geometry.view_cell_in_grid`.
 
 Videos are written with imageio + imageio-ffmpeg, which ships its own ffmpeg binary, so
 recording works headless on a fresh machine.
@@ -30,12 +28,14 @@ from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
-import torch as th
 from PIL import Image, ImageDraw, ImageFont
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from agents.policy import ThalamusPolicy
+from agents.experiment.rollout import Episode, play_episode
+from agents.registry import spec_of_model
+from agents.stepping import AgentStep
 from agents.tokenizer import TokenLayout
+from envs.geometry import view_cell_in_grid
 
 __all__ = [
     "OVERLAY_COLOR",
@@ -51,7 +51,6 @@ __all__ = [
     "render_panel",
     "run_episode",
     "selected_cells",
-    "view_to_world",
     "write_mp4",
 ]
 
@@ -69,34 +68,6 @@ MiniGrid's 5x5 render is 160 px wide, where 11 px text was ~8 px tall and a line
 characters; at 320 px the 15 px text is legible at the video's native size."""
 
 FrameMode = Literal["none", "plain", "overlay"]
-
-
-# --------------------------------------------------------------------------------------
-# Geometry: view cells -> grid cells
-# --------------------------------------------------------------------------------------
-
-_DIR_TO_VEC = ((1, 0), (0, 1), (-1, 0), (0, -1))  # MiniGrid's DIR_TO_VEC: right, down, left, up
-
-
-def view_to_world(
-    agent_pos: Sequence[int], agent_dir: int, view_size: int, vis_i: int, vis_j: int
-) -> tuple[int, int]:
-    """Grid cell ``(x, y)`` of the egocentric view cell ``(vis_i, vis_j)``.
-
-    The inverse of MiniGrid's ``get_view_coords``: the view's top-left corner lies
-    ``view_size - 1`` cells ahead and ``view_size // 2`` cells left of the agent; view
-    columns run to the agent's right, view rows towards the agent.
-
-    >>> view_to_world((3, 3), agent_dir=3, view_size=7, vis_i=3, vis_j=6)  # the agent's cell
-    (3, 3)
-    >>> view_to_world((3, 3), agent_dir=0, view_size=7, vis_i=3, vis_j=5)  # one step ahead
-    (4, 3)
-    """
-    fx, fy = _DIR_TO_VEC[agent_dir]
-    rx, ry = -fy, fx
-    top_x = agent_pos[0] + fx * (view_size - 1) - rx * (view_size // 2)
-    top_y = agent_pos[1] + fy * (view_size - 1) - ry * (view_size // 2)
-    return int(top_x - fx * vis_j + rx * vis_i), int(top_y - fy * vis_j + ry * vis_i)
 
 
 @dataclass(frozen=True)
@@ -151,9 +122,8 @@ def selected_cells(gate: GateView, layout: TokenLayout, env: gym.Env) -> list[Se
     :param layout: the tokenizer's token layout (image tokens first, row-major).
     :param env: the MiniGrid env (any wrapper), in the state the selection was made on.
     """
-    unwrapped = env.unwrapped
     height, width = layout.grid_shape
-    view_size = int(unwrapped.agent_view_size)
+    view_size = int(env.unwrapped.agent_view_size)
     if (height, width) != (view_size, view_size):
         raise ValueError(
             f"the tokenizer's image grid is {height}x{width} but the env's agent_view_size is "
@@ -164,9 +134,9 @@ def selected_cells(gate: GateView, layout: TokenLayout, env: gym.Env) -> list[Se
         if not layout.image.start <= token < layout.image.stop or intensity <= 0.0:
             continue
         vis_i, vis_j = divmod(int(token) - layout.image.start, width)
-        x, y = view_to_world(unwrapped.agent_pos, unwrapped.agent_dir, view_size, vis_i, vis_j)
-        if 0 <= x < unwrapped.width and 0 <= y < unwrapped.height:
-            cells.append(SelectedCell(x, y, float(intensity)))
+        cell = view_cell_in_grid(env, vis_i, vis_j)
+        if cell is not None:
+            cells.append(SelectedCell(*cell, float(intensity)))
     return cells
 
 
@@ -410,10 +380,11 @@ def run_episode(
 ) -> EpisodeRecording:
     """Play one episode of ``model`` on a single (unvectorised) env, optionally rendering.
 
-    A thalamus policy steps through :meth:`ThalamusPolicy.act`, so each frame can show that
-    step's gate; other agents step through ``model.predict`` (with their recurrent state).
+    The episode is :func:`agents.experiment.rollout.play_episode`'s; for an agent whose kind
+    shows a gate (:attr:`agents.registry.AgentSpec.shows_gate`) each overlay frame shows that
+    step's selection and stream weights.
 
-    :param model: a trained ThalamusPPO, PPO or RecurrentPPO.
+    :param model: a trained agent of any registered kind.
     :param env: an env from ``envs.make_env`` (``render_mode="rgb_array"`` to record).
     :param deterministic: take the most likely action.
     :param frames: ``"none"``, ``"plain"`` (the env's render) or ``"overlay"``.
@@ -426,47 +397,25 @@ def run_episode(
             f"recording frames needs an env made with render_mode='rgb_array', got "
             f"{env.render_mode!r}"
         )
-    policy = model.policy
-    policy.set_training_mode(False)
-    thalamus = isinstance(policy, ThalamusPolicy)
-    layout = policy.tokenizer.token_layout if thalamus else None
-    stream_names = [s.name for s in policy.features_extractor.config.streams] if thalamus else []
-
-    obs, info = env.reset(seed=seed)
-    trial_space = getattr(env.observation_space, "spaces", {}).get("trial_episode")
-    is_trial = trial_space is not None and int(trial_space.n) > 1
-    state: Any = None
-    episode_start = True
+    agent_spec = spec_of_model(model)
+    stepper = agent_spec.make_stepper(model)
+    shows_gate = agent_spec.shows_gate
+    layout = model.policy.tokenizer.token_layout if shows_gate else None
+    stream_names = (
+        [s.name for s in model.policy.features_extractor.config.streams] if shows_gate else []
+    )
     recording = EpisodeRecording(0.0, 0, False)
 
-    def act(
-        observation: dict[str, np.ndarray], greedy: bool = deterministic
-    ) -> tuple[np.ndarray, GateView | None]:
-        nonlocal state
-        starts = np.array([episode_start])
-        if not thalamus:
-            action, state = model.predict(
-                observation, state=state, episode_start=starts, deterministic=greedy
-            )
-            return np.asarray(action).reshape(env.action_space.shape or ()), None
-        obs_tensor, _ = policy.obs_to_tensor(observation)
-        with th.no_grad():
-            step = policy.act(
-                obs_tensor,
-                state,
-                th.as_tensor(starts, device=policy.device),
-                greedy,
-                with_stats=False,
-            )
-        state = step.state
-        action = step.actions[0].cpu().numpy()
-        return action.reshape(env.action_space.shape or ()), GateView.from_output(step.thalamus)
-
-    def record(gate: GateView | None) -> None:
+    def record(episode: Episode, obs: dict[str, np.ndarray], step: AgentStep | None) -> None:
         if frames == "none":
             return
         frame = np.asarray(env.render())
         if frames == "overlay":
+            gate = (
+                GateView.from_output(step.thalamus)
+                if step is not None and step.thalamus is not None
+                else None
+            )
             cells, extras, weights = [], "", None
             if gate is not None and layout is not None:
                 cells = selected_cells(gate, layout, env)
@@ -476,8 +425,8 @@ def run_episode(
             frame = compose_frame(
                 frame,
                 env,
-                recording.length,
-                recording.episode_return,
+                episode.length,
+                episode.episode_return,
                 cells,
                 stream_names,
                 weights,
@@ -486,43 +435,28 @@ def run_episode(
             recording.selections.append(cells)
         recording.frames.append(frame)
 
-    while True:
-        action, gate = act(obs)
-        record(gate)
-        obs, reward, terminated, truncated, info = env.step(action)
-        episode_start = False
-        recording.episode_return += float(reward)
-        recording.length += 1
-        if "inner_episode" in info:  # an attempt of a trial ended; the trial goes on
-            inner = info["inner_episode"]
-            recording.attempts.append(
-                {
-                    "return": float(inner["return"]),
-                    "length": int(inner["length"]),
-                    "success": bool(inner["is_success"]),
-                }
-            )
-        if terminated or truncated or (max_steps is not None and recording.length >= max_steps):
-            break
-    if frames == "overlay" and thalamus:
+    episode = play_episode(
+        model,
+        env,
+        deterministic=deterministic,
+        seed=seed,
+        max_steps=max_steps,
+        on_step=record,
+        stepper=stepper,
+    )
+    final_step = None
+    if frames == "overlay" and shows_gate:
         # The gate's selection on the final observation; greedy, so that no action is drawn
         # from the global RNG (a recorded run must play the same episodes as an unrecorded one).
-        _, gate = act(obs, greedy=True)
-        record(gate)
-    else:
-        record(None)
+        final_step = stepper.act(episode.final_obs, False, True, advance=False)
+    record(episode, episode.final_obs, final_step)
     if frames == "overlay":  # the wrapped token lines vary by step; a video needs one size
         tallest = max(f.shape[0] for f in recording.frames)
         recording.frames = [_pad_bottom(f, tallest) for f in recording.frames]
-    recording.success = bool(info.get("is_success", False))
-    if is_trial:  # the last attempt: what the earlier ones leave of the trial's totals
-        recording.attempts.append(
-            {
-                "return": recording.episode_return - sum(a["return"] for a in recording.attempts),
-                "length": recording.length - sum(a["length"] for a in recording.attempts),
-                "success": recording.success,
-            }
-        )
+    recording.episode_return = episode.episode_return
+    recording.length = episode.length
+    recording.success = episode.success
+    recording.attempts = episode.attempts
     return recording
 
 

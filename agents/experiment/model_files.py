@@ -13,15 +13,14 @@ in it. Our files hold no pickles. One ``.safetensors`` file per model:
   built for (JSON).
 
 Loading reads the header and the tensors as data, rebuilds the agent from the config through
-:func:`agents.training.build_agent`, then puts the tensors and counters back. A stable-baselines3
-zip is read only through :func:`load_pickled_model`, which callers reach through an explicit
-``--trust-pickle`` opt-in (``scripts/convert_run.py`` converts an old run once).
+:func:`agents.experiment.training.build_agent`, then puts the tensors and counters back. A
+stable-baselines3 zip is read only through :func:`load_pickled_model`, which callers reach
+through an explicit ``--trust-pickle`` opt-in (``scripts/convert_run.py`` converts an old run once).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import struct
@@ -36,9 +35,15 @@ from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.config import ConfigError, ExperimentConfig, config_from_yaml_text, config_to_yaml
 from agents.constants import MODEL_SUFFIX
-from agents.hints import script_command
+from agents.experiment.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_yaml_text,
+    config_to_yaml,
+)
+from agents.experiment.hints import script_command
+from agents.experiment.io import atomic_write_bytes
 
 __all__ = [
     "FORMAT_NAME",
@@ -147,8 +152,8 @@ def model_file_bytes(model: BaseAlgorithm, config: ExperimentConfig | None = Non
     config = config if config is not None else attached_config(model)
     if config is None:
         raise ValueError(
-            "save_model needs the model's config: build it with agents.training.build_agent, "
-            "or pass config="
+            "save_model needs the model's config: build it with "
+            "agents.experiment.training.build_agent, or pass config="
         )
     tensors: dict[str, th.Tensor] = {}
     # A module shared by several attributes (SB3's features_extractor, pi_ and
@@ -196,10 +201,8 @@ def save_model(
 ) -> None:
     """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically.
 
-    :raises agents.callbacks.DiskFullError: the disk is full (nothing is left half-written).
+    :raises agents.experiment.io.DiskFullError: the disk is full (nothing is left half-written).
     """
-    from agents.callbacks import atomic_write_bytes
-
     atomic_write_bytes(path, model_file_bytes(model, config))
 
 
@@ -405,7 +408,7 @@ def model_from_file(
     config: ExperimentConfig | None = None,
 ) -> BaseAlgorithm:
     """:func:`load_model_file` for a file already read."""
-    from agents.training import build_agent
+    from agents.experiment.training import build_agent
 
     config = config if config is not None else model_file.config
     build_config = dataclasses.replace(
@@ -431,33 +434,9 @@ def load_pickled_model(
 
     :raises ModelFileError: the zip cannot be read.
     """
-    from agents.training import agent_class
+    from agents.experiment.training import agent_class
 
     try:
         return agent_class(kind).load(path, env=env, device=device)
     except (AssertionError, KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"{path} is not a readable stable-baselines3 zip: {exc}") from None
-
-
-def disk_full_message(path: Path, needed: int | None) -> str:
-    """One line naming ``path``, the space needed and the space free."""
-    try:
-        usage = os.statvfs(path.parent if path.parent.exists() else Path.cwd())
-        free = usage.f_bavail * usage.f_frsize
-    except OSError:
-        free = None
-    need = f" about {_megabytes(needed)} is needed" if needed is not None else ""
-    has = f", {_megabytes(free)} is free" if free is not None else ""
-    return (
-        f"no space left on the device to write {path}:{need}{has}; free some space (or set "
-        "train.runs_dir to another disk) and resume the run"
-    )
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` says the disk (or the quota) is full."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

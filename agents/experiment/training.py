@@ -10,7 +10,7 @@ Used by ``scripts/train_agent.py`` and by the benchmark harness. A run directory
     final_model.safetensors  the model when training reached train.total_timesteps
     videos/                  evaluation videos (train.video=true)
 
-Every model file is a :mod:`agents.model_files` file: weights and optimizer state as
+Every model file is a :mod:`agents.experiment.model_files` file: weights and optimizer state as
 safetensors, everything else as JSON/YAML, the run's config included; loading one never
 unpickles anything. Runs saved by older versions as stable-baselines3 zips are converted once
 with ``scripts/convert_run.py RUN --trust-pickle``.
@@ -18,7 +18,7 @@ with ``scripts/convert_run.py RUN --trust-pickle``.
 Everything that can be checked is checked before the run directory is created: the config,
 the env id, building the envs and the agent. A run stopped by SIGINT/SIGTERM saves a
 checkpoint and raises :class:`TrainingInterrupted`; a non-finite loss or parameter raises
-:class:`agents.callbacks.NonFiniteTrainingError` and keeps the last good checkpoint.
+:class:`agents.experiment.callbacks.NonFiniteTrainingError` and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import fcntl
 import json
-import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,9 +44,7 @@ from stable_baselines3.common.logger import HParam, configure
 from stable_baselines3.common.vec_env import VecEnv
 
 import envs
-from agents.callbacks import (
-    CheckpointInfo,
-    DiskFullError,
+from agents.experiment.callbacks import (
     EvalVideo,
     NonFiniteGuard,
     PeriodicCheckpoint,
@@ -56,16 +52,11 @@ from agents.callbacks import (
     ProgressCallback,
     SaveBestModel,
     StopOnSignal,
-    atomic_save_model,
     best_model_reward,
-    latest_checkpoint,
-    latest_good_checkpoint,
-    remove_stale_temp_files,
-    restore_rng_state,
     tensorboard_writer,
     with_sigint_ignored,
 )
-from agents.config import (
+from agents.experiment.config import (
     ConfigError,
     ExperimentConfig,
     config_from_yaml_text,
@@ -75,18 +66,30 @@ from agents.config import (
     sections_ignored_by,
     validate_config,
 )
-from agents.hints import script_command, shell_path
-from agents.model_files import (
+from agents.experiment.hints import script_command, shell_path
+from agents.experiment.io import (
+    RUN_LOCK_NAME,
+    CheckpointInfo,
+    DiskFullError,
+    atomic_save_model,
+    disk_full_message,
+    is_disk_full,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    remove_stale_temp_files,
+    restore_rng_state,
+    run_lock,
+)
+from agents.experiment.model_files import (
     MODEL_SUFFIX,
     PickledModelError,
     apply_model_file,
     attach_config,
-    disk_full_message,
-    is_disk_full,
     load_pickled_model,
     pickled_model_message,
     read_model_file,
 )
+from agents.registry import AGENT_SPECS, spec
 from agents.runtime import tune_allocator
 
 __all__ = [
@@ -97,7 +100,6 @@ __all__ = [
     "ExtraCallbacks",
     "RunCallbacks",
     "ResumePlan",
-    "RunLockedError",
     "RunPaths",
     "TrainingInterrupted",
     "agent_class",
@@ -106,7 +108,6 @@ __all__ = [
     "make_eval_env",
     "make_run_dir",
     "plan_resume",
-    "run_lock",
     "append_history",
     "refuse_pickled_run",
     "resume",
@@ -180,7 +181,7 @@ class RunPaths:
 
     @property
     def lock(self) -> Path:
-        return self.root / ".lock"
+        return self.root / RUN_LOCK_NAME
 
 
 class RunCallbacks(NamedTuple):
@@ -204,13 +205,11 @@ training end, so they see an evaluation or a checkpoint in the same step it happ
 
 def agent_class(kind: str) -> type[BaseAlgorithm]:
     """The algorithm class of ``agent.kind`` (what ``load`` must be called on)."""
-    from agents.factory import AGENT_CLASSES as classes
-
-    if kind not in classes:
+    if kind not in AGENT_SPECS:
         raise ConfigError(
-            f"agent.kind = {kind!r} is not a valid choice; choose one of: {', '.join(classes)}"
+            f"agent.kind = {kind!r} is not a valid choice; choose one of: {', '.join(AGENT_SPECS)}"
         )
-    return classes[kind]
+    return AGENT_SPECS[kind].algorithm_class()
 
 
 def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> Path:
@@ -233,10 +232,10 @@ def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> P
 
 def _hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
     """Algorithm arguments of ``agents.make_agent`` / ``load``: the shared ``ppo`` section,
-    and ``thalamus_ppo`` for the thalamus agent."""
+    and the kind's own ``algorithm_sections`` (``thalamus_ppo`` for the thalamus agent)."""
     hyperparams = dataclasses.asdict(config.ppo)
-    if config.agent.kind == "thalamus":
-        hyperparams.update(dataclasses.asdict(config.thalamus_ppo))
+    for section in spec(config.agent.kind).algorithm_sections:
+        hyperparams.update(dataclasses.asdict(getattr(config, section)))
     return hyperparams
 
 
@@ -247,24 +246,13 @@ def build_agent(config: ExperimentConfig, env: VecEnv) -> BaseAlgorithm:
     """
     from agents import make_agent
 
-    policy_kwargs: dict[str, Any] | None = None
-    if config.agent.kind == "thalamus":
-        policy_kwargs = {
-            "thalamus": dataclasses.asdict(config.thalamus),
-            "tokenizer": dataclasses.asdict(config.tokenizer),
-            **dataclasses.asdict(config.policy),
-        }
-    else:  # the baselines read MiniGrid's symbolic view at unit scale (FlatDictExtractor)
-        policy_kwargs = {"features_extractor_kwargs": {"image_high": envs.IMAGE_CHANNEL_HIGH}}
-        if config.agent.kind == "lstm":
-            policy_kwargs.update(dataclasses.asdict(config.lstm))
     try:
         model = make_agent(
-            config.agent.kind,  # type: ignore[arg-type]
+            config.agent.kind,
             env,
             seed=config.train.seed,
             device=config.train.device,
-            policy_kwargs=policy_kwargs,
+            policy_kwargs=spec(config.agent.kind).policy_kwargs_from_config(config),
             **_hyperparameters(config),
         )
     except (TypeError, ValueError) as exc:
@@ -590,42 +578,6 @@ def train(
             _close_envs(train_env, eval_env)
             raise
         return _learn(model, config, paths, eval_env, resumed=None, extra_callbacks=extra_callbacks)
-
-
-class RunLockedError(ConfigError):
-    """Another process is writing the run directory."""
-
-
-@contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[None]:
-    """Hold the run directory's writer lock (``fcntl.flock`` on ``root/.lock``, which holds the
-    writer's PID) for the block: one training process per run directory. The lock goes with
-    the process, so a killed writer never leaves a stale one.
-
-    :raises RunLockedError: another process holds it (its PID named).
-    :raises ConfigError: ``root`` is not a directory.
-    """
-    if not root.is_dir():
-        raise ConfigError(f"{root} is not a run directory")
-    path = RunPaths(root).lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunLockedError(
-            f"{root} is being written by another process (PID {holder}): two writers would "
-            f"overwrite each other's checkpoints; wait for it to finish, or stop it (kill "
-            f"{holder}: it saves a checkpoint) and resume again"
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _checked_overrides(overrides: Iterable[str], total_timesteps: int | None) -> list[str]:
@@ -1047,7 +999,7 @@ def load_model(
 
 
 def _loaded(model_file: Any, device: str, run_dir: Path) -> LoadedModel:
-    from agents.model_files import model_from_file
+    from agents.experiment.model_files import model_from_file
 
     # The device to evaluate on, not the one the run trained on (which may be absent here).
     config = dataclasses.replace(

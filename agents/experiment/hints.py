@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["python_command", "script_command", "shell_path", "tensorboard_command"]
 
-SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 """The repository's ``scripts/`` folder."""
 
 

@@ -1,10 +1,10 @@
 """What ``scripts/train_agent.py`` prints when a run ends: the closing summary.
 
 - :class:`EvalRecorder` keeps each evaluation's step, mean reward and success rate (it is
-  an extra callback of :func:`agents.training.train`, see ``ExtraCallbacks``).
+  an extra callback of :func:`agents.experiment.training.train`, see ``ExtraCallbacks``).
 - :func:`closing_summary` turns them into the lines printed when training ends or stops: the
   last evaluation, the best model, and the commands to evaluate, watch and resume the run,
-  spelled with this process' interpreter (:mod:`agents.hints`) so they paste as printed.
+  spelled with this process' interpreter (:mod:`agents.experiment.hints`) so they paste as printed.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.constants import MODEL_SUFFIX
-from agents.hints import script_command, shell_path, tensorboard_command
+from agents.experiment.hints import script_command, shell_path, tensorboard_command
 
 if TYPE_CHECKING:
-    from agents.callbacks import PeriodicEval
-    from agents.config import ExperimentConfig
+    from agents.experiment.callbacks import PeriodicEval
+    from agents.experiment.config import ExperimentConfig
 
 __all__ = ["EvalRecord", "EvalRecorder", "closing_summary"]
 
@@ -44,8 +44,9 @@ class EvalRecord:
 
 
 class EvalRecorder(BaseCallback):
-    """Keep every evaluation of ``evaluation`` (a :class:`~agents.callbacks.PeriodicEval`)
-    in :attr:`records`; runs after it in the same step.
+    """Keep every evaluation of ``evaluation`` (a
+    :class:`~agents.experiment.callbacks.PeriodicEval`) in :attr:`records`; runs after it in the
+    same step.
 
     :param evaluation: the run's evaluation callback (None: the run does not evaluate).
     """

@@ -18,6 +18,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from agents.experiment.rollout import play_episode
+
 __all__ = [
     "derange_missions",
     "find_mission_wrapper",
@@ -89,7 +91,7 @@ def shuffled_mission_episodes(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Replay the episodes reset with ``seeds``, each showing another episode's mission.
 
-    :param model: a trained agent (any kind :func:`agents.video.run_episode` plays).
+    :param model: a trained agent (any kind :func:`agents.experiment.rollout.play_episode` plays).
     :param env: a single env from ``envs.make_env`` whose own missions are shown (no
         ``mission=`` override); it is left as it was.
     :param seeds: the reset seed of each episode.
@@ -100,8 +102,6 @@ def shuffled_mission_episodes(
         summary ``{episodes, success_rate, mean_reward, mean_length, distinct_missions,
         same_text}``.
     """
-    from agents.video import run_episode
-
     wrapper = find_mission_wrapper(env)
     if wrapper is None:
         raise ValueError("the env has no MissionObservationWrapper: it shows no mission to shuffle")
@@ -117,7 +117,7 @@ def shuffled_mission_episodes(
     try:
         for i, seed in enumerate(seeds):
             wrapper.mission_override = missions[source[i]]
-            result = run_episode(model, env, deterministic=deterministic, seed=int(seed))
+            result = play_episode(model, env, deterministic=deterministic, seed=int(seed))
             own = env.unwrapped.mission  # type: ignore[attr-defined]
             if own != missions[i]:
                 raise RuntimeError(
@@ -174,8 +174,6 @@ def mission_sensitivity(
     """
     import torch as th
 
-    from agents.video import run_episode
-
     if find_mission_wrapper(env) is None:
         return None
     seeds = [seed + i for i in range(n_episodes)]
@@ -183,7 +181,7 @@ def mission_sensitivity(
     true_runs = []
     missions = []
     for s in seeds:
-        true_runs.append(run_episode(model, env, deterministic=deterministic, seed=s))
+        true_runs.append(play_episode(model, env, deterministic=deterministic, seed=s))
         missions.append(env.unwrapped.mission)  # type: ignore[attr-defined]
     if len(set(missions)) < 2:
         return None
