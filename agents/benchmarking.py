@@ -1,11 +1,11 @@
-"""Benchmark suites: env x agent x seed x budget, run through :mod:`agents.training`.
+"""Benchmark suites: env x agent x seed x budget, run through :mod:`agents.experiment.training`.
 
 A *suite* is a YAML file (``configs/benchmarks/*.yaml``) that lists tasks (an env id with
 a threshold, targets and config overrides) and run entries (a task, agents, seeds, a
 budget, more overrides). Every run is an ordinary training run: its config is built by
-:func:`agents.config.load_config` from the env's file in ``configs/`` plus the overrides,
-and it is trained by :func:`agents.training.train` (or continued by
-:func:`agents.training.resume`), with one extra callback, :class:`EvalRecorder`, that
+:func:`agents.experiment.config.load_config` from the env's file in ``configs/`` plus the overrides,
+and it is trained by :func:`agents.experiment.training.train` (or continued by
+:func:`agents.experiment.training.resume`), with one extra callback, :class:`EvalRecorder`, that
 records the evaluation curve in both action modes and the clock with evaluation excluded.
 
 When a run finishes, one JSON *record* is written to
@@ -80,13 +80,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.callbacks import (
-    CheckpointInfo,
-    atomic_write_text,
-    global_rng_preserved,
-    latest_checkpoint,
-)
-from agents.config import (
+from agents.experiment.config import (
     ConfigError,
     ExperimentConfig,
     find_config_for_env,
@@ -94,8 +88,14 @@ from agents.config import (
     resolve_yaml_file,
     sections_ignored_by,
 )
+from agents.experiment.io import (
+    CheckpointInfo,
+    atomic_write_text,
+    global_rng_preserved,
+    latest_checkpoint,
+)
+from agents.experiment.training import RunCallbacks, RunPaths
 from agents.factory import AGENT_KINDS
-from agents.training import RunCallbacks, RunPaths
 
 __all__ = [
     "BASELINE_AGENT",
@@ -711,17 +711,17 @@ def _peak_rss_mb() -> float:
 class EvalRecorder(BaseCallback):
     """Record the evaluation curve in both action modes and a clock without evaluation time.
 
-    After each :class:`agents.callbacks.PeriodicEval` evaluation (the run's own, in
+    After each :class:`agents.experiment.callbacks.PeriodicEval` evaluation (the run's own, in
     ``train.eval_deterministic`` mode) it evaluates the same number of episodes in the other
     mode, and appends one point (:data:`POINT_KEYS`). The other mode plays on ``other_env``,
-    a copy of the run's eval envs (:func:`agents.training.make_eval_env`), so the run's own
-    evaluations see the episodes they would see under ``scripts/train_agent.py``. When the
+    a copy of the run's eval envs (:func:`agents.experiment.training.make_eval_env`), so the
+    run's own evaluations see the episodes they would see under ``scripts/train_agent.py``. When the
     budget is reached it evaluates both modes once more unless the last evaluation was at that step.
     The state is written to ``<run_dir>/benchmark_progress.json`` after every evaluation and
     every checkpoint, with the clock at each checkpoint, so a resumed run continues the curve
     and the clock from its checkpoint.
 
-    :param run: the run's own callbacks (from :data:`agents.training.ExtraCallbacks`).
+    :param run: the run's own callbacks (from :data:`agents.experiment.training.ExtraCallbacks`).
     :param progress_path: where the state goes.
     :param total_timesteps: the budget (the final evaluation happens when it is reached).
     :param state: the state to continue (see :func:`_state_at_checkpoint`), or None.
@@ -1042,9 +1042,9 @@ def execute_run(
     :param commit: the code version to record (default: :func:`git_commit`).
     :return: the record's path.
     :raises BenchmarkError: the run directory holds a run with a different config.
-    :raises agents.training.TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
+    :raises agents.experiment.training.TrainingInterrupted: SIGINT/SIGTERM (a checkpoint was saved).
     """
-    from agents.training import make_eval_env, resume, train
+    from agents.experiment.training import make_eval_env, resume, train
 
     out_path = record_path(Path(out), run)
     if out_path.is_file():
@@ -1054,7 +1054,7 @@ def execute_run(
     paths = RunPaths(run_dir)
     progress = run_dir / PROGRESS_FILE
     if paths.checkpoints.is_dir() and any(paths.checkpoints.glob("step_*.zip")):
-        from agents.training import refuse_pickled_run
+        from agents.experiment.training import refuse_pickled_run
 
         try:
             refuse_pickled_run(paths)  # never the rmtree below for a run an old version saved
@@ -1134,10 +1134,11 @@ def _finish_from_checkpoint(
 
     The state is cut back to ``checkpoint`` (:func:`_state_at_checkpoint`) and, unless an
     evaluation already happened at that step, one point is added: both action modes, each on
-    fresh eval envs (:func:`agents.training.make_eval_env`), with the clock at the checkpoint.
+    fresh eval envs (:func:`agents.experiment.training.make_eval_env`), with the clock at the
+    checkpoint.
     """
-    from agents.model_files import load_model_file
-    from agents.training import make_eval_env
+    from agents.experiment.model_files import load_model_file
+    from agents.experiment.training import make_eval_env
 
     state = _state_at_checkpoint(state, checkpoint.timesteps)
     curve = list(state["curve"])
@@ -1171,13 +1172,13 @@ def _finish_from_checkpoint(
 
 def _final_mission_sensitivity(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any] | None:
     """Success of the run's final model with the true and with shuffled missions
-    (:func:`agents.mission_sensitivity.mission_sensitivity`) on ``train.eval_episodes``
+    (:func:`agents.experiment.mission_sensitivity.mission_sensitivity`) on ``train.eval_episodes``
     episodes from the eval seeds, in the run's own eval mode; None on an env whose mission
     is the same in every episode (or that has none)."""
     import envs
-    from agents.mission_sensitivity import mission_sensitivity
-    from agents.model_files import load_model_file
-    from agents.training import EVAL_SEED_OFFSET
+    from agents.experiment.mission_sensitivity import mission_sensitivity
+    from agents.experiment.model_files import load_model_file
+    from agents.experiment.training import EVAL_SEED_OFFSET
 
     model_path = paths.final_model
     if not model_path.is_file():
@@ -1307,12 +1308,12 @@ def _interrupted_message(exc: Any) -> str:
 def _run_one(args: tuple[Any, ...], reraise_interrupt: bool = False) -> tuple[str, str | None]:
     """Worker entry point: ``execute_run(*args)`` -> ``(key, error or None)``.
 
-    :param reraise_interrupt: let :class:`agents.training.TrainingInterrupted` through (in
-        process, Ctrl-C must stop the suite, not just the run).
+    :param reraise_interrupt: let :class:`agents.experiment.training.TrainingInterrupted`
+        through (in process, Ctrl-C must stop the suite, not just the run).
     """
     run = args[0]
     print(f"start {run.key}", flush=True)
-    from agents.training import TrainingInterrupted
+    from agents.experiment.training import TrainingInterrupted
 
     try:
         execute_run(*args)
@@ -1367,7 +1368,7 @@ def run_suite(
         log(f"[{len(results)}/{len(jobs)}] {key}: {status}")
 
     if in_process:
-        from agents.training import TrainingInterrupted
+        from agents.experiment.training import TrainingInterrupted
 
         for job in jobs:
             try:

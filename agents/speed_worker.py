@@ -2,8 +2,9 @@
 
 Run as a script by :class:`agents.speed.Worker`, with ``PYTHONPATH`` set to the checkout whose
 code is measured: it imports only what every commit since the config system has
-(``agents.config.load_config``, ``agents.training.build_agent``), so the same file drives the
-current code and an older checkout side by side (before/after ratios in one run).
+(``load_config`` and ``build_agent``, from ``agents.experiment`` or, before it, ``agents``), so
+the same file drives the current code and an older checkout side by side (before/after ratios
+in one run).
 
 Protocol: one JSON object per line each way.
 
@@ -33,8 +34,16 @@ def _init(msg: dict[str, Any]) -> tuple[Any, Any, int]:
     import torch
 
     torch.set_num_threads(int(msg["threads"]))
-    from agents.config import find_config_for_env, load_config
-    from agents.training import _build_vec_env, build_agent, make_eval_env
+    try:
+        from agents.experiment.config import find_config_for_env, load_config
+        from agents.experiment.training import _build_vec_env, build_agent, make_eval_env
+    except ModuleNotFoundError:  # a checkout from before agents/experiment/ (issue 33)
+        from agents.config import find_config_for_env, load_config  # type: ignore[no-redef]
+        from agents.training import (  # type: ignore[no-redef]
+            _build_vec_env,
+            build_agent,
+            make_eval_env,
+        )
 
     env_id = msg["env"]
     config = load_config(

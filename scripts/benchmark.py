@@ -12,8 +12,8 @@ Examples::
     python scripts/benchmark.py --alternated fps           # agents' fps, alternated in one run
     python scripts/benchmark.py --alternated threshold     # DoorKey time to 0.9, alternated
 
-Every run trains through agents.training (the code scripts/train_agent.py uses) and writes
-one JSON record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record
+Every run trains through agents.experiment.training (the code scripts/train_agent.py uses) and
+writes one JSON record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record
 are skipped; a run stopped before it (crash, Ctrl-C) continues from its latest checkpoint
 when the suite is run again.
 
@@ -27,8 +27,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from agents.hints import script_command
-
 from agents.benchmarking import (
     REPO_ROOT,
     SUITE_DIR,
@@ -40,6 +38,7 @@ from agents.benchmarking import (
     run_suite,
     write_report,
 )
+from agents.experiment.hints import script_command
 from agents.speed import SPEED_AGENTS, SPEED_ENVS
 
 EXIT_FAILED = 1

@@ -10,12 +10,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import agents.training
 import pytest
 import torch
-from agents.config import CONFIG_DIR, find_config_for_env
 
+import agents.experiment.training
 from agents import benchmarking as bm
+from agents.experiment.config import CONFIG_DIR, find_config_for_env
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
@@ -460,7 +460,7 @@ def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None
 def test_a_stream_key_added_since_a_record_ran_reads_as_its_default() -> None:
     """A record's ``thalamus.streams`` items lack keys added later (``clock``, ``kind``): it ran
     with their defaults, so it is not stale; a stream's count or an item's value still is."""
-    from agents.config import DEFAULT_CONFIG, load_config
+    from agents.experiment.config import DEFAULT_CONFIG, load_config
 
     suite_config = load_config(DEFAULT_CONFIG)
     record = dataclasses.asdict(suite_config)
@@ -571,7 +571,7 @@ def test_a_stop_mid_rollout_marks_the_clock_of_the_rollout_start(
     neither loses the training time before it nor counts the discarded steps' time."""
     from types import SimpleNamespace
 
-    from agents.training import RunCallbacks
+    from agents.experiment.training import RunCallbacks
 
     now = [0.0]
     monkeypatch.setattr(bm.time, "monotonic", lambda: now[0])
@@ -625,8 +625,8 @@ def test_finished_runs_are_skipped_without_training(tmp_path: Path, monkeypatch)
     def no_training(*args, **kwargs):
         raise AssertionError("a run with a record must not train")
 
-    monkeypatch.setattr(agents.training, "train", no_training)
-    monkeypatch.setattr(agents.training, "resume", no_training)
+    monkeypatch.setattr(agents.experiment.training, "train", no_training)
+    monkeypatch.setattr(agents.experiment.training, "resume", no_training)
     assert bm.pending_runs(suite, out) == []
     assert bm.run_status(run, out, tmp_path / "runs") == "done"
     threshold = suite.tasks[run.task].threshold
@@ -721,7 +721,7 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
 
 
 def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch) -> None:
-    from agents.callbacks import CheckpointInfo
+    from agents.experiment.io import CheckpointInfo
 
     text = valid_text(tmp_path / "out").replace("seeds: [0]", "seeds: [0, 1]")
     suite = bm.load_suite(write_suite(tmp_path, text))
@@ -731,9 +731,9 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
     def interrupted(config, *args, **kwargs):
         started.append(config.train.seed)
         checkpoint = CheckpointInfo(256, tmp_path / "a.safetensors", tmp_path / "a.json")
-        raise agents.training.TrainingInterrupted(tmp_path, 2, checkpoint)
+        raise agents.experiment.training.TrainingInterrupted(tmp_path, 2, checkpoint)
 
-    monkeypatch.setattr(agents.training, "train", interrupted)
+    monkeypatch.setattr(agents.experiment.training, "train", interrupted)
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=lines.append)
@@ -786,9 +786,11 @@ def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> 
 def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path) -> None:
     """The recorder's second evaluation mode plays on its own copy of the eval envs and
     samples from a copy of the RNGs: the run's weights and its own-mode curve are those of
-    ``agents.training.train`` on the same config (random layouts, so shared envs would show)."""
-    from agents.model_files import load_model_file
+    ``agents.experiment.training.train`` on the same config (random layouts, so shared envs would
+    show)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents.experiment.model_files import load_model_file
 
     text = (
         valid_text(tmp_path / "out", budget=768)
@@ -802,7 +804,7 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
     assert results == {run.key: None}
     record = json.loads(bm.record_path(tmp_path / "out", run).read_text())
 
-    alone = agents.training.train(run.load_config(), tmp_path / "alone")
+    alone = agents.experiment.training.train(run.load_config(), tmp_path / "alone")
     events = EventAccumulator(str(alone / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     curve = [(e.step, e.value) for e in events.Scalars("eval/mean_reward")]
