@@ -27,19 +27,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from agents.benchmarking import (
-    REPO_ROOT,
-    SUITE_DIR,
-    BenchmarkError,
-    Suite,
-    load_suite,
-    record_path,
-    run_status,
-    run_suite,
-    write_report,
-)
+from agents.bench.records import record_path
+from agents.bench.report import write_report
+from agents.bench.runner import run_status, run_suite
+from agents.bench.speed import SPEED_AGENTS, SPEED_ENVS
+from agents.bench.suite import REPO_ROOT, SUITE_DIR, BenchmarkError, Suite, load_suite
 from agents.hints import script_command
-from agents.speed import SPEED_AGENTS, SPEED_ENVS
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -98,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run in this process, one at a time (debugging; peak memory then covers all runs)",
     )
     alt = parser.add_argument_group(
-        "alternated speed suite (agents/speed.py)",
+        "alternated speed suite (agents/bench/speed.py)",
         "Every cell (env x agent x threads) is a worker process; one at a time trains a few "
         "updates, round after round, so ratios compare cells under the same machine load.",
     )
@@ -160,8 +153,8 @@ def _alternated(args: argparse.Namespace) -> int:
     """The alternated speed suite: fps or time to threshold, printed as Markdown."""
     import json
 
-    from agents.speed import Cell, fps_markdown, measure_fps, threshold_markdown
-    from agents.speed import time_to_threshold as run_threshold
+    from agents.bench.speed import Cell, fps_markdown, measure_fps, threshold_markdown
+    from agents.bench.speed import time_to_threshold as run_threshold
 
     default_envs = list(SPEED_ENVS) if args.alternated == "fps" else [SPEED_ENVS[0]]
     envs = args.envs or default_envs

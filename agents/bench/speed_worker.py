@@ -1,6 +1,6 @@
-"""One agent of an alternated speed benchmark, driven over stdin/stdout (:mod:`agents.speed`).
+"""One agent of an alternated speed benchmark, driven over stdin/stdout (:mod:`agents.bench.speed`).
 
-Run as a script by :class:`agents.speed.Worker`, with ``PYTHONPATH`` set to the checkout whose
+Run as a script by :class:`agents.bench.speed.Worker`, with ``PYTHONPATH`` set to the checkout whose
 code is measured: it imports only what every commit since the config system has
 (``agents.config.load_config``, ``agents.training.build_agent``), so the same file drives the
 current code and an older checkout side by side (before/after ratios in one run).
