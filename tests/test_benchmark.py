@@ -777,25 +777,6 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
     )
 
 
-def test_a_worker_that_dies_fails_its_own_run_only() -> None:
-    """One child killed (no result) must not stop or fail the runs beside and after it, as a
-    ``ProcessPoolExecutor`` would (it terminates every worker once one dies)."""
-    from tests.pool_targets import die_or_finish
-
-    jobs = [
-        ("killed", ("killed", 0.2, True)),
-        ("beside", ("beside", 1.0, False)),
-        ("fails", ("fails", 0.0, False)),
-        ("after", ("after", 0.0, False)),
-    ]
-    results: dict[str, str | None] = {}
-    runner._run_in_processes(jobs, 2, results.__setitem__, target=die_or_finish)
-    assert results.keys() == {"killed", "beside", "fails", "after"}
-    assert results["killed"].startswith("worker died (exit code 9")
-    assert results["beside"] is None and results["after"] is None
-    assert results["fails"] == "ValueError: bad run"
-
-
 def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> None:
     import envs
     from agents import make_agent

@@ -14,7 +14,7 @@ import fnmatch
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,14 @@ from agents.bench.records import (
     record_path,
     run_dir_of,
 )
-from agents.bench.suite import BenchmarkError, RunSpec, Suite, Threshold, _config_differences
+from agents.bench.suite import (
+    REPO_ROOT,
+    BenchmarkError,
+    RunSpec,
+    Suite,
+    Threshold,
+    _config_differences,
+)
 from agents.callbacks import (
     CheckpointInfo,
     atomic_write_text,
@@ -296,34 +303,45 @@ def run_suite(
     out: str | os.PathLike[str],
     runs_dir: str | os.PathLike[str],
     *,
-    parallel: int = 1,
+    cpus: int | None = None,
+    address: str | None = None,
     only: Sequence[str] = (),
     in_process: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, str | None]:
-    """Run the suite's pending runs, ``parallel`` at a time, each in a fresh process.
+    """Run the suite's pending runs on Ray, one run per CPU, each in a fresh worker process.
 
-    A fresh process per run keeps peak memory a per-run number and a crash local to its run.
+    A fresh process per run (``max_calls=1``) keeps peak memory a per-run number and a crash
+    local to its run: a worker that dies (killed, out of memory) fails its own run and the
+    others go on. Ctrl-C asks every running run to checkpoint and stop (Ray's cancel raises
+    SIGINT's handler in the worker, the same clean stop as Ctrl-C in ``train_agent.py``),
+    waits for them, and raises :class:`KeyboardInterrupt`; the next call continues them.
 
-    :param in_process: run one after another in this process (for debugging; the peak
-        memory is then this process' peak).
+    :param cpus: CPUs of the local Ray this starts (default: all); ignored when Ray is
+        already initialised in this process or ``address`` is given.
+    :param address: an existing Ray cluster (``ray://host:10001`` or ``host:6379``); ``out``
+        and ``runs_dir`` must then be paths every node reaches.
+    :param in_process: run one after another in this process, without Ray (debugging; the
+        peak memory is then this process' peak).
     :return: ``{run key: error message or None}`` for the runs attempted.
     :raises KeyboardInterrupt: SIGINT/SIGTERM stopped a run (its checkpoint was saved); the
         runs after it were not started.
     """
-    if parallel < 1:
-        raise BenchmarkError(f"parallel = {parallel} must be >= 1")
-    todo = pending_runs(suite, Path(out), only)
+    if cpus is not None and cpus < 1:
+        raise BenchmarkError(f"cpus = {cpus} must be >= 1")
+    out, runs_dir = Path(out).resolve(), Path(runs_dir).resolve()  # workers may run elsewhere
+    todo = pending_runs(suite, out, only)
     commit = git_commit()
     jobs = [
-        (run, Path(out), Path(runs_dir), suite.tasks[run.task].threshold, suite.eval_mode, commit)
+        (run, out, runs_dir, suite.tasks[run.task].threshold, suite.eval_mode, commit)
         for run in todo
     ]
-    done = len(suite.runs) - len(pending_runs(suite, Path(out)))
+    done = len(suite.runs) - len(pending_runs(suite, out))
+    where = "in this process" if in_process else (f"on Ray at {address}" if address else "on Ray")
     log(
         f"suite {suite.name}: {len(suite.runs)} runs, {done} done, {len(todo)} to run"
         + (f" (filtered by {', '.join(only)})" if only else "")
-        + f", {parallel} at a time; commit {commit}"
+        + f", {where}; commit {commit}"
     )
     results: dict[str, str | None] = {}
 
@@ -338,83 +356,108 @@ def run_suite(
         for job in jobs:
             try:
                 report(*_run_one(job, reraise_interrupt=True))
-            except TrainingInterrupted as exc:  # Ctrl-C/SIGTERM: stop here, as a pool would
+            except TrainingInterrupted as exc:  # Ctrl-C/SIGTERM: stop here, as Ray would
                 report(job[0].key, _interrupted_message(exc))
                 raise KeyboardInterrupt from exc
         return results
-
-    _run_in_processes([(job[0].key, job) for job in jobs], parallel, report)
+    if jobs:
+        with ray_session(cpus=cpus, address=address):
+            run_on_ray([(job[0].key, job) for job in jobs], report, log=log)
     return results
 
 
-def _send_result(target: Callable[[Any], Any], job: Any, sender: Any) -> None:
-    """Child process entry point: send ``target(job)`` to the parent."""
+def local_ray_env() -> dict[str, str]:
+    """The environment a local Ray's workers need: this checkout first on ``PYTHONPATH``
+    (an installed copy of the package elsewhere must not win), one thread per library."""
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+def cluster_runtime_env() -> dict[str, Any]:
+    """Ray's ``runtime_env`` for a cluster: this checkout's code and configs shipped to every
+    node as the working directory (run directories, git data and docs left behind); the
+    nodes need the dependencies installed (``pip install -e .`` of the same commit)."""
+    return {
+        "working_dir": str(REPO_ROOT),
+        "excludes": ["runs/", ".git/", ".venv/", "docs/", "*.mp4", "__pycache__/"],
+    }
+
+
+@contextlib.contextmanager
+def ray_session(cpus: int | None = None, address: str | None = None) -> Iterator[None]:
+    """Ray for a suite or a sweep, shut down on exit if this started it.
+
+    Uses the Ray already initialised in this process if there is one (a test module's
+    fixture, a notebook); else connects to ``address``; else starts a local Ray with
+    ``cpus`` CPUs (default: all), no dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is not None:
+        ray.init(address=address, runtime_env=cluster_runtime_env())
+    else:
+        saved = os.environ.get("PYTHONPATH")
+        os.environ.update(local_ray_env())  # the local Ray's processes inherit it
+        try:
+            ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False)
+        finally:
+            if saved is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = saved
     try:
-        sender.send(target(job))
+        yield
     finally:
-        sender.close()
+        ray.shutdown()
 
 
-def _run_in_processes(
+def run_on_ray(
     jobs: Sequence[tuple[str, Any]],
-    parallel: int,
     report: Callable[[str, str | None], None],
     target: Callable[[Any], tuple[str, str | None]] = _run_one,
+    log: Callable[[str], None] = print,
 ) -> None:
-    """Run ``target(job)`` for each ``(key, job)``, each in a fresh spawned process,
-    ``parallel`` at a time, and ``report(*result)`` as each ends.
+    """Run ``target(job)`` for each ``(key, job)`` as a Ray task (1 CPU, a fresh worker
+    process, no retry), and ``report(*result)`` as each ends; Ray must be initialised.
 
-    Not a ``ProcessPoolExecutor``: when one of its workers dies (killed, out of memory) it
-    terminates the others and fails every queued job, so one crash would stop every run.
-    Here a process that exits without a result is reported as died and the others go on.
-    On Ctrl-C (which reaches the children too: they checkpoint and stop) nothing new starts
-    and the running children are waited for.
+    A task whose worker dies is reported as died and the others go on. On Ctrl-C every
+    task is cancelled: a running one gets SIGINT's handler (training checkpoints and stops)
+    and is waited for; a queued one does not start. Then :class:`KeyboardInterrupt` is raised.
     """
-    import multiprocessing
-    import multiprocessing.connection
+    import ray
 
-    context = multiprocessing.get_context("spawn")
-    queue = list(jobs)
-    running: dict[Any, tuple[Any, Any, str]] = {}  # sentinel -> (process, receiver, key)
-    received: dict[str, tuple[str, str | None]] = {}
-    read_out: set[str] = set()  # keys whose pipe gave a result or EOF: stop watching it
+    remote = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(target)
+    pending = {remote.remote(job): key for key, job in jobs}
     try:
-        while queue or running:
-            while queue and len(running) < parallel:
-                key, job = queue.pop(0)
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(
-                    target=_send_result, args=(target, job, sender), name=key, daemon=False
-                )
-                process.start()
-                sender.close()  # the child holds the only sending end: EOF when it exits
-                running[process.sentinel] = (process, receiver, key)
-            receivers = {r: k for _, r, k in running.values() if k not in read_out}
-            ready_ones = multiprocessing.connection.wait([*running, *receivers])
-            # Pipes first: a sentinel's handling closes its pipe.
-            for ready in sorted(ready_ones, key=lambda r: r not in receivers):
-                if ready in receivers:  # read before the exit: a full pipe would block it
-                    read_out.add(receivers[ready])
-                    with contextlib.suppress(EOFError):
-                        received[receivers[ready]] = ready.recv()
-                    continue
-                process, receiver, key = running.pop(ready)
-                process.join()
-                read_out.discard(key)
-                if key not in received and receiver.poll():
-                    with contextlib.suppress(EOFError):
-                        received[key] = receiver.recv()
-                receiver.close()
-                if key in received:
-                    report(*received.pop(key))
-                else:
-                    report(
-                        key,
-                        f"worker died (exit code {process.exitcode}; killed, or out of memory?); "
-                        "run the same command again to continue it from its last checkpoint",
-                    )
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                report(*_ray_result(ref, pending.pop(ref)))
     except KeyboardInterrupt:
-        for process, receiver, _ in running.values():
-            process.join()
-            receiver.close()
+        log("interrupted: the running runs save a checkpoint and stop; waiting for them")
+        for ref in pending:
+            ray.cancel(ref)
+        for ref, key in pending.items():
+            report(*_ray_result(ref, key))
         raise
+
+
+def _ray_result(ref: Any, key: str) -> tuple[str, str | None]:
+    """``(key, error or None)`` of a finished task (waits for it)."""
+    import ray
+    from ray.exceptions import RayError, TaskCancelledError, WorkerCrashedError
+
+    try:
+        return ray.get(ref)
+    except TaskCancelledError:
+        return key, "interrupted before it trained; run the same command again to run it"
+    except WorkerCrashedError:
+        return key, (
+            "worker died (killed, or out of memory?); run the same command again to continue "
+            "it from its last checkpoint"
+        )
+    except RayError as exc:
+        return key, f"{type(exc).__name__}: {exc}"
