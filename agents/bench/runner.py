@@ -14,6 +14,8 @@ import fnmatch
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -431,18 +433,37 @@ def run_on_ray(
 
     remote = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(target)
     pending = {remote.remote(job): key for key, job in jobs}
+    with _sigterm_as_interrupt():
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    report(*_ray_result(ref, pending.pop(ref)))
+        except KeyboardInterrupt:
+            log("interrupted: the running runs save a checkpoint and stop; waiting for them")
+            for ref in pending:
+                ray.cancel(ref)
+            for ref, key in pending.items():
+                report(*_ray_result(ref, key))
+            raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or ``kill``'s stop) raises KeyboardInterrupt, as Ctrl-C does, so
+    the runs on Ray checkpoint instead of dying with the driver (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                report(*_ray_result(ref, pending.pop(ref)))
-    except KeyboardInterrupt:
-        log("interrupted: the running runs save a checkpoint and stop; waiting for them")
-        for ref in pending:
-            ray.cancel(ref)
-        for ref, key in pending.items():
-            report(*_ray_result(ref, key))
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _ray_result(ref: Any, key: str) -> tuple[str, str | None]:
