@@ -137,12 +137,12 @@ def test_suite_folder_does_not_disturb_per_env_configs() -> None:
     [
         ("MiniGrid-Empty-5x5-v0:\n", "MiniGrid-Nope-v0:\n", "tasks.MiniGrid-Nope-v0: env"),
         ("agents: [ppo]", "agents: [dqn]", "agent 'dqn' is not valid; choose from: thalamus"),
-        ("seeds: [0], ", "", "seeds must be a non-empty list"),
+        ("seeds: [0], ", "", "missing required key 'runs[0].seeds'"),
         (", budget: 512", "", "no budget; give budget"),
         (
             "    threshold: {metric: mean_reward, value: 0.5}\n",
             "",
-            "missing required key 'threshold'",
+            "missing required key 'tasks.MiniGrid-Empty-5x5-v0.threshold'",
         ),
         ("{metric: mean_reward, value: 0.5}", "{metric: reward, value: 0.5}", "metric = 'reward'"),
         ("task: MiniGrid-Empty-5x5-v0,", "task: Other,", "task = 'Other' is not defined"),
@@ -154,7 +154,11 @@ def test_suite_folder_does_not_disturb_per_env_configs() -> None:
         ("agents: [ppo]", "agents: [ppo, lstm], label: x", "label names one agent"),
         ("name: tiny", "name: a/b", "name = 'a/b' must be"),
         ("tasks:\n", "fps_baseline: thalamus\ntasks:\n", "compares fps with 'thalamus'"),
-        ("tasks:\n", "fps_baseline: 3\ntasks:\n", "fps_baseline = 3 must be a row label"),
+        ("tasks:\n", "fps_baseline: 3\ntasks:\n", "compares fps with '3'"),
+        ("tasks:\n", "fps_baseline: a/b\ntasks:\n", "fps_baseline = 'a/b' must be a row label"),
+        ("seeds: [0]", "seeds: []", "seeds must be a non-empty list"),
+        ("seeds: [0]", "seeds: [zero]", "Value 'zero' of type 'str' could not be converted"),
+        ("budget: 512}", "budget: 0}", "budget = 0 must be >= 1 env steps"),
     ],
 )
 def test_invalid_suites_say_what_is_wrong(tmp_path: Path, old: str, new: str, message: str) -> None:

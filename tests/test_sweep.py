@@ -62,8 +62,12 @@ def write_sweep(tmp_path: Path, text: str | None = None, budget: int = 512) -> P
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("num_samples: 3", "num_sample: 3", "num_sample: unknown key; valid keys: name, base,"),
-        ("grace_period: 128,", "grace: 128,", "scheduler.grace: unknown key; valid keys: kind, "),
+        ("num_samples: 3", "num_sample: 3", "unknown key 'num_sample'; valid keys: name, base,"),
+        (
+            "grace_period: 128,",
+            "grace: 128,",
+            "scheduler.grace: unknown key 'grace'; valid keys: kind, g",
+        ),
         ("budget: 512", "budget: lots", "budget: Value 'lots' of type 'str' could not be"),
         ("num_samples: 3\n", "", "missing required key 'num_samples'"),
         ("metric: mean_reward", "metric: reward", "metric = 'reward' is not valid; choose one"),

@@ -56,15 +56,14 @@ Overrides apply in the order suite, task, run entry; the harness then sets ``age
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import MISSING
 
+from agents.bench.schema import SchemaError, at_least, choice, load_structured, read_yaml
 from agents.config import (
     ConfigError,
     ExperimentConfig,
@@ -95,8 +94,71 @@ _FORBIDDEN_OVERRIDES = {
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(SchemaError):
     """A suite or a record is invalid; the message names the file, the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------
+# The suite file's schema (OmegaConf structured configs; see agents/bench/schema.py)
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ThresholdSection:
+    """``threshold:`` of a task: ``metric >= value`` (frames to reach it are reported)."""
+
+    metric: str = MISSING
+    value: float = MISSING
+
+
+@dataclasses.dataclass
+class TargetSection:
+    """One item of a task's ``targets:``."""
+
+    agent: str = MISSING
+    metric: str = MISSING
+    value: float = MISSING
+    by: int | None = None
+
+
+@dataclasses.dataclass
+class TaskSection:
+    """One entry of ``tasks:`` (its key is the task's name)."""
+
+    threshold: ThresholdSection = MISSING
+    env: str | None = None
+    budget: int | None = None
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    targets: list[TargetSection] = dataclasses.field(default_factory=list)
+    fps_baseline: str | None = None
+
+
+@dataclasses.dataclass
+class RunEntry:
+    """One item of ``runs:``; ``agents`` (a list) or ``agent`` (one kind)."""
+
+    task: str = MISSING
+    seeds: list[int] = MISSING
+    agents: list[str] | None = None
+    agent: str | None = None
+    budget: int | None = None
+    label: str | None = None
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    shared_with: str | None = None
+
+
+@dataclasses.dataclass
+class SuiteFile:
+    """A suite file as written (the module docstring shows every key)."""
+
+    name: str = MISSING
+    tasks: dict[str, TaskSection] = MISSING
+    runs: list[RunEntry] = MISSING
+    description: str = ""
+    output: str | None = None
+    eval_mode: str = "stochastic"
+    fps_baseline: str | None = None
+    overrides: list[str] = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -237,89 +299,55 @@ def load_suite(
     :raises BenchmarkError: what is wrong, where, and what is valid.
     """
     path = resolve_suite_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise BenchmarkError(f"suite {path} is not valid YAML: {exc}") from None
     where = f"suite {path}"
-    data = _mapping(data, where)
-    _known_keys(
-        data,
-        where,
-        (
-            "name",
-            "description",
-            "output",
-            "eval_mode",
-            "fps_baseline",
-            "overrides",
-            "tasks",
-            "runs",
-        ),
+    data = load_structured(
+        read_yaml(path, "suite", BenchmarkError), SuiteFile, where, BenchmarkError
     )
-    name = _required(data, "name", where, str)
-    if not _NAME.match(name):
-        raise BenchmarkError(f"{where}: name = {name!r} must be letters, digits, '.', '_', '-'")
-    eval_mode = data.get("eval_mode", "stochastic")
-    if eval_mode not in EVAL_MODES:
-        raise BenchmarkError(
-            f"{where}: eval_mode = {eval_mode!r} is not valid; choose one of: "
-            + ", ".join(EVAL_MODES)
-        )
-    output = Path(data.get("output", f"runs/benchmark_reports/{name}"))
-    suite_overrides = _overrides(data.get("overrides", []), f"{where}: overrides")
-    suite_baseline = _label(data.get("fps_baseline", BASELINE_AGENT), f"{where}: fps_baseline")
+    name = data.name
+    _check_name(name, where, "name")
+    choice(data.eval_mode, EVAL_MODES, where, "eval_mode", BenchmarkError)
+    output = Path(data.output if data.output is not None else f"runs/benchmark_reports/{name}")
+    suite_overrides = _overrides(data.overrides, f"{where}: overrides")
+    suite_baseline = _label(
+        data.fps_baseline if data.fps_baseline is not None else BASELINE_AGENT,
+        f"{where}: fps_baseline",
+    )
 
     tasks: dict[str, TaskSpec] = {}
     budgets: dict[str, int | None] = {}
-    raw_tasks = _mapping(_required(data, "tasks", where, dict), f"{where}: tasks")
-    for task_name, raw in raw_tasks.items():
+    for task_name, raw in data.tasks.items():
         task_where = f"{where}: tasks.{task_name}"
-        if not isinstance(task_name, str) or not _NAME.match(task_name):
+        if not _NAME.match(task_name):
             raise BenchmarkError(
                 f"{task_where}: a task name must be letters, digits, '.', '_', '-'"
             )
-        raw = _mapping(raw, task_where)
-        _known_keys(
-            raw,
-            task_where,
-            ("env", "budget", "overrides", "threshold", "targets", "fps_baseline"),
-        )
-        env_id = raw.get("env", task_name)
+        env_id = raw.env if raw.env is not None else task_name
         _check_env(env_id, task_where)
-        threshold = _mapping(_required(raw, "threshold", task_where, dict), task_where)
-        _known_keys(threshold, f"{task_where}.threshold", ("metric", "value"))
+        choice(raw.threshold.metric, METRICS, f"{task_where}.threshold", "metric", BenchmarkError)
+        for i, target in enumerate(raw.targets):
+            target_where = f"{task_where}.targets[{i}]"
+            choice(target.metric, METRICS, target_where, "metric", BenchmarkError)
+            at_least(target.by, 1, target_where, "by", "env steps", BenchmarkError)
+        at_least(raw.budget, 1, task_where, "budget", "env steps", BenchmarkError)
         tasks[task_name] = TaskSpec(
             name=task_name,
             env_id=env_id,
-            threshold=Threshold(
-                _metric(threshold.get("metric"), f"{task_where}.threshold"),
-                _number_field(threshold, "value", f"{task_where}.threshold"),
-            ),
-            targets=tuple(
-                _target(t, f"{task_where}.targets[{i}]")
-                for i, t in enumerate(raw.get("targets") or [])
-            ),
-            overrides=_overrides(raw.get("overrides", []), f"{task_where}.overrides"),
+            threshold=Threshold(raw.threshold.metric, raw.threshold.value),
+            targets=tuple(Target(t.agent, t.metric, t.value, t.by) for t in raw.targets),
+            overrides=_overrides(raw.overrides, f"{task_where}.overrides"),
             fps_baseline=_label(
-                raw.get("fps_baseline", suite_baseline), f"{task_where}.fps_baseline"
+                raw.fps_baseline if raw.fps_baseline is not None else suite_baseline,
+                f"{task_where}.fps_baseline",
             ),
         )
-        budgets[task_name] = _positive_int(raw, "budget", task_where, required=False)
+        budgets[task_name] = raw.budget
 
     runs: list[RunSpec] = []
-    raw_runs = _required(data, "runs", where, list)
-    if not raw_runs:
+    if not data.runs:
         raise BenchmarkError(f"{where}: runs is empty; list at least one run entry")
-    for i, raw in enumerate(raw_runs):
+    for i, raw in enumerate(data.runs):
         run_where = f"{where}: runs[{i}]"
-        raw = _mapping(raw, run_where)
-        _known_keys(
-            raw,
-            run_where,
-            ("task", "agents", "agent", "seeds", "budget", "label", "overrides", "shared_with"),
-        )
-        task_name = _required(raw, "task", run_where, str)
+        task_name = raw.task
         if task_name not in tasks:
             raise BenchmarkError(
                 f"{run_where}: task = {task_name!r} is not defined under tasks; defined: "
@@ -327,17 +355,17 @@ def load_suite(
             )
         task = tasks[task_name]
         agents = _agents(raw, run_where)
-        seeds = raw.get("seeds")
-        if not isinstance(seeds, list) or not seeds:
+        if not raw.seeds:
             raise BenchmarkError(f"{run_where}: seeds must be a non-empty list, e.g. [0, 1, 2]")
-        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-            raise BenchmarkError(f"{run_where}: seeds = {seeds!r} must be integers >= 0")
-        budget = _positive_int(raw, "budget", run_where, required=False) or budgets[task_name]
+        if any(s < 0 for s in raw.seeds):
+            raise BenchmarkError(f"{run_where}: seeds = {raw.seeds!r} must be integers >= 0")
+        at_least(raw.budget, 1, run_where, "budget", "env steps", BenchmarkError)
+        budget = raw.budget or budgets[task_name]
         if budget is None:
             raise BenchmarkError(
                 f"{run_where}: no budget; give budget (env steps) here or under tasks.{task_name}"
             )
-        label = raw.get("label")
+        label = raw.label
         if label is not None:
             if len(agents) != 1:
                 raise BenchmarkError(
@@ -345,8 +373,7 @@ def load_suite(
                     "entry per agent"
                 )
             _label(label, f"{run_where}: label")
-        overrides = _overrides(raw.get("overrides", []), f"{run_where}.overrides")
-        shared_with = raw.get("shared_with")
+        overrides = _overrides(raw.overrides, f"{run_where}.overrides")
         entry_runs = [
             RunSpec(
                 suite=name,
@@ -359,12 +386,14 @@ def load_suite(
                 overrides=(*suite_overrides, *task.overrides, *overrides),
             )
             for agent in agents
-            for seed in seeds
+            for seed in raw.seeds
         ]
-        if shared_with is not None:
+        if raw.shared_with is not None:
             if not resolve_shared:
                 continue
-            entry_runs = _shared_runs(entry_runs, shared_with, path, name, run_where, check_configs)
+            entry_runs = _shared_runs(
+                entry_runs, raw.shared_with, path, name, run_where, check_configs
+            )
         runs.extend(entry_runs)
     seen: dict[str, RunSpec] = {}
     for run in runs:
@@ -384,16 +413,14 @@ def load_suite(
                     f"{where}: tasks.{task.name} has a target for agent {target.agent!r}, but "
                     f"no run of that task has that label; labels: {', '.join(sorted(labels))}"
                 )
-        explicit = raw_tasks[task.name].get("fps_baseline", data.get("fps_baseline"))
+        explicit = data.tasks[task.name].fps_baseline or data.fps_baseline
         if explicit is not None and task.fps_baseline not in labels:
             raise BenchmarkError(
                 f"{where}: tasks.{task.name} compares fps with {task.fps_baseline!r} "
                 f"(fps_baseline), but no run of that task has that label; labels: "
                 f"{', '.join(sorted(labels))}"
             )
-    suite = Suite(
-        name, str(data.get("description", "")), path, output, eval_mode, tasks, tuple(runs)
-    )
+    suite = Suite(name, data.description, path, output, data.eval_mode, tasks, tuple(runs))
     if check_configs:
         for run in suite.runs:
             if run.shared_with is not None:
@@ -463,76 +490,20 @@ def _shared_runs(
     return shared
 
 
-def _label(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+def _check_name(value: str, where: str, key: str) -> None:
+    if not _NAME.match(value):
+        raise BenchmarkError(f"{where}: {key} = {value!r} must be letters, digits, '.', '_', '-'")
+
+
+def _label(value: str, where: str) -> str:
+    if not _NAME.match(value):
         raise BenchmarkError(
             f"{where} = {value!r} must be a row label (letters, digits, '.', '_', '-')"
         )
     return value
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise BenchmarkError(f"{where} must be a mapping (key: value), not {type(value).__name__}")
-    return value
-
-
-def _known_keys(data: dict[str, Any], where: str, known: Sequence[str]) -> None:
-    for key in data:
-        if key not in known:
-            raise BenchmarkError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
-
-
-def _required(data: dict[str, Any], key: str, where: str, kind: type) -> Any:
-    if key not in data or data[key] is None:
-        raise BenchmarkError(f"{where}: missing required key {key!r}")
-    if not isinstance(data[key], kind):
-        raise BenchmarkError(f"{where}: {key} = {data[key]!r} must be a {kind.__name__}")
-    return data[key]
-
-
-def _positive_int(data: dict[str, Any], key: str, where: str, required: bool) -> int | None:
-    value = data.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BenchmarkError(f"{where}: {key} = {value!r} must be an integer >= 1 (env steps)")
-    return value
-
-
-def _number_field(data: dict[str, Any], key: str, where: str) -> float:
-    value = data.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise BenchmarkError(f"{where}: {key} = {value!r} must be a number")
-    return float(value)
-
-
-def _metric(value: Any, where: str) -> str:
-    if value not in METRICS:
-        raise BenchmarkError(
-            f"{where}: metric = {value!r} is not valid; choose one of: {', '.join(METRICS)}"
-        )
-    return value
-
-
-def _target(raw: Any, where: str) -> Target:
-    raw = _mapping(raw, where)
-    _known_keys(raw, where, ("agent", "metric", "value", "by"))
-    return Target(
-        agent=_required(raw, "agent", where, str),
-        metric=_metric(raw.get("metric"), where),
-        value=_number_field(raw, "value", where),
-        by=_positive_int(raw, "by", where, required=False),
-    )
-
-
-def _overrides(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BenchmarkError(
-            f"{where} must be a list of 'key=value' strings, e.g. [thalamus.use_feedback=false]"
-        )
+def _overrides(value: list[str], where: str) -> tuple[str, ...]:
     for item in value:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
@@ -545,29 +516,27 @@ def _overrides(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _agents(raw: dict[str, Any], where: str) -> list[str]:
-    if "agent" in raw and "agents" in raw:
+def _agents(raw: RunEntry, where: str) -> list[str]:
+    if raw.agent is not None and raw.agents is not None:
         raise BenchmarkError(f"{where}: give agent or agents, not both")
-    agents = raw.get("agents", raw.get("agent"))
+    agents = raw.agents if raw.agents is not None else raw.agent
     if agents is None:
         raise BenchmarkError(f"{where}: missing required key 'agents' (e.g. [thalamus, lstm])")
     if isinstance(agents, str):
         agents = [agents]
-    if not isinstance(agents, list) or not agents:
+    if not agents:
         raise BenchmarkError(f"{where}: agents must be a non-empty list, e.g. [thalamus, lstm]")
     for agent in agents:
         if agent not in AGENT_KINDS:
             raise BenchmarkError(
                 f"{where}: agent {agent!r} is not valid; choose from: {', '.join(AGENT_KINDS)}"
             )
-    return agents
+    return list(agents)
 
 
-def _check_env(env_id: Any, where: str) -> None:
+def _check_env(env_id: str, where: str) -> None:
     from envs.registry import check_env_id
 
-    if not isinstance(env_id, str):
-        raise BenchmarkError(f"{where}: env = {env_id!r} must be an env id string")
     try:
         check_env_id(env_id)
     except ValueError as exc:
