@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -54,6 +55,11 @@ def write_suite(tmp_path: Path, text: str, name: str = "suite.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+def squeezed(markdown: str) -> str:
+    """A report with the tables' column padding (``DataFrame.to_markdown``) squeezed out."""
+    return re.sub(r" {2,}", " ", markdown)
 
 
 def valid_text(out: Path | str = "unused", budget: int = 512) -> str:
@@ -314,7 +320,7 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "records", tmp_path / "records" / "fixture")
     code = benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
     assert code == 0
-    text = (tmp_path / "README.md").read_text()
+    text = squeezed((tmp_path / "README.md").read_text())
     assert "9 of 10 runs have records (commit 0123abc)" in text
     assert "**Not run yet:** MiniGrid-DoorKey-5x5-v0__thalamus__0." in text
     assert (
@@ -349,17 +355,17 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
     (tmp_path / "records" / "fixture").mkdir()
     benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
     assert not list((tmp_path / "plots").glob("fixture_*.png"))
-    assert "0 of 10 runs have records" in (tmp_path / "README.md").read_text()
+    assert "0 of 10 runs have records" in squeezed((tmp_path / "README.md").read_text())
 
 
 def test_report_says_when_a_target_is_judged_on_fewer_seeds_than_planned(tmp_path: Path) -> None:
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
     suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
-    text = report.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "fewer seeds" not in text and " of 3 seeds)" not in text
     (folder / "MiniGrid-Empty-5x5-v0__ppo__2.json").unlink()
-    text = report.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert (
         "| ppo: eval success rate >= 0.9 at the end | 1.00 (seed 0: 1.00, seed 1: 1.00) | "
         "met (2 of 3 seeds) |" in text
@@ -377,7 +383,7 @@ def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> 
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "budget": 100}))
     suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
-    text = report.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
 
 
@@ -387,7 +393,7 @@ def test_records_of_runs_the_suite_does_not_have_are_left_out_of_the_numbers(
     suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
-    before = report.write_report([suite], tmp_path).read_text()
+    before = squeezed(report.write_report([suite], tmp_path).read_text())
     record = json.loads((folder / "MiniGrid-Empty-5x5-v0__ppo__1.json").read_text())
     for seed in (7, 8):  # seeds the suite does not run, that would drag the medians down
         curve = [
@@ -402,7 +408,7 @@ def test_records_of_runs_the_suite_does_not_have_are_left_out_of_the_numbers(
         ]
         extra = {**record, "seed": seed, "curve": curve, "train_fps": 1.0}
         (folder / f"MiniGrid-Empty-5x5-v0__ppo__{seed}.json").write_text(json.dumps(extra))
-    after = report.write_report([suite], tmp_path).read_text()
+    after = squeezed(report.write_report([suite], tmp_path).read_text())
     warning = next(line for line in after.splitlines() if "does not have" in line)
     assert "MiniGrid-Empty-5x5-v0__ppo__7, MiniGrid-Empty-5x5-v0__ppo__8" in warning
     assert "do not match" not in after  # they are not stale runs of the suite
@@ -535,7 +541,7 @@ def test_shared_runs_use_the_other_suites_records_and_run_folders(tmp_path: Path
     shutil.copytree(FIXTURES / "records", out / "records" / "fixture")
     assert runner.run_status(shared[0], out, runs_dir) == "done (suite fixture)"
     assert [r.label for r in runner.pending_runs(suite, out)] == ["no-gate"]
-    text = report.write_report([suite], out).read_text()
+    text = squeezed(report.write_report([suite], out).read_text())
     assert "3 of 4 runs have records" in text
     assert "| thalamus | 0, 1, 2 | 3k | 0.91 [0.50–0.95] |" in text
     assert "do not match" not in text
@@ -689,13 +695,13 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     # The resolved config: a later change of a default shows up in the report.
     assert record["config"]["agent"]["kind"] == "ppo"
     assert record["config"]["ppo"]["n_epochs"] == run.load_config().ppo.n_epochs == 1
-    text = report.write_report([suite], out).read_text()
+    text = squeezed(report.write_report([suite], out).read_text())
     assert "do not match" not in text
     changed = {**record, "config": {**record["config"], "ppo": {**record["config"]["ppo"]}}}
     changed["config"]["ppo"]["n_epochs"] = 10  # as if the default had been 10 when it ran
     changed["config"]["ppo"].pop("gamma")  # a key the record predates: not a difference
     bench_records.record_path(out, run).write_text(json.dumps(changed))
-    text = report.write_report([suite], out).read_text()
+    text = squeezed(report.write_report([suite], out).read_text())
     assert "MiniGrid-Empty-5x5-v0__ppo__0 (ppo.n_epochs)" in text
     bench_records.record_path(out, run).write_text(json.dumps(record))
 
@@ -839,16 +845,16 @@ def test_report_flags_fps_ratios_between_runs_of_different_days(tmp_path: Path) 
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
     suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
-    assert "†" not in report.write_report([suite], tmp_path).read_text()  # all on one day
+    assert "†" not in squeezed(report.write_report([suite], tmp_path).read_text())  # all on one day
     for seed, day in ((0, "2026-01-02"), (1, "2026-01-03"), (2, "2026-01-05")):
         path = folder / f"MiniGrid-Empty-5x5-v0__thalamus__{seed}.json"
         record = json.loads(path.read_text())
         path.write_text(json.dumps({**record, "finished_at": f"{day}T09:00:00"}))
-    text = report.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "| 1.50x |" in text  # one day apart (seed 0) is the same machine's run of runs
     path = folder / "MiniGrid-Empty-5x5-v0__thalamus__0.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "finished_at": "2026-01-04"}))
-    text = report.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "| 1.50x † |" in text and "| 5.00x |" in text and "| 1.00x |" in text
     assert (
         "† Runs finished at least 2 days from the lstm runs (2026-01-01): thalamus (2026-01-03 "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from agents.bench.records import _metric_at, first_reach, load_record, load_records, record_path
 from agents.bench.suite import (
@@ -174,6 +175,160 @@ def _fmt0(x: float) -> str:
     return f"{x:.0f}"
 
 
+# --------------------------------------------------------------------------------------
+# The results tables: one registered function per column
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RowContext:
+    """What a results-table column sees for one row (an agent label of a task).
+
+    :ivar task: the task.
+    :ivar row: the row's statistics over seeds (:func:`summarize_task`).
+    :ivar records: the row's records, one per seed.
+    :ivar baseline: the task's ``fps_baseline`` row (None: it has no records).
+    :ivar mode: the evaluation mode the report uses (``stochastic`` or ``deterministic``).
+    """
+
+    task: TaskSpec
+    row: AgentSummary
+    records: list[dict[str, Any]]
+    baseline: AgentSummary | None
+    mode: str
+
+
+ResultCell = Callable[[RowContext], str]
+"""A column of the results tables: one row's cell text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultColumn:
+    """A registered column: ``header`` (``{baseline}`` is replaced by the task's
+    ``fps_baseline`` label) and the function that writes its cells."""
+
+    header: str
+    cell: ResultCell
+
+
+RESULT_COLUMNS: list[ResultColumn] = []
+"""The results tables' columns, in order (:func:`result_column` appends)."""
+
+
+def result_column(header: str) -> Callable[[ResultCell], ResultCell]:
+    """Register a function as the last column of every task's results table.
+
+    >>> @result_column("sessions")
+    ... def sessions(context: RowContext) -> str:
+    ...     return _cell(_median_range([r["sessions"] for r in context.records]), _fmt0)
+    >>> RESULT_COLUMNS.pop().header
+    'sessions'
+    """
+
+    def register(cell: ResultCell) -> ResultCell:
+        RESULT_COLUMNS.append(ResultColumn(header, cell))
+        return cell
+
+    return register
+
+
+@result_column("agent")
+def _agent_cell(context: RowContext) -> str:
+    return context.row.label
+
+
+@result_column("seeds")
+def _seeds_cell(context: RowContext) -> str:
+    return ", ".join(map(str, context.row.seeds))
+
+
+@result_column("budget")
+def _budget_cell(context: RowContext) -> str:
+    return _steps(context.row.budget)
+
+
+@result_column("final reward")
+def _final_reward_cell(context: RowContext) -> str:
+    return _cell(context.row.final_reward, _fmt2)
+
+
+@result_column("final success")
+def _final_success_cell(context: RowContext) -> str:
+    return _cell(context.row.final_success, _fmt2)
+
+
+def _to_threshold(row: AgentSummary, stat: Any, fmt: Callable[[float], str]) -> str:
+    n = len(row.seeds)
+    if row.reached == 0:
+        return f"not reached (0/{n})"
+    return _cell(stat, fmt) + ("" if row.reached == n else f" ({row.reached}/{n} reached)")
+
+
+@result_column("to threshold (steps)")
+def _steps_to_threshold_cell(context: RowContext) -> str:
+    return _to_threshold(context.row, context.row.frames_to_threshold, _steps)
+
+
+@result_column("to threshold (s)")
+def _seconds_to_threshold_cell(context: RowContext) -> str:
+    return _to_threshold(context.row, context.row.seconds_to_threshold, _fmt0)
+
+
+@result_column("fps")
+def _fps_cell(context: RowContext) -> str:
+    return _cell(context.row.fps, _fmt0)
+
+
+@result_column("vs {baseline}")
+def _fps_ratio_cell(context: RowContext) -> str:
+    """The fps ratio, marked † when the runs finished days apart (see the note under the
+    table)."""
+    row = context.row
+    if row.fps_ratio is None:
+        return "–"
+    return f"{row.fps_ratio:.2f}x" + (" †" if _cross_day(row, context.baseline) else "")
+
+
+@result_column("peak RSS (MB)")
+def _peak_rss_cell(context: RowContext) -> str:
+    return _cell(context.row.peak_rss_mb, _fmt0)
+
+
+def _cross_day(row: AgentSummary, baseline: AgentSummary | None) -> bool:
+    """Whether ``row``'s fps ratio compares runs finished at least
+    :data:`CROSS_DAY_GAP_DAYS` apart from the baseline's."""
+    if baseline is None or row is baseline or row.fps_ratio is None:
+        return False
+    gap = days_apart(row, baseline)
+    return gap is not None and gap >= CROSS_DAY_GAP_DAYS
+
+
+def results_frame(
+    task: TaskSpec, rows: Sequence[AgentSummary], records: Sequence[dict[str, Any]], mode: str
+) -> pd.DataFrame:
+    """A task's results table: one row per :class:`AgentSummary`, one column per
+    :data:`RESULT_COLUMNS` entry."""
+    baseline = next((r for r in rows if r.label == task.fps_baseline), None)
+    table = []
+    for row in rows:
+        context = RowContext(
+            task, row, [r for r in records if r["agent"] == row.label], baseline, mode
+        )
+        table.append(
+            {
+                column.header.format(baseline=task.fps_baseline): column.cell(context)
+                for column in RESULT_COLUMNS
+            }
+        )
+    return pd.DataFrame(table)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table (``DataFrame.to_markdown``: GitHub pipes, every cell
+    text, left-aligned, no index)."""
+    return frame.astype(str).to_markdown(index=False, stralign="left", disable_numparse=True)
+
+
 def _suite_records(
     suite: Suite, records: Sequence[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -266,8 +421,8 @@ def report_markdown(
     lines.append("")
 
     # Targets.
-    lines += ["### Targets", "", "| task | target | measured (median over seeds) | status |"]
-    lines.append("|---|---|---|---|")
+    lines += ["### Targets", ""]
+    target_rows: list[dict[str, str]] = []
     results = []
     partial = []  # targets judged on fewer seeds than the suite runs
     for task in suite.tasks.values():
@@ -290,11 +445,24 @@ def report_markdown(
                 )
                 measured = f"{result.median:.2f} ({seeds})"
             status = {"met": "met", "MISSED": "**MISSED**", "no runs": "not run"}[result.status]
-            lines.append(
-                f"| {task.name} | {target.describe()} | {measured} | {status}{seeds_note} |"
+            target_rows.append(
+                {
+                    "task": task.name,
+                    "target": target.describe(),
+                    "measured (median over seeds)": measured,
+                    "status": status + seeds_note,
+                }
             )
     if not results:
-        lines.append("| – | no targets in this suite | – | – |")
+        target_rows.append(
+            {
+                "task": "–",
+                "target": "no targets in this suite",
+                "measured (median over seeds)": "–",
+                "status": "–",
+            }
+        )
+    lines.append(markdown_table(pd.DataFrame(target_rows)))
     missed = [f"{t.name} ({r.target.describe()})" for t, r in results if r.status == "MISSED"]
     not_run = [f"{t.name} ({r.target.describe()})" for t, r in results if r.status == "no runs"]
     lines.append("")
@@ -337,32 +505,11 @@ def report_markdown(
         if not rows:
             lines += ["No records yet.", ""]
             continue
-        lines.append(
-            "| agent | seeds | budget | final reward | final success | to threshold (steps) | "
-            f"to threshold (s) | fps | vs {task.fps_baseline} | peak RSS (MB) |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         baseline = next((r for r in rows if r.label == task.fps_baseline), None)
-        cross_day: list[str] = []
-        for row in rows:
-            n = len(row.seeds)
-            if row.reached == 0:
-                steps_cell = seconds_cell = f"not reached (0/{n})"
-            else:
-                suffix = "" if row.reached == n else f" ({row.reached}/{n} reached)"
-                steps_cell = _cell(row.frames_to_threshold, _steps) + suffix
-                seconds_cell = _cell(row.seconds_to_threshold, _fmt0) + suffix
-            ratio = "–" if row.fps_ratio is None else f"{row.fps_ratio:.2f}x"
-            gap = None if baseline is None or row is baseline else days_apart(row, baseline)
-            if row.fps_ratio is not None and gap is not None and gap >= CROSS_DAY_GAP_DAYS:
-                ratio += " †"
-                cross_day.append(f"{row.label} ({_day_span(row.days)})")
-            lines.append(
-                f"| {row.label} | {', '.join(map(str, row.seeds))} | {_steps(row.budget)} | "
-                f"{_cell(row.final_reward, _fmt2)} | {_cell(row.final_success, _fmt2)} | "
-                f"{steps_cell} | {seconds_cell} | {_cell(row.fps, _fmt0)} | {ratio} | "
-                f"{_cell(row.peak_rss_mb, _fmt0)} |"
-            )
+        lines.append(markdown_table(results_frame(task, rows, task_records, mode)))
+        cross_day = [
+            f"{row.label} ({_day_span(row.days)})" for row in rows if _cross_day(row, baseline)
+        ]
         lines.append("")
         if cross_day and baseline is not None:
             lines += [
@@ -402,19 +549,24 @@ def _mission_sensitivity_table(records: Sequence[dict[str, Any]]) -> list[str]:
         "env (a seeded derangement), median [min–max] over seeds. An agent that reads its "
         "mission loses success when it is shuffled.",
         "",
-        "| agent | seeds | true mission | shuffled mission | drop |",
-        "|---|---|---|---|---|",
     ]
+    table = []
     for agent, recs in by_agent.items():
         measured = [r["mission_sensitivity"] for r in recs]
         true = _median_range([m["true"]["success_rate"] for m in measured])
         shuffled = _median_range([m["shuffled"]["success_rate"] for m in measured])
         drop = _median_range([m["drop"] for m in measured])
         seeds = ", ".join(str(r["seed"]) for r in sorted(recs, key=lambda r: r["seed"]))
-        lines.append(
-            f"| {agent} | {seeds} | {_cell(true, _fmt2)} | {_cell(shuffled, _fmt2)} | "
-            f"{_cell(drop, _fmt2)} |"
+        table.append(
+            {
+                "agent": agent,
+                "seeds": seeds,
+                "true mission": _cell(true, _fmt2),
+                "shuffled mission": _cell(shuffled, _fmt2),
+                "drop": _cell(drop, _fmt2),
+            }
         )
+    lines.append(markdown_table(pd.DataFrame(table)))
     return [*lines, ""]
 
 
