@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             failed += sum(error is not None for error in results.values())
             print(f"suite {suite.name}: records in {out / 'records' / suite.name}")
-        print("report: " + script_command("benchmark.py", *args.suites, "--report"))
+        where = ["--storage", str(args.storage)] if args.storage is not None else []
+        where += ["--out", str(args.out)] if args.out is not None else []
+        print("report: " + script_command("benchmark.py", *args.suites, "--report", *where))
         return EXIT_FAILED if failed else 0
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
