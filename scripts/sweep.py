@@ -35,7 +35,14 @@ from agents.bench.records import git_commit
 from agents.bench.runner import ray_session
 from agents.bench.schema import SchemaError
 from agents.bench.suite import REPO_ROOT
-from agents.bench.sweep import SWEEP_DIR, load_sweep, restore_results, run_sweep, write_results
+from agents.bench.sweep import (
+    SWEEP_DIR,
+    load_sweep,
+    restore_results,
+    run_sweep,
+    unfinished_trials,
+    write_results,
+)
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SchemaError(f"{sweep.folder} holds no sweep to continue or report; run it first")
         with ray_session(cpus=args.cpus, address=args.address):
             results = restore_results(sweep) if args.results else run_sweep(sweep)
+            if unfinished_trials(sweep):  # Tune caught Ctrl-C, saved its state and returned
+                raise KeyboardInterrupt
             written = write_results(sweep, results, git_commit())
         for kind, path in written.items():
             print(f"{kind}: {path}")

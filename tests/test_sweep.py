@@ -5,6 +5,7 @@ then continues from its folder."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,7 @@ def test_a_tiny_sweep_writes_its_trials_and_a_loadable_best_config_then_continue
     sweep = bench_sweep.load_sweep(write_sweep(tmp_path))
     results = bench_sweep.run_sweep(sweep, log=lambda s: None)
     assert len(results) == 3 and not results.errors
+    assert bench_sweep.unfinished_trials(sweep) == 0
     written = bench_sweep.write_results(sweep, results, "abc")
     table = pd.read_csv(written["csv"])
     assert len(table) == 3
@@ -208,3 +210,47 @@ def test_a_tiny_sweep_writes_its_trials_and_a_loadable_best_config_then_continue
     sweep.path.write_text(changed)
     with pytest.raises(SchemaError, match="started from a different"):
         bench_sweep.run_sweep(bench_sweep.load_sweep(sweep.path), log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_continues_its_trials_from_their_checkpoints(tmp_path: Path) -> None:
+    """Ctrl-C stops ``scripts/sweep.py`` (exit 130, no best.yaml); the same command continues
+    the sweep: each trial resumes from its own latest checkpoint and trains to the budget."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    text = (
+        TINY.format(budget=20_000, storage=tmp_path / "storage")
+        .replace("num_samples: 3", "num_samples: 2")
+        .replace("grace_period: 128", "grace_period: 10000")
+        .replace("train.checkpoint_freq=256", "train.checkpoint_freq=2048")
+        .replace("train.eval_freq=128", "train.eval_freq=2000")
+    )
+    path = write_sweep(tmp_path, text)
+    folder = tmp_path / "storage" / "tiny"
+    command = [sys.executable, str(REPO / "scripts" / "sweep.py"), str(path), "--cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300  # a guard against a hung sweep, not a measurement
+    while len(list(folder.glob("runs/*/checkpoints/*.safetensors"))) < 2:
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 130, stderr.decode()[-2000:]
+    assert "run the same command again" in stderr.decode()
+    assert not (folder / "best.yaml").exists()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "continuing the interrupted sweep" in second.stdout
+    table = pd.read_csv(folder / "trials.csv")
+    assert len(table) == 2 and (table["timesteps"] == 20_000).all()
+    for run in (folder / "runs").iterdir():
+        events = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        assert [e["event"] for e in events][:2] == ["start", "resume"]
+        assert events[1]["from_step"] >= 2048
+    load_config(folder / "best.yaml")

@@ -538,6 +538,16 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> Any:
     return tuner.fit()
 
 
+def unfinished_trials(sweep: Sweep) -> int:
+    """Trials the sweep's saved state still has to run (pending or running): more than 0
+    after ``Tuner.fit`` returns means Tune was interrupted (it catches Ctrl-C, saves its
+    state and returns) rather than done."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep.folder))
+    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in analysis.trials)
+
+
 def restore_results(sweep: Sweep) -> Any:
     """The ``ResultGrid`` of the sweep in its folder, without running anything."""
     from ray import tune
