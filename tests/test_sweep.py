@@ -6,6 +6,7 @@ then continues from its folder."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,7 +188,8 @@ def test_a_tiny_sweep_writes_its_trials_and_a_loadable_best_config_then_continue
     # A trial ASHA stops has fewer steps; each row says so.
     assert (table["stopped early"] == (table["timesteps"] < 512)).all()
     markdown = written["markdown"].read_text()
-    assert "| trial" in markdown and "Best trial:" in markdown
+    assert re.search(r"^\| trial +\| +ppo.learning_rate", markdown, re.M)
+    assert "Best trial:" in markdown
     best = load_config(written["best"])  # what train_agent.py --config does
     top = finished.sort_values("mean_reward", ascending=False).iloc[0]
     assert best.ppo.learning_rate == pytest.approx(top["ppo.learning_rate"])

@@ -672,6 +672,12 @@ def write_results(sweep: Sweep, results: Any, commit: str) -> dict[str, Path]:
     frame.to_csv(written["csv"], index=False)
     stopped = int(frame["stopped early"].sum()) if not frame.empty else 0
     failed = int(frame["error"].notna().sum()) if not frame.empty else 0
+    # Trial ids such as 87476_00000 read as numbers to tabulate: keep that column text.
+    table = (
+        frame.to_markdown(index=False, floatfmt=".4g", disable_numparse=[0])
+        if not frame.empty
+        else "No trials."
+    )
     lines = [
         f"# Sweep `{data.name}`",
         "",
@@ -683,7 +689,7 @@ def write_results(sweep: Sweep, results: Any, commit: str) -> dict[str, Path]:
         f"{stopped} stopped early, {failed} failed. Sweep file: `{_relative(sweep.path)}`; "
         f"commit {commit}.",
         "",
-        frame.to_markdown(index=False, floatfmt=".4g") if not frame.empty else "No trials.",
+        table,
         "",
     ]
     best = best_trial(sweep, frame) if not frame.empty else None
