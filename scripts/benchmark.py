@@ -259,9 +259,15 @@ def _check_cluster_args(args: argparse.Namespace) -> None:
 
 
 def _report_suites(args: argparse.Namespace) -> list[Suite]:
-    """The named suites, or every suite with a records folder in --out."""
+    """The named suites, or every suite with a records folder in --out (or, with --storage,
+    in one of its suite folders)."""
     if args.suites:
         return [load_suite(name, check_configs=False) for name in args.suites]
+    if args.out is None and args.storage is not None:
+        names = sorted(p.parent.parent.name for p in args.storage.glob("*/records/*") if p.is_dir())
+        if not names:
+            raise BenchmarkError(f"no records under {args.storage}; name the suites to report")
+        return [load_suite(name, check_configs=False) for name in names]
     out = args.out if args.out is not None else REPO_ROOT / "docs" / "benchmarks"
     names = sorted(p.name for p in (out / "records").glob("*") if p.is_dir())
     if not names:

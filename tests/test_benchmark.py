@@ -111,7 +111,7 @@ def test_repository_suites_load_and_match_the_issue() -> None:
 
 def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
     """DoorKey-5x5 at the shared PPO settings, thalamus and LSTM-PPO paired seed by seed
-    (so --parallel 2 puts them side by side), one and two torch threads as separate tasks."""
+    (so --cpus 2 puts them side by side), one and two torch threads as separate tasks."""
     speed = bench_suite.load_suite("speed")
     assert [(r.task, r.agent) for r in speed.runs[:2]] == [
         ("DoorKey-1thread", "thalamus"),
