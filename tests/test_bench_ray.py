@@ -67,3 +67,18 @@ def test_a_tiny_suite_on_ray_fails_the_broken_run_alone_and_skips_finished_ones(
     assert list(again) == ["MiniGrid-Empty-5x5-v0__broken__0"]
     first = json.loads(bench_records.record_path(out, suite.runs[0]).read_text())
     assert first["curve"][-1]["timesteps"] == 256
+
+
+def test_a_cluster_needs_a_storage_path_every_node_reaches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_benchmark import benchmark_script
+
+    suite = str(write_suite(tmp_path, valid_text(tmp_path / "out")))
+    assert benchmark_script.main([suite, "--address", "head:6379"]) == 2
+    assert "give --storage PATH" in capsys.readouterr().err
+    assert benchmark_script.main([suite, "--storage", "relative/path"]) == 2
+    assert "must be an absolute path" in capsys.readouterr().err
+    storage = tmp_path / "shared"
+    assert benchmark_script.main([suite, "--storage", str(storage), "--list"]) == 0
+    assert "pending" in capsys.readouterr().out
