@@ -157,6 +157,19 @@ def test_best_config_is_a_per_env_file_with_the_recipe_only(tmp_path: Path) -> N
     assert config.env.n_envs == load_config().env.n_envs  # run_overrides are not
 
 
+def test_a_trial_gets_torch_threads_for_its_cpus_and_no_progress_bar(tmp_path: Path) -> None:
+    text = (
+        TINY.format(budget=512, storage=tmp_path / "storage")
+        .replace("    - train.torch_threads=1\n", "")
+        .replace("    - train.progress=none\n", "")
+        .replace("storage:", "cpus_per_trial: 2\nstorage:")
+    )
+    sweep = bench_sweep.load_sweep(write_sweep(tmp_path, text))
+    config = sweep.load_trial_config({"ppo.n_steps": 64, "ppo.batch_size": 64})
+    assert (config.train.torch_threads, config.train.progress) == (2, "none")
+    assert config.train.total_timesteps == 512 and config.agent.kind == "ppo"
+
+
 # --------------------------------------------------------------------------------------
 # On Ray
 # --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ A *sweep* is a YAML file in ``configs/sweeps/`` (schema: :class:`SweepFile`)::
       ppo.n_epochs: {randint: [3, 11]}   # Tune's randint: the upper bound is excluded
     points_to_evaluate:               # trials to run first (e.g. a published recipe)
       - {ppo.learning_rate: 2.5e-4, ppo.n_steps: 128, ppo.ent_coef: 0.01, ppo.n_epochs: 4}
-    cpus_per_trial: 1                 # Ray resources; trials also get train.torch_threads
+    cpus_per_trial: 1                 # Ray CPUs per trial; also its train.torch_threads
     max_concurrent: null              # default: as many as the CPUs allow
     storage: runs/sweeps              # relative to the repo root, or a path every node reaches
 
@@ -169,8 +169,12 @@ class Sweep:
         return self.storage / self.file.name
 
     def trial_overrides(self, params: dict[str, Any], run_dir_root: Path) -> list[str]:
-        """The overrides of a trial with sampled ``params`` (``{dotted key: value}``)."""
+        """The overrides of a trial with sampled ``params`` (``{dotted key: value}``): torch
+        threads as many as the trial's CPUs and no progress bar unless the file says
+        otherwise, then the file's overrides, the sampled values and what the sweep fixes."""
         return [
+            f"train.torch_threads={self.file.cpus_per_trial}",
+            "train.progress=none",
             *self.file.base.overrides,
             *self.file.base.run_overrides,
             *(f"{key}={_override_value(value)}" for key, value in params.items()),
