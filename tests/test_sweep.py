@@ -81,6 +81,7 @@ def write_sweep(tmp_path: Path, text: str | None = None, budget: int = 512) -> P
         ("ppo.n_steps: 64,", "ppo.nsteps: 64,", "points_to_evaluate[0]: ppo.nsteps not in space"),
         ("ppo.gamma=0.95", "train.seed=3", "sets train.seed; use the sweep's seed"),
         ("ppo.batch_size: 64", "ppo.batch_size: 4096", "ppo.batch_size = 4096 is larger than"),
+        ("eval_freq=128", "eval_freq=100", "train.eval_freq = 100 does not divide the budget"),
     ],
 )
 def test_sweep_file_errors_name_the_key_and_the_fix(

@@ -283,10 +283,11 @@ def load_sweep(name_or_path: str | os.PathLike[str], *, check_configs: bool = Tr
                 config = sweep.load_trial_config(params)
             except ConfigError as exc:
                 raise SchemaError(f"{where}: {label}: {exc}") from None
-            if config.train.eval_freq < 1 or config.train.eval_freq > data.budget:
+            if config.train.eval_freq < 1 or data.budget % config.train.eval_freq:
                 raise SchemaError(
-                    f"{where}: train.eval_freq = {config.train.eval_freq} gives no evaluation "
-                    f"within the budget of {data.budget}; set it in base.run_overrides"
+                    f"{where}: train.eval_freq = {config.train.eval_freq} does not divide the "
+                    f"budget of {data.budget}: the last evaluation, the one trials are ranked "
+                    "by, must be at the budget; set train.eval_freq in base.run_overrides"
                 )
     return sweep
 
