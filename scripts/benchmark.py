@@ -5,17 +5,19 @@ Examples::
 
     python scripts/benchmark.py quick                      # the smoke suite, a few minutes
     python scripts/benchmark.py quick --report             # its report
-    python scripts/benchmark.py full --parallel 4          # the full suite, 4 runs at a time
+    python scripts/benchmark.py full --cpus 4              # the full suite, 4 runs at a time
+    python scripts/benchmark.py full --address head:6379 --storage /shared/bench   # on a cluster
     python scripts/benchmark.py full --list                # each run's status, no training
     python scripts/benchmark.py full --only 'MiniGrid-MemoryS7-v0__*'
     python scripts/benchmark.py full ablations speed --report    # docs/benchmarks/README.md
     python scripts/benchmark.py --alternated fps           # agents' fps, alternated in one run
     python scripts/benchmark.py --alternated threshold     # DoorKey time to 0.9, alternated
 
-Every run trains through agents.experiment.training (the code scripts/train_agent.py uses) and
-writes one JSON record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record
-are skipped; a run stopped before it (crash, Ctrl-C) continues from its latest checkpoint
-when the suite is run again.
+Every run trains through agents.experiment.training (the code scripts/train_agent.py uses), as a Ray
+task in a fresh process (a local Ray by default, one run per CPU), and writes one JSON
+record to <out>/records/<suite>/<task>__<agent>__<seed>.json. Runs with a record are
+skipped; a run stopped before it (crash, Ctrl-C) continues from its latest checkpoint when
+the suite is run again.
 
 Exit codes: 0 done; 1 some runs failed (the others finished); 2 invalid suite or records;
 130 interrupted (checkpoints were saved; run the same command again to continue).
@@ -27,19 +29,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from agents.benchmarking import (
-    REPO_ROOT,
-    SUITE_DIR,
-    BenchmarkError,
-    Suite,
-    load_suite,
-    record_path,
-    run_status,
-    run_suite,
-    write_report,
-)
+from agents.bench.records import record_path
+from agents.bench.report import write_report
+from agents.bench.runner import run_status, run_suite
+from agents.bench.speed import SPEED_AGENTS, SPEED_ENVS
+from agents.bench.suite import REPO_ROOT, SUITE_DIR, BenchmarkError, Suite, load_suite
 from agents.experiment.hints import script_command
-from agents.speed import SPEED_AGENTS, SPEED_ENVS
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -76,12 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runs-dir",
         type=Path,
-        default=DEFAULT_RUNS_DIR,
+        default=None,
         metavar="DIR",
-        help="where the run directories (checkpoints, tensorboard) go (default: runs/benchmarks)",
+        help="where the run directories (checkpoints, tensorboard) go (default: runs/benchmarks, "
+        "or PATH/runs with --storage)",
     )
     parser.add_argument(
-        "--parallel", type=int, default=1, metavar="N", help="runs at a time (default 1)"
+        "--cpus",
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPUs of the local Ray: runs at a time, one per CPU (default: all of this machine's)",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="run on this existing Ray cluster (e.g. ray://head:10001 or head:6379) instead of "
+        "a local Ray; give --storage too",
+    )
+    parser.add_argument(
+        "--storage",
+        type=Path,
+        metavar="PATH",
+        help="a folder every node of the cluster reaches (shared disk): run directories go to "
+        "PATH/runs and records to PATH/<suite> unless --runs-dir / --out say otherwise",
     )
     parser.add_argument(
         "--only",
@@ -98,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run in this process, one at a time (debugging; peak memory then covers all runs)",
     )
     alt = parser.add_argument_group(
-        "alternated speed suite (agents/speed.py)",
+        "alternated speed suite (agents/bench/speed.py)",
         "Every cell (env x agent x threads) is a worker process; one at a time trains a few "
         "updates, round after round, so ratios compare cells under the same machine load.",
     )
@@ -160,8 +174,8 @@ def _alternated(args: argparse.Namespace) -> int:
     """The alternated speed suite: fps or time to threshold, printed as Markdown."""
     import json
 
-    from agents.speed import Cell, fps_markdown, measure_fps, threshold_markdown
-    from agents.speed import time_to_threshold as run_threshold
+    from agents.bench.speed import Cell, fps_markdown, measure_fps, threshold_markdown
+    from agents.bench.speed import time_to_threshold as run_threshold
 
     default_envs = list(SPEED_ENVS) if args.alternated == "fps" else [SPEED_ENVS[0]]
     envs = args.envs or default_envs
@@ -219,13 +233,41 @@ def _alternated(args: argparse.Namespace) -> int:
 def _out(suite: Suite, args: argparse.Namespace) -> Path:
     if args.out is not None:
         return args.out
+    if args.storage is not None:
+        return args.storage / suite.name
     return suite.output if suite.output.is_absolute() else REPO_ROOT / suite.output
 
 
+def _runs_dir(args: argparse.Namespace) -> Path:
+    if args.runs_dir is not None:
+        return args.runs_dir
+    return DEFAULT_RUNS_DIR if args.storage is None else args.storage / "runs"
+
+
+def _check_cluster_args(args: argparse.Namespace) -> None:
+    if args.storage is not None and not args.storage.is_absolute():
+        raise BenchmarkError(
+            f"--storage {args.storage} must be an absolute path (the same on every node)"
+        )
+    if args.address is not None and args.storage is None:
+        raise BenchmarkError(
+            f"--address {args.address} runs on other machines: give --storage PATH, a folder "
+            "every node reaches, for the run directories and records"
+        )
+    if args.address is not None and args.in_process:
+        raise BenchmarkError("--in-process runs here: drop --address or --in-process")
+
+
 def _report_suites(args: argparse.Namespace) -> list[Suite]:
-    """The named suites, or every suite with a records folder in --out."""
+    """The named suites, or every suite with a records folder in --out (or, with --storage,
+    in one of its suite folders)."""
     if args.suites:
         return [load_suite(name, check_configs=False) for name in args.suites]
+    if args.out is None and args.storage is not None:
+        names = sorted(p.parent.parent.name for p in args.storage.glob("*/records/*") if p.is_dir())
+        if not names:
+            raise BenchmarkError(f"no records under {args.storage}; name the suites to report")
+        return [load_suite(name, check_configs=False) for name in names]
     out = args.out if args.out is not None else REPO_ROOT / "docs" / "benchmarks"
     names = sorted(p.name for p in (out / "records").glob("*") if p.is_dir())
     if not names:
@@ -247,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.suites:
             raise BenchmarkError("name at least one suite to run, e.g. quick or full")
+        _check_cluster_args(args)
         suites = [load_suite(name) for name in args.suites]
         if args.list:
             for suite in suites:
                 out = _out(suite, args)
                 for run in suite.runs:
-                    status = run_status(run, out, args.runs_dir)
+                    status = run_status(run, out, _runs_dir(args))
                     where = record_path(out, run) if status.startswith("done") else ""
                     print(f"{suite.name:<10} {run.key:<50} {status:<24} {where}")
             return 0
@@ -262,14 +305,17 @@ def main(argv: list[str] | None = None) -> int:
             results = run_suite(
                 suite,
                 out,
-                args.runs_dir,
-                parallel=args.parallel,
+                _runs_dir(args),
+                cpus=args.cpus,
+                address=args.address,
                 only=args.only,
                 in_process=args.in_process,
             )
             failed += sum(error is not None for error in results.values())
             print(f"suite {suite.name}: records in {out / 'records' / suite.name}")
-        print("report: " + script_command("benchmark.py", *args.suites, "--report"))
+        where = ["--storage", str(args.storage)] if args.storage is not None else []
+        where += ["--out", str(args.out)] if args.out is not None else []
+        print("report: " + script_command("benchmark.py", *args.suites, "--report", *where))
         return EXIT_FAILED if failed else 0
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.benchmarking import git_commit  # noqa: E402
+from agents.bench.records import git_commit  # noqa: E402
 from agents.experiment.config import find_config_for_env, load_config  # noqa: E402
 from agents.experiment.training import _build_vec_env, build_agent  # noqa: E402
 from agents.registry import AGENT_KINDS, spec  # noqa: E402

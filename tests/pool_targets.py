@@ -1,5 +1,5 @@
-"""Job functions for the benchmark's process runner tests: stdlib only, so a spawned child
-imports them fast (``tests/test_benchmark.py``)."""
+"""Job functions for the benchmark runner's Ray tests: stdlib only, so a fresh worker
+imports them fast (``tests/test_bench_ray.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Aggregates over seeds for the benchmark report (agents/bench_stats.py): rliable's IQM,
+"""Aggregates over seeds for the benchmark report (agents/bench/stats.py): rliable's IQM,
 stratified bootstrap CIs and probability of improvement, checked against closed forms."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents import bench_stats as bs
-from agents import benchmarking as bm
+from agents.bench import stats as bs
+from agents.bench import suite as bench_suite
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
@@ -23,8 +23,8 @@ def _few_resamples(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bs, "BOOTSTRAP_REPS", 200)
 
 
-def fixture_suite() -> bm.Suite:
-    return bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+def fixture_suite() -> bench_suite.Suite:
+    return bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
 
 
 def fixture_records() -> list[dict]:
@@ -77,7 +77,7 @@ def test_score_specs_follow_the_targets() -> None:
         bs.ScoreSpec("mean_reward", 2000),
         bs.ScoreSpec("success_rate"),
     ]
-    no_targets = bm.TaskSpec("t", "t", bm.Threshold("success_rate", 0.5))
+    no_targets = bench_suite.TaskSpec("t", "t", bench_suite.Threshold("success_rate", 0.5))
     assert bs.score_specs(no_targets) == [bs.ScoreSpec("success_rate")]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 import agents.experiment.training
-from agents import benchmarking as bm
+from agents.bench import records as bench_records
+from agents.bench import report, runner
+from agents.bench import suite as bench_suite
 from agents.experiment.config import CONFIG_DIR, find_config_for_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +57,11 @@ def write_suite(tmp_path: Path, text: str, name: str = "suite.yaml") -> Path:
     return path
 
 
+def squeezed(markdown: str) -> str:
+    """A report with the tables' column padding (``DataFrame.to_markdown``) squeezed out."""
+    return re.sub(r" {2,}", " ", markdown)
+
+
 def valid_text(out: Path | str = "unused", budget: int = 512) -> str:
     return VALID.format(out=out, budget=budget)
 
@@ -64,11 +72,11 @@ def valid_text(out: Path | str = "unused", budget: int = 512) -> str:
 
 
 def test_repository_suites_load_and_match_the_issue() -> None:
-    quick = bm.load_suite("quick")
+    quick = bench_suite.load_suite("quick")
     assert {r.agent for r in quick.runs} == {"thalamus", "ppo", "lstm"}
     assert Path(quick.output).parts[0] != "docs"  # quick output is not committed
 
-    full = bm.load_suite("full")
+    full = bench_suite.load_suite("full")
     budgets = {
         "MiniGrid-DoorKey-5x5-v0": 150_000,
         "MiniGrid-MemoryS7-v0": 1_000_000,
@@ -87,7 +95,7 @@ def test_repository_suites_load_and_match_the_issue() -> None:
     doorkey = full.tasks["MiniGrid-DoorKey-5x5-v0"].targets[0]
     assert (doorkey.metric, doorkey.value, doorkey.by) == ("mean_reward", 0.9, 100_000)
 
-    ablations = bm.load_suite("ablations")
+    ablations = bench_suite.load_suite("ablations")
     labels = {(r.task, r.label) for r in ablations.runs}
     assert ("MiniGrid-MemoryS7-v0", "one-stream") in labels
     assert ("MemoryS7-trial2", "no-feedback") in labels
@@ -103,8 +111,8 @@ def test_repository_suites_load_and_match_the_issue() -> None:
 
 def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
     """DoorKey-5x5 at the shared PPO settings, thalamus and LSTM-PPO paired seed by seed
-    (so --parallel 2 puts them side by side), one and two torch threads as separate tasks."""
-    speed = bm.load_suite("speed")
+    (so --cpus 2 puts them side by side), one and two torch threads as separate tasks."""
+    speed = bench_suite.load_suite("speed")
     assert [(r.task, r.agent) for r in speed.runs[:2]] == [
         ("DoorKey-1thread", "thalamus"),
         ("DoorKey-1thread", "lstm"),
@@ -122,10 +130,10 @@ def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
 def test_suite_folder_does_not_disturb_per_env_configs() -> None:
     """find_config_for_env and train_agent.py's --config only look at configs/*.yaml."""
     for suite in ("quick", "full", "ablations", "speed"):
-        assert (bm.SUITE_DIR / f"{suite}.yaml").is_file()
-    assert bm.SUITE_DIR.parent == CONFIG_DIR
+        assert (bench_suite.SUITE_DIR / f"{suite}.yaml").is_file()
+    assert bench_suite.SUITE_DIR.parent == CONFIG_DIR
     assert all(p.parent == CONFIG_DIR for p in CONFIG_DIR.glob("*.yaml"))
-    for task in bm.load_suite("full", check_configs=False).tasks.values():
+    for task in bench_suite.load_suite("full", check_configs=False).tasks.values():
         found = find_config_for_env(task.env_id)
         assert found is not None and found.parent == CONFIG_DIR
 
@@ -135,12 +143,12 @@ def test_suite_folder_does_not_disturb_per_env_configs() -> None:
     [
         ("MiniGrid-Empty-5x5-v0:\n", "MiniGrid-Nope-v0:\n", "tasks.MiniGrid-Nope-v0: env"),
         ("agents: [ppo]", "agents: [dqn]", "agent 'dqn' is not valid; choose from: thalamus"),
-        ("seeds: [0], ", "", "seeds must be a non-empty list"),
+        ("seeds: [0], ", "", "missing required key 'runs[0].seeds'"),
         (", budget: 512", "", "no budget; give budget"),
         (
             "    threshold: {metric: mean_reward, value: 0.5}\n",
             "",
-            "missing required key 'threshold'",
+            "missing required key 'tasks.MiniGrid-Empty-5x5-v0.threshold'",
         ),
         ("{metric: mean_reward, value: 0.5}", "{metric: reward, value: 0.5}", "metric = 'reward'"),
         ("task: MiniGrid-Empty-5x5-v0,", "task: Other,", "task = 'Other' is not defined"),
@@ -152,29 +160,37 @@ def test_suite_folder_does_not_disturb_per_env_configs() -> None:
         ("agents: [ppo]", "agents: [ppo, lstm], label: x", "label names one agent"),
         ("name: tiny", "name: a/b", "name = 'a/b' must be"),
         ("tasks:\n", "fps_baseline: thalamus\ntasks:\n", "compares fps with 'thalamus'"),
-        ("tasks:\n", "fps_baseline: 3\ntasks:\n", "fps_baseline = 3 must be a row label"),
+        ("tasks:\n", "fps_baseline: 3\ntasks:\n", "compares fps with '3'"),
+        ("tasks:\n", "fps_baseline: a/b\ntasks:\n", "fps_baseline = 'a/b' must be a row label"),
+        ("seeds: [0]", "seeds: []", "seeds must be a non-empty list"),
+        ("seeds: [0]", "seeds: [zero]", "Value 'zero' of type 'str' could not be converted"),
+        ("budget: 512}", "budget: 0}", "budget = 0 must be >= 1 env steps"),
     ],
 )
 def test_invalid_suites_say_what_is_wrong(tmp_path: Path, old: str, new: str, message: str) -> None:
     text = valid_text()
     assert old in text
     path = write_suite(tmp_path, text.replace(old, new, 1))
-    with pytest.raises(bm.BenchmarkError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        bm.load_suite(path)
+    with pytest.raises(
+        bench_suite.BenchmarkError, match=message.replace("[", r"\[").replace("(", r"\(")
+    ):
+        bench_suite.load_suite(path)
 
 
 def test_duplicate_runs_and_unknown_suites_are_rejected(tmp_path: Path) -> None:
     text = (
         valid_text() + "  - {task: MiniGrid-Empty-5x5-v0, agents: [ppo], seeds: [0], budget: 9}\n"
     )
-    with pytest.raises(bm.BenchmarkError, match="listed twice; give one of them a different"):
-        bm.load_suite(write_suite(tmp_path, text))
+    with pytest.raises(
+        bench_suite.BenchmarkError, match="listed twice; give one of them a different"
+    ):
+        bench_suite.load_suite(write_suite(tmp_path, text))
     twice = valid_text().replace("seeds: [0]", "seeds: [0, 0]")
     assert twice != valid_text()
-    with pytest.raises(bm.BenchmarkError, match="listed twice; list each seed once"):
-        bm.load_suite(write_suite(tmp_path, twice, "twice.yaml"))
-    with pytest.raises(bm.BenchmarkError, match="one of the names in .*quick"):
-        bm.load_suite("no-such-suite")
+    with pytest.raises(bench_suite.BenchmarkError, match="listed twice; list each seed once"):
+        bench_suite.load_suite(write_suite(tmp_path, twice, "twice.yaml"))
+    with pytest.raises(bench_suite.BenchmarkError, match="one of the names in .*quick"):
+        bench_suite.load_suite("no-such-suite")
     assert benchmark_script.main(["no-such-suite"]) == benchmark_script.EXIT_INVALID
 
 
@@ -184,7 +200,7 @@ def test_overrides_are_layered_suite_task_entry_then_harness(tmp_path: Path) -> 
         .replace("    targets:", "    overrides: [ppo.n_epochs=2]\n    targets:")
         .replace("budget: 512}", "budget: 512, overrides: [ppo.n_epochs=3]}")
     )
-    suite = bm.load_suite(write_suite(tmp_path, text))
+    suite = bench_suite.load_suite(write_suite(tmp_path, text))
     (run,) = suite.runs
     assert run.overrides[-2:] == ("ppo.n_epochs=2", "ppo.n_epochs=3")
     config = run.load_config()
@@ -199,37 +215,39 @@ def test_overrides_are_layered_suite_task_entry_then_harness(tmp_path: Path) -> 
 
 
 def fixture_records() -> list[dict]:
-    return bm.load_records(FIXTURES / "records")
+    return bench_records.load_records(FIXTURES / "records")
 
 
 def test_fixture_records_match_the_schema() -> None:
     records = fixture_records()
     assert len(records) == 9
     for record in records:
-        assert set(bm.RECORD_KEYS) <= set(record)
+        assert set(bench_records.RECORD_KEYS) <= set(record)
         for point in record["curve"]:
-            assert set(bm.POINT_KEYS) <= set(point)
+            assert set(bench_records.POINT_KEYS) <= set(point)
 
 
 def test_validate_record_names_what_is_missing(tmp_path: Path) -> None:
     record = fixture_records()[0]
     broken = {k: v for k, v in record.items() if k != "train_fps"}
-    with pytest.raises(bm.BenchmarkError, match="missing keys train_fps"):
-        bm.validate_record(broken, "x.json")
+    with pytest.raises(bench_suite.BenchmarkError, match="missing keys train_fps"):
+        bench_records.validate_record(broken, "x.json")
     broken = {**record, "curve": [{"timesteps": 1}]}
-    with pytest.raises(bm.BenchmarkError, match=r"curve\[0\] lacks wall_s"):
-        bm.validate_record(broken, "x.json")
+    with pytest.raises(bench_suite.BenchmarkError, match=r"curve\[0\] lacks wall_s"):
+        bench_records.validate_record(broken, "x.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(bm.BenchmarkError, match="bad.json is not valid JSON"):
-        bm.load_records(tmp_path)
+    with pytest.raises(bench_suite.BenchmarkError, match="bad.json is not valid JSON"):
+        bench_records.load_records(tmp_path)
 
 
 def test_summary_medians_ranges_and_fps_ratios() -> None:
-    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     task = suite.tasks["MiniGrid-Empty-5x5-v0"]
     rows = {
         r.label: r
-        for r in bm.summarize_task(task, suite.labels(task.name), fixture_records(), "stochastic")
+        for r in report.summarize_task(
+            task, suite.labels(task.name), fixture_records(), "stochastic"
+        )
     }
     assert list(rows) == ["thalamus", "ppo", "lstm"]
     thalamus, ppo, lstm = rows["thalamus"], rows["ppo"], rows["lstm"]
@@ -243,10 +261,10 @@ def test_summary_medians_ranges_and_fps_ratios() -> None:
     assert ppo.reached == 1 and ppo.frames_to_threshold == (3000.0, 3000.0, 3000.0)
     assert lstm.reached == 0 and lstm.frames_to_threshold is None
     # The deterministic evaluations of the fixtures are all 0: the mode matters.
-    det = bm.summarize_task(task, ["thalamus"], fixture_records(), "deterministic")[0]
+    det = report.summarize_task(task, ["thalamus"], fixture_records(), "deterministic")[0]
     assert det.final_reward == (0.0, 0.0, 0.0) and det.reached == 0
     # Another fps baseline (fps_baseline: thalamus in a suite file, as the ablations have).
-    against = bm.summarize_task(
+    against = report.summarize_task(
         dataclasses.replace(task, fps_baseline="thalamus"),
         suite.labels(task.name),
         fixture_records(),
@@ -257,13 +275,13 @@ def test_summary_medians_ranges_and_fps_ratios() -> None:
 
 def test_fps_baseline_defaults_to_lstm_and_may_be_set_per_suite_or_task(tmp_path: Path) -> None:
     text = valid_text().replace("agents: [ppo]", "agents: [ppo, lstm]")
-    (task,) = bm.load_suite(write_suite(tmp_path, text)).tasks.values()
+    (task,) = bench_suite.load_suite(write_suite(tmp_path, text)).tasks.values()
     assert task.fps_baseline == "lstm"
     suite_level = text.replace("tasks:\n", "fps_baseline: ppo\ntasks:\n")
-    (task,) = bm.load_suite(write_suite(tmp_path, suite_level)).tasks.values()
+    (task,) = bench_suite.load_suite(write_suite(tmp_path, suite_level)).tasks.values()
     assert task.fps_baseline == "ppo"
     task_level = suite_level.replace("    targets:", "    fps_baseline: lstm\n    targets:")
-    (task,) = bm.load_suite(write_suite(tmp_path, task_level)).tasks.values()
+    (task,) = bench_suite.load_suite(write_suite(tmp_path, task_level)).tasks.values()
     assert task.fps_baseline == "lstm"
 
 
@@ -282,27 +300,27 @@ def test_fps_baseline_defaults_to_lstm_and_may_be_set_per_suite_or_task(tmp_path
     ],
 )
 def test_step_counts_never_print_in_exponent_form(n: float, text: str) -> None:
-    assert bm._steps(n) == text
-    assert "e+" not in bm._number(n)
+    assert bench_suite._steps(n) == text
+    assert "e+" not in bench_suite._number(n)
 
 
 def test_targets_met_missed_and_not_run() -> None:
-    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     records = fixture_records()
     by_2000, ppo_success = suite.tasks["MiniGrid-Empty-5x5-v0"].targets
-    result = bm.target_result(by_2000, records, "stochastic")
+    result = report.target_result(by_2000, records, "stochastic")
     assert result.status == "MISSED" and result.median == pytest.approx(0.6)
     assert result.per_seed == {0: 0.92, 1: 0.6, 2: 0.4}
-    assert bm.target_result(ppo_success, records, "stochastic").status == "met"
+    assert report.target_result(ppo_success, records, "stochastic").status == "met"
     doorkey = suite.tasks["MiniGrid-DoorKey-5x5-v0"].targets[0]
-    assert bm.target_result(doorkey, [], "stochastic").status == "no runs"
+    assert report.target_result(doorkey, [], "stochastic").status == "no runs"
 
 
 def test_report_from_fixture_records(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "records", tmp_path / "records" / "fixture")
     code = benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
     assert code == 0
-    text = (tmp_path / "README.md").read_text()
+    text = squeezed((tmp_path / "README.md").read_text())
     assert "9 of 10 runs have records (commit 0123abc)" in text
     assert "**Not run yet:** MiniGrid-DoorKey-5x5-v0__thalamus__0." in text
     assert (
@@ -337,17 +355,17 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
     (tmp_path / "records" / "fixture").mkdir()
     benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
     assert not list((tmp_path / "plots").glob("fixture_*.png"))
-    assert "0 of 10 runs have records" in (tmp_path / "README.md").read_text()
+    assert "0 of 10 runs have records" in squeezed((tmp_path / "README.md").read_text())
 
 
 def test_report_says_when_a_target_is_judged_on_fewer_seeds_than_planned(tmp_path: Path) -> None:
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
-    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
-    text = bm.write_report([suite], tmp_path).read_text()
+    suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "fewer seeds" not in text and " of 3 seeds)" not in text
     (folder / "MiniGrid-Empty-5x5-v0__ppo__2.json").unlink()
-    text = bm.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert (
         "| ppo: eval success rate >= 0.9 at the end | 1.00 (seed 0: 1.00, seed 1: 1.00) | "
         "met (2 of 3 seeds) |" in text
@@ -364,27 +382,33 @@ def test_report_flags_records_that_no_longer_match_the_suite(tmp_path: Path) -> 
     path = folder / "MiniGrid-Empty-5x5-v0__ppo__1.json"
     record = json.loads(path.read_text())
     path.write_text(json.dumps({**record, "budget": 100}))
-    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
-    text = bm.write_report([suite], tmp_path).read_text()
+    suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "do not match the suite file" in text and "MiniGrid-Empty-5x5-v0__ppo__1" in text
 
 
 def test_records_of_runs_the_suite_does_not_have_are_left_out_of_the_numbers(
     tmp_path: Path,
 ) -> None:
-    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
-    before = bm.write_report([suite], tmp_path).read_text()
+    before = squeezed(report.write_report([suite], tmp_path).read_text())
     record = json.loads((folder / "MiniGrid-Empty-5x5-v0__ppo__1.json").read_text())
     for seed in (7, 8):  # seeds the suite does not run, that would drag the medians down
         curve = [
-            {**p, **{m: {**p[m], "mean_reward": 0.0, "success_rate": 0.0} for m in bm.EVAL_MODES}}
+            {
+                **p,
+                **{
+                    m: {**p[m], "mean_reward": 0.0, "success_rate": 0.0}
+                    for m in bench_suite.EVAL_MODES
+                },
+            }
             for p in record["curve"]
         ]
         extra = {**record, "seed": seed, "curve": curve, "train_fps": 1.0}
         (folder / f"MiniGrid-Empty-5x5-v0__ppo__{seed}.json").write_text(json.dumps(extra))
-    after = bm.write_report([suite], tmp_path).read_text()
+    after = squeezed(report.write_report([suite], tmp_path).read_text())
     warning = next(line for line in after.splitlines() if "does not have" in line)
     assert "MiniGrid-Empty-5x5-v0__ppo__7, MiniGrid-Empty-5x5-v0__ppo__8" in warning
     assert "do not match" not in after  # they are not stale runs of the suite
@@ -394,7 +418,7 @@ def test_records_of_runs_the_suite_does_not_have_are_left_out_of_the_numbers(
 def test_stale_records_compare_the_resolved_config_and_defaults_for_newer_keys(
     tmp_path: Path,
 ) -> None:
-    suite = bm.load_suite(write_suite(tmp_path, valid_text()))
+    suite = bench_suite.load_suite(write_suite(tmp_path, valid_text()))
     (spec,) = suite.runs
     config = dataclasses.asdict(spec.load_config())
     record = {
@@ -414,7 +438,7 @@ def test_stale_records_compare_the_resolved_config_and_defaults_for_newer_keys(
                     del edited[section][key]
                 else:
                     edited[section][key] = value
-        return bm._stale_records(suite, [{**record, "config": edited}])
+        return report._stale_records(suite, [{**record, "config": edited}])
 
     assert stale() == []
     assert stale(ppo={"gamma": 0.9}) == [f"{spec.key} (ppo.gamma)"]
@@ -433,25 +457,31 @@ def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None
         return {**base, **sections}
 
     thalamus_changed = {"thalamus": {"top_k": 8}}
-    assert bm._config_differences(config("ppo"), config("ppo", **thalamus_changed)) == []
-    assert bm._config_differences(config("lstm"), config("lstm", **thalamus_changed)) == []
-    assert bm._config_differences(config("thalamus"), config("thalamus", **thalamus_changed)) == [
-        "thalamus.top_k"
-    ]
+    assert bench_suite._config_differences(config("ppo"), config("ppo", **thalamus_changed)) == []
+    assert bench_suite._config_differences(config("lstm"), config("lstm", **thalamus_changed)) == []
+    assert bench_suite._config_differences(
+        config("thalamus"), config("thalamus", **thalamus_changed)
+    ) == ["thalamus.top_k"]
     lstm_changed = {"lstm": {"lstm_hidden_size": 128}}
-    assert bm._config_differences(config("lstm"), config("lstm", **lstm_changed)) == [
+    assert bench_suite._config_differences(config("lstm"), config("lstm", **lstm_changed)) == [
         "lstm.lstm_hidden_size"
     ]
-    assert bm._config_differences(config("thalamus"), config("thalamus", **lstm_changed)) == []
+    assert (
+        bench_suite._config_differences(config("thalamus"), config("thalamus", **lstm_changed))
+        == []
+    )
     # The SSD chunk length and backend pick how the scan is computed, not what it computes.
     schedule_changed = {"thalamus": {"top_k": 16, "chunk_size": 32, "backend": "pure"}}
-    assert bm._config_differences(config("thalamus"), config("thalamus", **schedule_changed)) == []
+    assert (
+        bench_suite._config_differences(config("thalamus"), config("thalamus", **schedule_changed))
+        == []
+    )
     shared_changed = {"ppo": {"n_epochs": 4}}
-    assert bm._config_differences(config("ppo"), config("ppo", **shared_changed)) == [
+    assert bench_suite._config_differences(config("ppo"), config("ppo", **shared_changed)) == [
         "ppo.n_epochs"
     ]
     # Different kinds: every section counts.
-    assert bm._config_differences(config("ppo"), config("lstm", **thalamus_changed)) == [
+    assert bench_suite._config_differences(config("ppo"), config("lstm", **thalamus_changed)) == [
         "agent.kind",
         "thalamus.top_k",
     ]
@@ -466,7 +496,7 @@ def test_a_stream_key_added_since_a_record_ran_reads_as_its_default() -> None:
     record = dataclasses.asdict(suite_config)
     for stream in record["thalamus"]["streams"]:
         del stream["clock"], stream["kind"]
-    differences = bm._config_differences
+    differences = bench_suite._config_differences
     assert differences(record, suite_config, defaults=suite_config) == []
     record["thalamus"]["streams"][1]["d_state"] = 32
     assert differences(record, suite_config, defaults=suite_config) == [
@@ -492,26 +522,26 @@ runs:
 
 def test_shared_runs_use_the_other_suites_records_and_run_folders(tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "suite.yaml", tmp_path / "fixture.yaml")
-    suite = bm.load_suite(write_suite(tmp_path, SHARING, "abl.yaml"))
+    suite = bench_suite.load_suite(write_suite(tmp_path, SHARING, "abl.yaml"))
     shared = [r for r in suite.runs if r.label == "thalamus"]
-    fixture = bm.load_suite(tmp_path / "fixture.yaml", check_configs=False)
+    fixture = bench_suite.load_suite(tmp_path / "fixture.yaml", check_configs=False)
     assert [r.shared_with for r in shared] == ["fixture"] * 3
     assert shared[0].overrides == fixture.runs[0].overrides
     out, runs_dir = tmp_path / "out", tmp_path / "runs"
     assert (
-        bm.record_path(out, shared[0])
+        bench_records.record_path(out, shared[0])
         == out / "records/fixture/MiniGrid-Empty-5x5-v0__thalamus__0.json"
     )
     assert (
-        bm.run_dir_of(runs_dir, shared[0])
+        bench_records.run_dir_of(runs_dir, shared[0])
         == runs_dir / "fixture/MiniGrid-Empty-5x5-v0__thalamus__0"
     )
-    assert bm.run_status(shared[0], out, runs_dir) == "pending (suite fixture)"
+    assert runner.run_status(shared[0], out, runs_dir) == "pending (suite fixture)"
 
     shutil.copytree(FIXTURES / "records", out / "records" / "fixture")
-    assert bm.run_status(shared[0], out, runs_dir) == "done (suite fixture)"
-    assert [r.label for r in bm.pending_runs(suite, out)] == ["no-gate"]
-    text = bm.write_report([suite], out).read_text()
+    assert runner.run_status(shared[0], out, runs_dir) == "done (suite fixture)"
+    assert [r.label for r in runner.pending_runs(suite, out)] == ["no-gate"]
+    text = squeezed(report.write_report([suite], out).read_text())
     assert "3 of 4 runs have records" in text
     assert "| thalamus | 0, 1, 2 | 3k | 0.91 [0.50–0.95] |" in text
     assert "do not match" not in text
@@ -544,8 +574,8 @@ def test_invalid_shared_runs_say_what_is_wrong(
     shutil.copy(FIXTURES / "suite.yaml", tmp_path / "fixture.yaml")
     assert old in SHARING
     path = write_suite(tmp_path, SHARING.replace(old, new, 1), "abl.yaml")
-    with pytest.raises(bm.BenchmarkError, match=message):
-        bm.load_suite(path)
+    with pytest.raises(bench_suite.BenchmarkError, match=message):
+        bench_suite.load_suite(path)
 
 
 def test_state_at_checkpoint_drops_later_points_and_restores_the_clock() -> None:
@@ -556,10 +586,10 @@ def test_state_at_checkpoint_drops_later_points_and_restores_the_clock() -> None
         "clock": {"wall_s": 3.5, "eval_wall_s": 0.9},
         "sessions": 1,
     }
-    kept = bm._state_at_checkpoint(state, 512)
+    kept = bench_records._state_at_checkpoint(state, 512)
     assert [p["timesteps"] for p in kept["curve"]] == [256, 512]
     assert kept["clock"]["wall_s"] == 2.5
-    unmarked = bm._state_at_checkpoint({**state, "marks": {}}, 600)
+    unmarked = bench_records._state_at_checkpoint({**state, "marks": {}}, 600)
     assert unmarked["clock"] == {"wall_s": 2.0, "eval_wall_s": pytest.approx(0.5)}
 
 
@@ -574,11 +604,11 @@ def test_a_stop_mid_rollout_marks_the_clock_of_the_rollout_start(
     from agents.experiment.training import RunCallbacks
 
     now = [0.0]
-    monkeypatch.setattr(bm.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(bench_records.time, "monotonic", lambda: now[0])
     evaluation = SimpleNamespace(n_evaluations=0, deterministic=False, last_eval_seconds=0.0)
     checkpoint = SimpleNamespace(last_saved=None)
     budget = 600  # the stop's step is past it, the rollout start is not
-    recorder = bm.EvalRecorder(
+    recorder = bench_records.EvalRecorder(
         RunCallbacks(evaluation, checkpoint), tmp_path / "progress.json", budget, None, None
     )
     model = SimpleNamespace(num_timesteps=0)
@@ -604,7 +634,7 @@ def test_a_stop_mid_rollout_marks_the_clock_of_the_rollout_start(
     assert not recorder.finished and recorder.curve == []  # 512 < budget: no final evaluation
     state = json.loads((tmp_path / "progress.json").read_text())
     assert state["timesteps"] == 512 and not state["finished"]
-    assert bm._state_at_checkpoint(state, 512)["clock"]["wall_s"] == 12.0
+    assert bench_records._state_at_checkpoint(state, 512)["clock"]["wall_s"] == 12.0
 
 
 # --------------------------------------------------------------------------------------
@@ -613,12 +643,12 @@ def test_a_stop_mid_rollout_marks_the_clock_of_the_rollout_start(
 
 
 def test_finished_runs_are_skipped_without_training(tmp_path: Path, monkeypatch) -> None:
-    suite = bm.load_suite(write_suite(tmp_path, valid_text(tmp_path / "out")))
+    suite = bench_suite.load_suite(write_suite(tmp_path, valid_text(tmp_path / "out")))
     (run,) = suite.runs
     out = tmp_path / "out"
-    assert bm.pending_runs(suite, out) == [run]
-    assert bm.run_status(run, out, tmp_path / "runs") == "pending"
-    path = bm.record_path(out, run)
+    assert runner.pending_runs(suite, out) == [run]
+    assert runner.run_status(run, out, tmp_path / "runs") == "pending"
+    path = bench_records.record_path(out, run)
     path.parent.mkdir(parents=True)
     path.write_text("{}")
 
@@ -627,22 +657,24 @@ def test_finished_runs_are_skipped_without_training(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(agents.experiment.training, "train", no_training)
     monkeypatch.setattr(agents.experiment.training, "resume", no_training)
-    assert bm.pending_runs(suite, out) == []
-    assert bm.run_status(run, out, tmp_path / "runs") == "done"
+    assert runner.pending_runs(suite, out) == []
+    assert runner.run_status(run, out, tmp_path / "runs") == "done"
     threshold = suite.tasks[run.task].threshold
-    assert bm.execute_run(run, out, tmp_path / "runs", threshold) == path
-    assert bm.run_suite(suite, out, tmp_path / "runs", in_process=True, log=lambda s: None) == {}
+    assert runner.execute_run(run, out, tmp_path / "runs", threshold) == path
+    assert (
+        runner.run_suite(suite, out, tmp_path / "runs", in_process=True, log=lambda s: None) == {}
+    )
 
 
 def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> None:
     """Two real PPO runs of a few hundred steps: the record, and a resume from a checkpoint."""
     out, runs = tmp_path / "out", tmp_path / "runs"
-    suite = bm.load_suite(write_suite(tmp_path, valid_text(out, budget=512)))
-    results = bm.run_suite(suite, out, runs, in_process=True, log=lambda s: None)
+    suite = bench_suite.load_suite(write_suite(tmp_path, valid_text(out, budget=512)))
+    results = runner.run_suite(suite, out, runs, in_process=True, log=lambda s: None)
     assert results == {"MiniGrid-Empty-5x5-v0__ppo__0": None}
     (run,) = suite.runs
-    record = json.loads(bm.record_path(out, run).read_text())
-    bm.validate_record(record)
+    record = json.loads(bench_records.record_path(out, run).read_text())
+    bench_records.validate_record(record)
     assert (record["env"], record["agent"], record["seed"], record["budget"]) == (
         "MiniGrid-Empty-5x5-v0",
         "ppo",
@@ -651,7 +683,7 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     )
     assert [p["timesteps"] for p in record["curve"]] == [256, 512]
     for point in record["curve"]:
-        for mode in bm.EVAL_MODES:
+        for mode in bench_suite.EVAL_MODES:
             assert point[mode]["episodes"] == 2
             assert 0.0 <= point[mode]["success_rate"] <= 1.0
     assert record["train_fps"] > 0 and record["peak_rss_mb"] > 0
@@ -663,24 +695,26 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     # The resolved config: a later change of a default shows up in the report.
     assert record["config"]["agent"]["kind"] == "ppo"
     assert record["config"]["ppo"]["n_epochs"] == run.load_config().ppo.n_epochs == 1
-    text = bm.write_report([suite], out).read_text()
+    text = squeezed(report.write_report([suite], out).read_text())
     assert "do not match" not in text
     changed = {**record, "config": {**record["config"], "ppo": {**record["config"]["ppo"]}}}
     changed["config"]["ppo"]["n_epochs"] = 10  # as if the default had been 10 when it ran
     changed["config"]["ppo"].pop("gamma")  # a key the record predates: not a difference
-    bm.record_path(out, run).write_text(json.dumps(changed))
-    text = bm.write_report([suite], out).read_text()
+    bench_records.record_path(out, run).write_text(json.dumps(changed))
+    text = squeezed(report.write_report([suite], out).read_text())
     assert "MiniGrid-Empty-5x5-v0__ppo__0 (ppo.n_epochs)" in text
-    bm.record_path(out, run).write_text(json.dumps(record))
+    bench_records.record_path(out, run).write_text(json.dumps(record))
 
     # A larger budget and no record: the run continues from its checkpoint at 512.
-    bm.record_path(out, run).unlink()
-    bigger = bm.load_suite(write_suite(tmp_path, valid_text(out, budget=1024), "bigger.yaml"))
-    assert bm.run_status(bigger.runs[0], out, runs) == "partial at step 512"
-    assert bm.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
+    bench_records.record_path(out, run).unlink()
+    bigger = bench_suite.load_suite(
+        write_suite(tmp_path, valid_text(out, budget=1024), "bigger.yaml")
+    )
+    assert runner.run_status(bigger.runs[0], out, runs) == "partial at step 512"
+    assert runner.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
         "MiniGrid-Empty-5x5-v0__ppo__0": None
     }
-    resumed = json.loads(bm.record_path(out, run).read_text())
+    resumed = json.loads(bench_records.record_path(out, run).read_text())
     assert [p["timesteps"] for p in resumed["curve"]] == [256, 512, 768, 1024]
     assert resumed["curve"][:2] == record["curve"]
     walls = [p["wall_s"] for p in resumed["curve"]]
@@ -691,40 +725,40 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
 
     # Killed after the final checkpoint, before the final evaluation: the next call evaluates
     # that checkpoint instead of recording a curve that stops short of the budget.
-    progress = bm.run_dir_of(runs, run) / bm.PROGRESS_FILE
+    progress = bench_records.run_dir_of(runs, run) / bench_records.PROGRESS_FILE
     state = json.loads(progress.read_text())
     state["curve"] = state["curve"][:-1]
     state["finished"] = False
     progress.write_text(json.dumps(state))
-    bm.record_path(out, run).unlink()
-    assert bm.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
+    bench_records.record_path(out, run).unlink()
+    assert runner.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
         "MiniGrid-Empty-5x5-v0__ppo__0": None
     }
-    finished = json.loads(bm.record_path(out, run).read_text())
-    bm.validate_record(finished)
+    finished = json.loads(bench_records.record_path(out, run).read_text())
+    bench_records.validate_record(finished)
     assert [p["timesteps"] for p in finished["curve"]] == [256, 512, 768, 1024]
     assert finished["curve"][:3] == resumed["curve"][:3]
-    assert all(finished["final"][mode]["episodes"] == 2 for mode in bm.EVAL_MODES)
+    assert all(finished["final"][mode]["episodes"] == 2 for mode in bench_suite.EVAL_MODES)
     assert finished["sessions"] == 2 and json.loads(progress.read_text())["finished"]
 
     # Refused, and nothing deleted: a budget below the one the folder's run trained for (its
     # curve would run past it), and checkpoints whose config.yaml is gone.
-    bm.record_path(out, run).unlink()
+    bench_records.record_path(out, run).unlink()
     threshold = suite.tasks[run.task].threshold
-    with pytest.raises(bm.BenchmarkError, match="1,024 steps, more than the suite's 512"):
-        bm.execute_run(suite.runs[0], out, runs, threshold)
-    config_file = bm.run_dir_of(runs, run) / "config.yaml"
+    with pytest.raises(bench_suite.BenchmarkError, match="1,024 steps, more than the suite's 512"):
+        runner.execute_run(suite.runs[0], out, runs, threshold)
+    config_file = bench_records.run_dir_of(runs, run) / "config.yaml"
     config_file.rename(config_file.with_name("moved.yaml"))
-    with pytest.raises(bm.BenchmarkError, match="has checkpoints but no config.yaml"):
-        bm.execute_run(bigger.runs[0], out, runs, threshold)
-    assert list((bm.run_dir_of(runs, run) / "checkpoints").glob("*.safetensors"))
+    with pytest.raises(bench_suite.BenchmarkError, match="has checkpoints but no config.yaml"):
+        runner.execute_run(bigger.runs[0], out, runs, threshold)
+    assert list((bench_records.run_dir_of(runs, run) / "checkpoints").glob("*.safetensors"))
 
 
 def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch) -> None:
     from agents.experiment.io import CheckpointInfo
 
     text = valid_text(tmp_path / "out").replace("seeds: [0]", "seeds: [0, 1]")
-    suite = bm.load_suite(write_suite(tmp_path, text))
+    suite = bench_suite.load_suite(write_suite(tmp_path, text))
     first, second = suite.runs
     started = []
 
@@ -736,36 +770,21 @@ def test_an_interrupted_run_is_reported_as_resumable(tmp_path: Path, monkeypatch
     monkeypatch.setattr(agents.experiment.training, "train", interrupted)
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=lines.append)
+        runner.run_suite(
+            suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=lines.append
+        )
     assert started == [0]  # the second run was not started
     assert lines[-1] == (
         f"[1/2] {first.key}: FAILED: interrupted at step 256; a checkpoint was saved: run the "
         "same benchmark command again to continue it"
     )
-    assert bm._run_one((second, tmp_path / "out", tmp_path / "runs", None, "stochastic", "c")) == (
+    assert runner._run_one(
+        (second, tmp_path / "out", tmp_path / "runs", None, "stochastic", "c")
+    ) == (
         second.key,
         "interrupted at step 256; a checkpoint was saved: run the same benchmark command again "
         "to continue it",
     )
-
-
-def test_a_worker_that_dies_fails_its_own_run_only() -> None:
-    """One child killed (no result) must not stop or fail the runs beside and after it, as a
-    ``ProcessPoolExecutor`` would (it terminates every worker once one dies)."""
-    from tests.pool_targets import die_or_finish
-
-    jobs = [
-        ("killed", ("killed", 0.2, True)),
-        ("beside", ("beside", 1.0, False)),
-        ("fails", ("fails", 0.0, False)),
-        ("after", ("after", 0.0, False)),
-    ]
-    results: dict[str, str | None] = {}
-    bm._run_in_processes(jobs, 2, results.__setitem__, target=die_or_finish)
-    assert results.keys() == {"killed", "beside", "fails", "after"}
-    assert results["killed"].startswith("worker died (exit code 9")
-    assert results["beside"] is None and results["after"] is None
-    assert results["fails"] == "ValueError: bad run"
 
 
 def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> None:
@@ -776,7 +795,7 @@ def test_recording_the_other_evaluation_mode_leaves_the_training_rng_alone() -> 
     try:
         model = make_agent("ppo", venv, seed=0, device="cpu", n_steps=16, batch_size=32)
         before = torch.get_rng_state()
-        result = bm._evaluate(model, venv, n_episodes=2, deterministic=False)
+        result = bench_records._evaluate(model, venv, n_episodes=2, deterministic=False)
         assert result["episodes"] == 2
         assert torch.equal(torch.get_rng_state(), before)
     finally:
@@ -798,11 +817,13 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
         .replace("max_steps=20", "max_steps=100")  # a random walk finds the goal at times
         .replace("eval_episodes=2", "eval_episodes=4")
     )
-    suite = bm.load_suite(write_suite(tmp_path, text))
+    suite = bench_suite.load_suite(write_suite(tmp_path, text))
     (run,) = suite.runs
-    results = bm.run_suite(suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=print)
+    results = runner.run_suite(
+        suite, tmp_path / "out", tmp_path / "runs", in_process=True, log=print
+    )
     assert results == {run.key: None}
-    record = json.loads(bm.record_path(tmp_path / "out", run).read_text())
+    record = json.loads(bench_records.record_path(tmp_path / "out", run).read_text())
 
     alone = agents.experiment.training.train(run.load_config(), tmp_path / "alone")
     events = EventAccumulator(str(alone / "tb"), size_guidance={"scalars": 0})
@@ -812,7 +833,7 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
         (p["timesteps"], pytest.approx(p["stochastic"]["mean_reward"])) for p in record["curve"]
     ]
     benchmarked = load_model_file(
-        bm.run_dir_of(tmp_path / "runs", run) / "final_model.safetensors", device="cpu"
+        bench_records.run_dir_of(tmp_path / "runs", run) / "final_model.safetensors", device="cpu"
     )
     trained = load_model_file(alone / "final_model.safetensors", device="cpu")
     for (name, a), b in zip(
@@ -824,17 +845,17 @@ def test_a_benchmark_run_trains_and_evaluates_as_train_agent_does(tmp_path: Path
 def test_report_flags_fps_ratios_between_runs_of_different_days(tmp_path: Path) -> None:
     folder = tmp_path / "records" / "fixture"
     shutil.copytree(FIXTURES / "records", folder)
-    suite = bm.load_suite(FIXTURES / "suite.yaml", check_configs=False)
-    assert "†" not in bm.write_report([suite], tmp_path).read_text()  # all on one day
+    suite = bench_suite.load_suite(FIXTURES / "suite.yaml", check_configs=False)
+    assert "†" not in squeezed(report.write_report([suite], tmp_path).read_text())  # all on one day
     for seed, day in ((0, "2026-01-02"), (1, "2026-01-03"), (2, "2026-01-05")):
         path = folder / f"MiniGrid-Empty-5x5-v0__thalamus__{seed}.json"
         record = json.loads(path.read_text())
         path.write_text(json.dumps({**record, "finished_at": f"{day}T09:00:00"}))
-    text = bm.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "| 1.50x |" in text  # one day apart (seed 0) is the same machine's run of runs
     path = folder / "MiniGrid-Empty-5x5-v0__thalamus__0.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "finished_at": "2026-01-04"}))
-    text = bm.write_report([suite], tmp_path).read_text()
+    text = squeezed(report.write_report([suite], tmp_path).read_text())
     assert "| 1.50x † |" in text and "| 5.00x |" in text and "| 1.00x |" in text
     assert (
         "† Runs finished at least 2 days from the lstm runs (2026-01-01): thalamus (2026-01-03 "

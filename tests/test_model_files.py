@@ -184,7 +184,8 @@ def test_no_loader_runs_a_payload_without_trust_pickle(
 def test_the_benchmark_refuses_an_old_run_without_deleting_it(
     poisoned_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    import agents.benchmarking as bm
+    from agents.bench import runner
+    from agents.bench import suite as bench_suite
     from agents.experiment.config import ExperimentConfig
 
     run_dir, marker = poisoned_run
@@ -202,9 +203,9 @@ def test_the_benchmark_refuses_an_old_run_without_deleting_it(
     (runs / "suite").mkdir()
     run_dir.rename(runs / "suite" / "k")
     run_dir = runs / "suite" / "k"
-    threshold = bm.Threshold("mean_reward", 0.5)
-    with pytest.raises(bm.BenchmarkError, match=r"convert_run\.py"):
-        bm.execute_run(Run(), tmp_path / "out", runs, threshold)  # type: ignore[arg-type]
+    threshold = bench_suite.Threshold("mean_reward", 0.5)
+    with pytest.raises(bench_suite.BenchmarkError, match=r"convert_run\.py"):
+        runner.execute_run(Run(), tmp_path / "out", runs, threshold)  # type: ignore[arg-type]
     assert (run_dir / "checkpoints" / "step_000000000016.zip").is_file()
     assert not marker.exists()
 

@@ -148,17 +148,15 @@ def test_an_unregistered_algorithm_is_refused_with_the_kinds_named(models: dict[
         spec_of_model(object())
 
 
-# The benchmark layer (moving to agents/bench/ in issue 33) is a user of agents.experiment.
-_BENCH_LAYER = {"benchmarking.py", "bench_stats.py", "speed.py", "speed_worker.py"}
+def _importing(folder: Path, module: str) -> list[str]:
+    """The files directly in ``folder`` that import ``module``."""
+    pattern = rf"^\s*(from|import) {re.escape(module)}\b"
+    return [p.name for p in sorted(folder.glob("*.py")) if re.search(pattern, p.read_text(), re.M)]
 
 
-def test_the_algorithm_does_not_import_the_experiment_layer() -> None:
-    """Dependencies point one way: agents.experiment -> agents, never back."""
-    repo = Path(__file__).resolve().parents[1]
-    importing = [
-        path.name
-        for path in sorted((repo / "agents").glob("*.py"))
-        if path.name not in _BENCH_LAYER
-        and re.search(r"^\s*(from|import) agents\.experiment", path.read_text(), re.M)
-    ]
-    assert importing == []
+def test_the_layers_import_one_way() -> None:
+    """Dependencies point one way: agents.bench -> agents.experiment -> agents, never back."""
+    agents_dir = Path(__file__).resolve().parents[1] / "agents"
+    assert _importing(agents_dir, "agents.experiment") == []
+    assert _importing(agents_dir, "agents.bench") == []
+    assert _importing(agents_dir / "experiment", "agents.bench") == []

@@ -1,4 +1,4 @@
-"""The alternated speed benchmark (agents/speed.py): ratios within rounds, tables, workers."""
+"""The alternated speed benchmark (agents/bench/speed.py): ratios within rounds, tables, workers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from agents.speed import Cell, Worker, fps_markdown, fps_ratios, measure_fps, threshold_markdown
+from agents.bench.speed import (
+    Cell,
+    Worker,
+    fps_markdown,
+    fps_ratios,
+    measure_fps,
+    threshold_markdown,
+)
 
 
 def _result() -> dict:

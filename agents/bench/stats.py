@@ -39,7 +39,8 @@ import pandas as pd
 from rliable import library as rly
 from rliable import metrics as rly_metrics
 
-from agents.benchmarking import Suite, TaskSpec, _metric_at, _steps
+from agents.bench.records import _metric_at
+from agents.bench.suite import Suite, TaskSpec, _steps
 
 REFERENCE_AGENT = "thalamus"
 """The row every other row is compared with (probability of improvement). A task without a

@@ -1,9 +1,9 @@
 """Alternated speed benchmark: training throughput and time to threshold, agents side by side.
 
-The suites of :mod:`agents.benchmarking` train each run on its own, so two runs' fps come from
+The suites of :mod:`agents.bench.runner` train each run on its own, so two runs' fps come from
 different moments of a machine whose speed changes with its load (and from day to day). Here
 every measured *cell* (an agent on an env, at a number of torch threads, from a checkout) is a
-worker process (:mod:`agents.speed_worker`), and the driver lets one worker at a time train a
+worker process (:mod:`agents.bench.speed_worker`), and the driver lets one worker at a time train a
 few updates, round after round, rotating the order each round. Ratios are taken within a round
 (every cell of a round sees the same load) and reported as medians over rounds.
 
@@ -42,7 +42,7 @@ __all__ = [
     "threshold_markdown",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "speed_worker.py"
 
 #: The envs of the alternated speed suite (issue 34): no memory, memory, language.
@@ -84,14 +84,16 @@ class Cell:
 
 
 class Worker:
-    """A :mod:`agents.speed_worker` process training one cell on request."""
+    """A :mod:`agents.bench.speed_worker` process training one cell on request."""
 
     def __init__(self, cell: Cell, python: str = sys.executable) -> None:
         repo = Path(cell.repo).resolve() if cell.repo is not None else REPO_ROOT
-        if not (repo / "agents" / "training.py").is_file():
+        trainers = (repo / "agents" / "experiment" / "training.py", repo / "agents" / "training.py")
+        if not any(path.is_file() for path in trainers):  # the second: before issue 33's layout
             raise ValueError(
                 f"cell {cell.name!r}: {repo} is not a thalamus_rl checkout (no "
-                "agents/training.py); pass the root of one, e.g. a `git worktree add` of it"
+                "agents/experiment/training.py or agents/training.py); pass the root of one, "
+                "e.g. a `git worktree add` of it"
             )
         env = dict(os.environ)
         env["PYTHONPATH"] = str(repo)

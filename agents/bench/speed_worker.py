@@ -1,6 +1,6 @@
-"""One agent of an alternated speed benchmark, driven over stdin/stdout (:mod:`agents.speed`).
+"""One agent of an alternated speed benchmark, driven over stdin/stdout (:mod:`agents.bench.speed`).
 
-Run as a script by :class:`agents.speed.Worker`, with ``PYTHONPATH`` set to the checkout whose
+Run as a script by :class:`agents.bench.speed.Worker`, with ``PYTHONPATH`` set to the checkout whose
 code is measured: it imports only what every commit since the config system has
 (``load_config`` and ``build_agent``, from ``agents.experiment`` or, before it, ``agents``), so
 the same file drives the current code and an older checkout side by side (before/after ratios
