@@ -209,6 +209,36 @@ def test_overrides_are_layered_suite_task_entry_then_harness(tmp_path: Path) -> 
     assert run.key == "MiniGrid-Empty-5x5-v0__ppo__0"
 
 
+def test_a_run_entry_starts_from_its_recipe_file(tmp_path: Path) -> None:
+    """``config:`` names the per-env file a run starts from (a tuned recipe); the entry's
+    overrides still apply after it, and a recipe of another env or agent is refused."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "env: {id: MiniGrid-Empty-5x5-v0}\nagent: {kind: ppo}\nppo: {learning_rate: 2.5e-4}\n"
+    )
+    text = valid_text().replace("budget: 512}", f"budget: 512, config: {recipe}}}")
+    (run,) = bench_suite.load_suite(write_suite(tmp_path, text)).runs
+    config = run.load_config()
+    assert config.ppo.learning_rate == 2.5e-4
+    assert config.ppo.n_epochs == 1  # the suite's overrides win over the recipe
+    plain = bench_suite.load_suite(write_suite(tmp_path, valid_text(), "plain.yaml")).runs[0]
+    assert plain.load_config().ppo.learning_rate != 2.5e-4
+
+    other_env = tmp_path / "other_env.yaml"
+    other_env.write_text("env: {id: MiniGrid-DoorKey-5x5-v0}\n")
+    text = valid_text().replace("budget: 512}", f"budget: 512, config: {other_env}}}")
+    with pytest.raises(bench_suite.BenchmarkError, match="config for MiniGrid-DoorKey-5x5-v0"):
+        bench_suite.load_suite(write_suite(tmp_path, text))
+    text = valid_text().replace("agents: [ppo]", "agents: [lstm]")
+    text = text.replace("budget: 512}", f"budget: 512, config: {recipe}}}")
+    text = text.replace("{agent: ppo,", "{agent: lstm,")
+    with pytest.raises(bench_suite.BenchmarkError, match="recipe for agent 'ppo'"):
+        bench_suite.load_suite(write_suite(tmp_path, text))
+    text = valid_text().replace("budget: 512}", "budget: 512, config: no_such_recipe}")
+    with pytest.raises(bench_suite.BenchmarkError, match="no_such_recipe.*not found"):
+        bench_suite.load_suite(write_suite(tmp_path, text))
+
+
 # --------------------------------------------------------------------------------------
 # Records and the report (fixtures)
 # --------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ Suite file format::
         budget: 150000               # env steps (train.total_timesteps)
         label: nofeedback            # optional, one agent only: the row name (default: kind)
         overrides: [thalamus.use_feedback=false]
+      - task: MiniGrid-DoorKey-5x5-v0
+        agents: [ppo]
+        seeds: [0, 1, 2]
+        config: recipes/ppo_doorkey  # optional: the per-env file the runs start from (a tuned
+                                     # recipe; a path or a name under configs/); default: the
+                                     # env's own file
       - task: MiniGrid-MemoryS7-v0   # a run another suite has too: trained once
         agents: [thalamus]
         seeds: [0, 1, 2]
@@ -61,7 +67,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from agents.bench.schema import SchemaError, at_least, choice, load_structured, read_yaml
 from agents.experiment.config import (
@@ -69,10 +75,11 @@ from agents.experiment.config import (
     ExperimentConfig,
     find_config_for_env,
     load_config,
+    resolve_config_path,
     resolve_yaml_file,
     sections_ignored_by,
 )
-from agents.factory import AGENT_KINDS
+from agents.registry import AGENT_KINDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUITE_DIR = REPO_ROOT / "configs" / "benchmarks"
@@ -143,6 +150,7 @@ class RunEntry:
     agent: str | None = None
     budget: int | None = None
     label: str | None = None
+    config: str | None = None
     overrides: list[str] = dataclasses.field(default_factory=list)
     shared_with: str | None = None
 
@@ -217,6 +225,9 @@ class RunSpec:
         other suite's, which give the same config).
     :ivar shared_with: the suite whose run this is too (``shared_with`` in the suite file):
         its record and run directory are that suite's. None: the run is this suite's own.
+    :ivar config: the per-env config file the run starts from (a path, or a name in
+        ``configs/``, e.g. a tuned recipe ``recipes/ppo_keycorridor_s3r1``); None: the env's
+        own file, as ``train_agent.py --env`` picks it.
     """
 
     suite: str
@@ -228,6 +239,7 @@ class RunSpec:
     budget: int
     overrides: tuple[str, ...] = ()
     shared_with: str | None = None
+    config: str | None = None
 
     @property
     def record_suite(self) -> str:
@@ -249,11 +261,14 @@ class RunSpec:
         ]
 
     def load_config(self) -> ExperimentConfig:
-        """The run's config: ``configs/`` file for the env (if any), then the overrides.
+        """The run's config: its ``config`` file, else the ``configs/`` file for the env (if
+        any), then the overrides.
 
-        :raises ConfigError: an override is invalid.
+        :raises ConfigError: a file or an override is invalid.
         """
-        return load_config(find_config_for_env(self.env_id), self.config_overrides())
+        if self.config is None:
+            return load_config(find_config_for_env(self.env_id), self.config_overrides())
+        return load_config(resolve_config_path(self.config), self.config_overrides())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +399,7 @@ def load_suite(
                 seed=seed,
                 budget=budget,
                 overrides=(*suite_overrides, *task.overrides, *overrides),
+                config=_recipe(raw.config, task.env_id, agent, f"{run_where}.config"),
             )
             for agent in agents
             for seed in raw.seeds
@@ -486,7 +502,11 @@ def _shared_runs(
                     f"differs there in {', '.join(differences)}; give both the same overrides "
                     "or drop shared_with"
                 )
-        shared.append(dataclasses.replace(run, overrides=match.overrides, shared_with=other_name))
+        shared.append(
+            dataclasses.replace(
+                run, overrides=match.overrides, config=match.config, shared_with=other_name
+            )
+        )
     return shared
 
 
@@ -514,6 +534,35 @@ def _overrides(value: list[str], where: str) -> tuple[str, ...]:
                 f"{_FORBIDDEN_OVERRIDES[key.strip()]} field sets; use that field"
             )
     return tuple(value)
+
+
+def _recipe(config: str | None, env_id: str, agent: str, where: str) -> str | None:
+    """``config`` (a run entry's recipe file) checked against the run it is for.
+
+    :raises BenchmarkError: the file is missing or unreadable, or it names another env or
+        another agent kind than the run.
+    """
+    if config is None:
+        return None
+    try:
+        path = resolve_config_path(config)
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except (ConfigError, OSError, ValueError) as exc:
+        raise BenchmarkError(f"{where}: {exc}") from None
+    data = data if isinstance(data, dict) else {}
+    file_env = (data.get("env") or {}).get("id")
+    if file_env is not None and file_env != env_id:
+        raise BenchmarkError(
+            f"{where}: {config} is a config for {file_env}, but the task's env is {env_id}; "
+            "give a recipe of this env"
+        )
+    file_agent = (data.get("agent") or {}).get("kind")
+    if file_agent is not None and file_agent != agent:
+        raise BenchmarkError(
+            f"{where}: {config} is a recipe for agent {file_agent!r}, but the entry runs "
+            f"{agent!r}; give each agent its own entry with its own recipe"
+        )
+    return config
 
 
 def _agents(raw: RunEntry, where: str) -> list[str]:

@@ -217,7 +217,7 @@ def load_sweep(name_or_path: str | os.PathLike[str], *, check_configs: bool = Tr
     data = load_structured(read_yaml(path, "sweep"), SweepFile, where)
     if not _NAME.match(data.name):
         raise SchemaError(f"{where}: name = {data.name!r} must be letters, digits, '.', '_', '-'")
-    from agents.factory import AGENT_KINDS
+    from agents.registry import AGENT_KINDS
 
     choice(data.base.agent, tuple(AGENT_KINDS), where, "base.agent")
     choice(data.metric, METRICS, where, "metric")

@@ -357,7 +357,8 @@ def resolve_yaml_file(
     what: str,
     error: type[Exception] = ConfigError,
 ) -> Path:
-    """Find a YAML file given a path or a bare name (with or without ``.yaml``) in ``folder``.
+    """Find a YAML file given a path, or a name (with or without ``.yaml``) in ``folder`` or a
+    folder under it (``recipes/ppo_keycorridor_s3r1``).
 
     :param what: what the file is, for the error message (``"config file"``, ``"suite"``).
     :param error: the exception class raised when nothing is found.
@@ -365,7 +366,7 @@ def resolve_yaml_file(
     """
     path = Path(name_or_path)
     candidates = [path]
-    if not path.is_absolute() and len(path.parts) == 1:
+    if not path.is_absolute():  # also a name under folder, e.g. recipes/ppo_keycorridor_s3r1
         candidates += [folder / path, folder / f"{path}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
