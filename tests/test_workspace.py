@@ -133,6 +133,7 @@ def test_batches_over_the_sdpa_limit_run_in_slices_with_the_same_result(monkeypa
     there) are cut into slices; forward and gradients equal the one-call result."""
     import thalamus_rl.workspace as workspace_module
 
+    monkeypatch.setattr(workspace_module, "EXPLICIT_CPU_ATTENTION", False)  # SDPA on CPU too
     ws = make_workspace()
     tokens, phase, mask = make_inputs(batch=(10,))
 
@@ -242,3 +243,38 @@ def test_attention_only_workspace_without_mlp():
     torch.testing.assert_close(ws(tokens, phase, mask), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mlp_ratio"):
         PhaseWorkspace(D, n_heads=H, phase_dim=P, mlp_ratio=-1.0)
+
+
+def test_cpu_training_path_is_explicit_and_equals_sdpa(monkeypatch):
+    """On CPU under autograd the layers skip SDPA (an explicit softmax, cheaper backward);
+    outputs and every gradient equal the SDPA path, and without autograd SDPA still runs."""
+    import thalamus_rl.workspace as workspace_module
+
+    ws = make_workspace()
+    tokens, phase, mask = make_inputs(batch=(6,))
+    calls = []
+    real_sdpa = workspace_module.F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(workspace_module.F, "scaled_dot_product_attention", counting_sdpa)
+
+    def run():
+        x = tokens.clone().requires_grad_(True)
+        p = phase.clone().requires_grad_(True)
+        out = ws(x, p, mask)
+        grads = torch.autograd.grad(out.square().sum(), [x, p, *ws.parameters()])
+        return out, grads
+
+    explicit, explicit_grads = run()
+    assert calls == []
+    with torch.no_grad():
+        ws(tokens, phase, mask)
+    assert calls == [6] * ws.n_layers
+    monkeypatch.setattr(workspace_module, "EXPLICIT_CPU_ATTENTION", False)
+    sdpa, sdpa_grads = run()
+    torch.testing.assert_close(explicit, sdpa, rtol=1e-5, atol=1e-5)
+    for a, b in zip(explicit_grads, sdpa_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

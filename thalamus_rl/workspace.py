@@ -25,6 +25,10 @@ from torch import Tensor, nn
 # of 64 envs x 1024 steps) run in slices of at most this many rows: the same function.
 SDPA_MAX_BATCH = 65535
 
+# On CPU under autograd, PhaseAttentionBlock.forward computes the attention as an explicit
+# softmax instead of calling SDPA (see there); False restores SDPA everywhere (tests compare).
+EXPLICIT_CPU_ATTENTION = True
+
 
 def batched_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
     """``F.scaled_dot_product_attention`` over ``[B, H, L, d_h]`` in batch slices of at most
@@ -86,13 +90,29 @@ class PhaseAttentionBlock(nn.Module):
         return x if self.mlp is None else x + self.mlp(x)
 
     def forward(self, x: Tensor, attn_bias: Tensor) -> Tensor:
-        """Fast path (``scaled_dot_product_attention``).
+        """Fast path: ``scaled_dot_product_attention``, or on CPU under autograd the explicit
+        softmax of :meth:`forward_explicit` without the maps.
+
+        On CPU a float mask that needs a gradient sends SDPA to its unfused math path anyway
+        (the same ops plus checks and copies); the explicit form computes the same numbers
+        (bit-identical on torch 2.13) with a cheaper backward (``docs/benchmarks/profile.md``,
+        "Eager changes, issue 34b"). Without autograd (rollouts) SDPA's fused CPU kernel is the
+        faster one and stays.
 
         :param x: ``[B, K, d]``.
         :param attn_bias: ``[B, H, K, K]`` additive logit bias (phase term, -inf at masked keys).
         :return: ``[B, K, d]``.
         """
         q, k, v = self._qkv(x)
+        if EXPLICIT_CPU_ATTENTION and x.device.type == "cpu" and torch.is_grad_enabled():
+            logits = torch.baddbmm(
+                attn_bias.flatten(0, 1),
+                q.flatten(0, 1),
+                k.flatten(0, 1).transpose(-1, -2),
+                alpha=1.0 / math.sqrt(self.d_head),
+            )
+            probs = torch.softmax(logits, dim=-1).view_as(attn_bias)
+            return self._finish(x, probs @ v)
         return self._finish(x, batched_sdpa(q, k, v, attn_bias))
 
     def forward_explicit(self, x: Tensor, attn_bias: Tensor) -> tuple[Tensor, Tensor]:
