@@ -46,6 +46,7 @@ from agents.bench.records import git_commit  # noqa: E402
 from agents.experiment.config import find_config_for_env, load_config  # noqa: E402
 from agents.experiment.training import _build_vec_env, build_agent  # noqa: E402
 from agents.registry import AGENT_KINDS, spec  # noqa: E402
+from agents.runtime import tune_allocator  # noqa: E402
 
 Timings = dict[str, float]
 
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as training does (agents.experiment.training): same allocator, same costs
     model, config = setup(args.env, args.agent, args.set)
     clock = Clock()
     instrument(model, clock)
