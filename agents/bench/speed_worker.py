@@ -34,6 +34,13 @@ def _init(msg: dict[str, Any]) -> tuple[Any, Any, int]:
     import torch
 
     torch.set_num_threads(int(msg["threads"]))
+    try:  # keep freed activations as training does; without it the thalamus' big
+        # activations are page-faulted in again every update and look dearer than in a run
+        from agents.runtime import tune_allocator
+    except ImportError:  # a checkout from before the allocator tuning
+        pass
+    else:
+        tune_allocator()
     try:
         from agents.experiment.config import find_config_for_env, load_config
         from agents.experiment.training import _build_vec_env, build_agent, make_eval_env
