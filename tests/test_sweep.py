@@ -158,6 +158,34 @@ def test_best_config_is_a_per_env_file_with_the_recipe_only(tmp_path: Path) -> N
     assert config.env.n_envs == load_config().env.n_envs  # run_overrides are not
 
 
+def test_ties_at_the_budget_go_to_the_trial_that_learned_sooner(tmp_path: Path) -> None:
+    """Trials that all solve the task by the budget tie on the last evaluation; the mean over
+    their evaluations (the area under the curve) ranks the faster learner first."""
+    import types
+
+    sweep = bench_sweep.load_sweep(write_sweep(tmp_path), check_configs=False)
+
+    def result(trial: str, rewards: list[float], reached: int = 512) -> types.SimpleNamespace:
+        return types.SimpleNamespace(
+            metrics={"trial_id": trial, "timesteps": reached, "mean_reward": rewards[-1]},
+            metrics_dataframe=pd.DataFrame({"mean_reward": rewards}),
+            config={"ppo.learning_rate": 1e-3, "ppo.n_steps": 64, "ppo.n_epochs": 1},
+            error=None,
+            path=str(tmp_path / trial),
+        )
+
+    results = [
+        result("late", [0.0, 0.0, 0.0, 1.0]),
+        result("soon", [0.0, 1.0, 1.0, 1.0]),
+        result("stopped", [1.0, 1.0], reached=256),  # ASHA stopped it: not a candidate
+        result("worse", [0.9, 0.9, 0.9, 0.9]),
+    ]
+    frame = bench_sweep.trials_frame(sweep, results)
+    assert list(frame["trial"]) == ["soon", "late", "worse", "stopped"]
+    assert frame["mean mean_reward"].tolist()[:2] == [0.75, 0.25]
+    assert bench_sweep.best_trial(sweep, frame)["trial"] == "soon"
+
+
 def test_a_trial_gets_torch_threads_for_its_cpus_and_no_progress_bar(tmp_path: Path) -> None:
     text = (
         TINY.format(budget=512, storage=tmp_path / "storage")

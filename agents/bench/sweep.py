@@ -574,8 +574,11 @@ def _spec_of(text: str) -> Any:
 
 def trials_frame(sweep: Sweep, results: Any) -> Any:
     """One row per trial (``pandas.DataFrame``): ``trial``, one column per space key, the
-    metric at the last evaluation, its best value, ``timesteps`` reached, ``stopped early``
-    (ASHA stopped it before the budget), ``error``; sorted best first."""
+    metric at the last evaluation, its best value, its mean over the trial's evaluations
+    (the area under its learning curve), ``timesteps`` reached, ``stopped early`` (ASHA
+    stopped it before the budget), ``error``; sorted best first: trials that trained the
+    whole budget, by the metric at the last evaluation, ties by the mean (a task that many
+    trials solve by the budget ranks the one that learned it sooner first)."""
     import pandas as pd
 
     data = sweep.file
@@ -585,17 +588,19 @@ def trials_frame(sweep: Sweep, results: Any) -> Any:
         history = result.metrics_dataframe
         reached = int(metrics.get("timesteps", 0) or 0)
         config = result.config or {}
-        best = None
+        best = mean = None
         if history is not None and data.metric in history:
             series = history[data.metric].dropna()
             if len(series):
                 best = float(series.max() if data.mode == "max" else series.min())
+                mean = float(series.mean())
         rows.append(
             {
                 "trial": metrics.get("trial_id", Path(result.path).name),
                 **{key: config.get(key) for key in data.space},
                 data.metric: metrics.get(data.metric),
                 f"best {data.metric}": best,
+                f"mean {data.metric}": mean,
                 "timesteps": reached,
                 "stopped early": result.error is None and reached < data.budget,
                 "error": None if result.error is None else _error_text(result.error),
@@ -606,8 +611,8 @@ def trials_frame(sweep: Sweep, results: Any) -> Any:
         return frame
     finished = frame["timesteps"] >= data.budget
     frame = frame.assign(_finished=finished).sort_values(
-        ["_finished", data.metric, "timesteps"],
-        ascending=[False, data.mode == "min", False],
+        ["_finished", data.metric, f"mean {data.metric}", "timesteps"],
+        ascending=[False, data.mode == "min", data.mode == "min", False],
         na_position="last",
     )
     return frame.drop(columns="_finished").reset_index(drop=True)
@@ -619,15 +624,21 @@ def _error_text(error: Any) -> str:
 
 
 def best_trial(sweep: Sweep, frame: Any) -> dict[str, Any] | None:
-    """The row of the best trial that trained the whole budget without error (ties: the
+    """The row of the best trial that trained the whole budget without error: the best
+    metric at the last evaluation, ties broken by the mean over its evaluations (then the
     first in the table), or None when no trial did."""
     data = sweep.file
     done = frame[(frame["timesteps"] >= data.budget) & frame["error"].isna()]
     done = done[done[data.metric].notna()]
     if done.empty:
         return None
-    index = done[data.metric].idxmax() if data.mode == "max" else done[data.metric].idxmin()
-    return done.loc[index].to_dict()
+    ranked = done.sort_values(
+        [data.metric, f"mean {data.metric}"],
+        ascending=data.mode == "min",
+        kind="stable",
+        na_position="last",
+    )
+    return ranked.iloc[0].to_dict()
 
 
 def best_config_yaml(sweep: Sweep, params: dict[str, Any], summary: str) -> str:
