@@ -44,6 +44,7 @@ from agents.bench.sweep import (
     unfinished_trials,
     write_results,
 )
+from agents.experiment.hints import script_command
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, path in written.items():
             print(f"{kind}: {path}")
         if "best" in written:
-            print(f"train it: python scripts/train_agent.py --config {written['best']}")
+            print("train it: " + script_command("train_agent.py", "--config", written["best"]))
         return EXIT_FAILED if any(r.error is not None for r in results) else 0
     except SchemaError as exc:
         print(f"error: {exc}", file=sys.stderr)
