@@ -722,6 +722,7 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     assert record["commit"] and record["sessions"] == 1
     assert record["threshold"]["mode"] == "stochastic"
     assert record["mission_sensitivity"] is None  # Empty-5x5 has one mission: nothing to shuffle
+    assert record["memory_diagnosis"] is None  # not a MiniGrid-Memory env
     # The resolved config: a later change of a default shows up in the report.
     assert record["config"]["agent"]["kind"] == "ppo"
     assert record["config"]["ppo"]["n_epochs"] == run.load_config().ppo.n_epochs == 1
