@@ -276,7 +276,8 @@ def _final_memory_diagnosis(config: ExperimentConfig, paths: RunPaths) -> dict[s
     with and without having seen it, and the linear cue probe of its features
     (:func:`agents.experiment.memory_diagnosis.summarize`), on
     ``max(train.eval_episodes, MEMORY_DIAGNOSIS_EPISODES)`` stochastic episodes from the eval
-    seeds; None on an env that is not a Memory env (or a run with no model)."""
+    seeds; None on an env that is not a Memory env, a run on trials (the diagnosis reads
+    plain episodes) or a run with no model."""
     import envs
     from agents.experiment.memory_diagnosis import diagnose, is_memory_env, summarize
     from agents.experiment.model_files import load_model_file
@@ -288,7 +289,7 @@ def _final_memory_diagnosis(config: ExperimentConfig, paths: RunPaths) -> dict[s
         memory = is_memory_env(env)
     finally:
         env.close()
-    if not memory:
+    if not memory or config.env.trial_episodes != 1:
         return None
     model_path = paths.final_model
     if not model_path.is_file():
