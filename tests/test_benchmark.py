@@ -722,6 +722,7 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     assert record["commit"] and record["sessions"] == 1
     assert record["threshold"]["mode"] == "stochastic"
     assert record["mission_sensitivity"] is None  # Empty-5x5 has one mission: nothing to shuffle
+    assert record["memory_diagnosis"] is None  # not a MiniGrid-Memory env
     # The resolved config: a later change of a default shows up in the report.
     assert record["config"]["agent"]["kind"] == "ppo"
     assert record["config"]["ppo"]["n_epochs"] == run.load_config().ppo.n_epochs == 1
@@ -770,6 +771,18 @@ def test_tiny_run_records_then_resumes_to_a_larger_budget(tmp_path: Path) -> Non
     assert finished["curve"][:3] == resumed["curve"][:3]
     assert all(finished["final"][mode]["episodes"] == 2 for mode in bench_suite.EVAL_MODES)
     assert finished["sessions"] == 2 and json.loads(progress.read_text())["finished"]
+
+    # A run that already has its final measurements keeps them when its record is rebuilt.
+    state = json.loads(progress.read_text())
+    assert "memory_diagnosis" in state and "mission_sensitivity" in state
+    state["memory_diagnosis"] = {"error": "kept, not measured again"}
+    progress.write_text(json.dumps(state))
+    bench_records.record_path(out, run).unlink()
+    assert runner.run_suite(bigger, out, runs, in_process=True, log=lambda s: None) == {
+        "MiniGrid-Empty-5x5-v0__ppo__0": None
+    }
+    rebuilt = json.loads(bench_records.record_path(out, run).read_text())
+    assert rebuilt["memory_diagnosis"] == {"error": "kept, not measured again"}
 
     # Refused, and nothing deleted: a budget below the one the folder's run trained for (its
     # curve would run past it), and checkpoints whose config.yaml is gone.

@@ -1,4 +1,5 @@
-"""scripts/diagnose_memory.py: cue visibility on MiniGrid-Memory and the linear cue probe."""
+"""agents/experiment/memory_diagnosis.py and scripts/diagnose_memory.py: cue visibility on
+MiniGrid-Memory, the linear cue probe, and the benchmark's ``memory_diagnosis``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import envs
+from agents.experiment import memory_diagnosis
 from tests.helpers import save_untrained_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +66,10 @@ def test_probe_decodes_a_linearly_coded_label_and_not_noise() -> None:
     noise = rng.normal(size=(600, 32))
     coded = noise.copy()
     coded[:, 3] += np.where(labels, 2.0, -2.0)  # one feature carries the label
-    decoded = diagnose_memory.fit_probe(coded, labels)
+    decoded = memory_diagnosis.fit_probe(coded, labels)
     assert decoded["accuracy"] > 0.95
     assert decoded["n_train"] + decoded["n_test"] == 600
-    chance = diagnose_memory.fit_probe(noise, labels)
+    chance = memory_diagnosis.fit_probe(noise, labels)
     assert abs(chance["accuracy"] - 0.5) < 0.12
     assert 0.5 <= chance["majority"] < 0.6
 
@@ -77,14 +79,14 @@ def test_probe_ties_on_inner_accuracy_go_to_the_strongest_l2() -> None:
     labels = rng.random(200) < 0.5
     coded = rng.normal(size=(200, 8))
     coded[:, 0] = np.where(labels, 5.0, -5.0)  # separable: every L2 scores 1.0 on the inner split
-    assert diagnose_memory.fit_probe(coded, labels)["l2"] == max(diagnose_memory.PROBE_L2_GRID)
+    assert memory_diagnosis.fit_probe(coded, labels)["l2"] == max(memory_diagnosis.PROBE_L2_GRID)
 
 
 @pytest.mark.parametrize("agent", ["thalamus", "lstm", "ppo"])
 def test_episodes_record_whether_the_cue_was_in_view(
     memory_runs: dict[str, Path], agent: str
 ) -> None:
-    result = diagnose_memory.diagnose(
+    result = memory_diagnosis.diagnose(
         str(memory_runs[agent]), episodes=24, env_id=None, seed=5, deterministic=False
     )
     episodes = result["per_episode"]
@@ -115,7 +117,7 @@ def test_features_at_the_last_step_are_what_the_policy_acts_on(
 
     model = load_model(memory_runs[agent], device="cpu").model
     env = envs.make_env(MEMORY_ENV, max_steps=12)
-    episode, features = diagnose_memory.play(model, env, seed=3, deterministic=True)
+    episode, features = memory_diagnosis.play(model, env, seed=3, deterministic=True)
     env.close()
     expected = {
         "thalamus": model.policy.features_dim,  # the core's output features
@@ -141,3 +143,81 @@ def test_cli_writes_json_and_rejects_a_non_memory_env(
     assert code == diagnose_memory.EXIT_CONFIG_ERROR
     assert "not a MiniGrid-Memory env" in capsys.readouterr().err
     assert diagnose_memory.main([run, "--episodes", "0"]) == diagnose_memory.EXIT_CONFIG_ERROR
+
+
+def test_benchmark_summary_of_a_memory_run_and_none_elsewhere(
+    memory_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agents.bench import runner
+    from agents.experiment.config import load_config
+    from agents.experiment.training import RunPaths
+
+    monkeypatch.setattr(runner, "MEMORY_DIAGNOSIS_EPISODES", 24)  # the real floor is 100
+    run = memory_runs["ppo"]
+    config = load_config(run / "config.yaml", defaults_file=None)
+    summary = runner._final_memory_diagnosis(config, RunPaths(run))
+    assert summary is not None and set(summary) == set(memory_diagnosis.SUMMARY_KEYS)
+    assert summary["episodes"] == max(config.train.eval_episodes, 24)
+    full = memory_diagnosis.diagnose(str(run), summary["episodes"], None, None, False)
+    assert summary == memory_diagnosis.summarize(full)  # the eval seeds, sampled actions
+    assert "per_episode" not in summary
+
+    other = _small_run(tmp_path, "ppo", "MiniGrid-DoorKey-5x5-v0")
+    other_config = load_config(other / "config.yaml", defaults_file=None)
+    assert runner._final_memory_diagnosis(other_config, RunPaths(other)) is None
+
+
+def test_summary_keeps_the_probe_or_none() -> None:
+    result = {
+        "episodes": 40,
+        "success_rate": 0.5,
+        "cue_seen_rate": 0.75,
+        "success_if_seen": 0.6,
+        "success_if_unseen": 0.2,
+        "probe_episodes": 30,
+        "probe": {"accuracy": 0.9, "majority": 0.55, "n_train": 15, "n_test": 15, "l2": 0.1},
+        "per_episode": [],
+    }
+    summary = memory_diagnosis.summarize(result)
+    assert (summary["probe_accuracy"], summary["probe_majority"]) == (0.9, 0.55)
+    assert memory_diagnosis.summarize({**result, "probe": None})["probe_accuracy"] is None
+
+
+def test_report_tables_the_memory_diagnosis_of_each_run_that_has_it(tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    fixtures = REPO / "tests" / "fixtures" / "benchmarks"
+    shutil.copytree(fixtures / "records", tmp_path / "records" / "fixture")
+    folder = tmp_path / "records" / "fixture"
+    measured = {
+        0: {"probe_accuracy": 0.91, "probe_majority": 0.52, "probe_episodes": 60},
+        1: {"probe_accuracy": None, "probe_majority": None, "probe_episodes": 7},
+    }
+    for seed, probe in measured.items():
+        path = folder / f"MiniGrid-Empty-5x5-v0__thalamus__{seed}.json"
+        record = json.loads(path.read_text())
+        record["memory_diagnosis"] = {
+            "episodes": 100,
+            "success_rate": 0.62,
+            "cue_seen_rate": 0.8,
+            "success_if_seen": 0.7,
+            "success_if_unseen": None if seed else 0.3,
+            **probe,
+        }
+        path.write_text(json.dumps(record))
+    path = folder / "MiniGrid-Empty-5x5-v0__thalamus__2.json"
+    record = json.loads(path.read_text())
+    record["memory_diagnosis"] = {"error": "RuntimeError: no env"}
+    path.write_text(json.dumps(record))
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark as benchmark_script
+
+    args = [str(fixtures / "suite.yaml"), "--report", "--out", str(tmp_path)]
+    assert benchmark_script.main(args) == 0
+    text = re.sub(r" {2,}", " ", (tmp_path / "README.md").read_text())  # table padding
+    table = text.split("Memory diagnosis")[1].split("####")[0]  # Empty-5x5's section
+    assert "| thalamus | 0 | 100 | 0.62 | 0.80 | 0.70 | 0.30 | 0.91 vs 0.52 (60) |" in table
+    assert "| thalamus | 1 | 100 | 0.62 | 0.80 | 0.70 | – | – (7) |" in table
+    assert "| thalamus | 2 |" not in table  # the error, like records without it, has no row
+    assert "| ppo |" not in table

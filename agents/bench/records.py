@@ -69,7 +69,11 @@ train_wall_s} | None}}``. Records written since the harness stored it also have 
 the run's resolved config (every key, as ``config.yaml``): the report checks it against
 the suite, so that a changed default is caught as well as a changed override. Older records
 had it added afterwards, as the suite resolved at ``config_resolved_at`` (a commit at which
-no default had changed since they ran)."""
+no default had changed since they ran). Optional measurements of the final model, read with
+``.get`` (older records lack them): ``mission_sensitivity``
+(:func:`agents.experiment.mission_sensitivity.mission_sensitivity`) and, on MiniGrid-Memory
+envs, ``memory_diagnosis`` (:func:`agents.experiment.memory_diagnosis.summarize`); each None
+where it does not apply and ``{"error": ...}`` where it failed."""
 POINT_KEYS = ("timesteps", "wall_s", "train_wall_s", *EVAL_MODES)
 """One evaluation: env steps, wall seconds since training started and training seconds
 (evaluation excluded) when it started, and ``{mode: {mean_reward, success_rate, episodes}}``."""
@@ -363,6 +367,7 @@ def build_record(
         "curve": curve,
         "final": curve[-1] if curve else None,
         "mission_sensitivity": state.get("mission_sensitivity"),
+        "memory_diagnosis": state.get("memory_diagnosis"),
         "threshold": {
             "metric": threshold.metric,
             "value": threshold.value,

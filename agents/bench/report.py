@@ -518,6 +518,7 @@ def report_markdown(
                 "",
             ]
         lines += _mission_sensitivity_table(task_records)
+        lines += _memory_diagnosis_table(task_records)
     # Imported here: pandas and rliable (with arch, seaborn) are for the report only.
     from agents.bench.stats import aggregates_markdown
 
@@ -562,6 +563,56 @@ def _mission_sensitivity_table(records: Sequence[dict[str, Any]]) -> list[str]:
                 "true mission": _cell(true, _fmt2),
                 "shuffled mission": _cell(shuffled, _fmt2),
                 "drop": _cell(drop, _fmt2),
+            }
+        )
+    lines.append(markdown_table(pd.DataFrame(table)))
+    return [*lines, ""]
+
+
+def _memory_diagnosis_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Report lines: per run of a MiniGrid-Memory task, how often its final model looked at
+    the cue, its success with and without having seen it, and the linear cue probe of its
+    features (the record's ``memory_diagnosis``); none when no record measured it."""
+    measured = [
+        r for r in records if r.get("memory_diagnosis") and "error" not in r["memory_diagnosis"]
+    ]
+    if not measured:
+        return []
+    from agents.experiment.memory_diagnosis import MIN_PROBE_EPISODES
+
+    lines = [
+        "Memory diagnosis of the final models (stochastic episodes on the eval seeds; "
+        "`scripts/diagnose_memory.py` for more): the share of episodes whose cue entered the "
+        "agent's view, success when it did and when it did not, and a linear probe's held-out "
+        "accuracy at reading the cue from the policy's features at the decision, against the "
+        "majority-class rate (in brackets: the episodes that saw the cue and chose, half of "
+        f"them held out; – when fewer than {MIN_PROBE_EPISODES}). Success near 0.5 with the "
+        "cue rarely seen is an exploration failure; the cue seen but probe accuracy near the "
+        "majority rate is a memory failure.",
+        "",
+    ]
+
+    def rate(value: float | None) -> str:
+        return "–" if value is None else _fmt2(value)
+
+    table = []
+    for record in sorted(measured, key=lambda r: (r["agent"], r["seed"])):
+        m = record["memory_diagnosis"]
+        probe = (
+            "–"
+            if m.get("probe_accuracy") is None
+            else f"{_fmt2(m['probe_accuracy'])} vs {_fmt2(m['probe_majority'])}"
+        )
+        table.append(
+            {
+                "agent": record["agent"],
+                "seed": record["seed"],
+                "episodes": m["episodes"],
+                "success": rate(m.get("success_rate")),
+                "cue seen": rate(m.get("cue_seen_rate")),
+                "success if seen": rate(m.get("success_if_seen")),
+                "success if unseen": rate(m.get("success_if_unseen")),
+                "probe accuracy vs majority (episodes)": f"{probe} ({m['probe_episodes']})",
             }
         )
     lines.append(markdown_table(pd.DataFrame(table)))

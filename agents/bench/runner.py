@@ -55,6 +55,10 @@ from agents.experiment.io import (
 )
 from agents.experiment.training import RunCallbacks, RunPaths
 
+MEMORY_DIAGNOSIS_EPISODES = 100
+"""At least this many episodes for a Memory run's ``memory_diagnosis``: the cue probe is fit
+on the episodes that saw the cue and chose, half of them held out."""
+
 
 def run_status(run: RunSpec, out: Path, runs_dir: Path) -> str:
     """``done`` (a record exists), ``partial at step N`` (a checkpoint exists) or ``pending``;
@@ -180,6 +184,12 @@ def execute_run(
         except Exception as exc:  # a trained run keeps its record; the error is in it
             state["mission_sensitivity"] = {"error": f"{type(exc).__name__}: {exc}"}
         atomic_write_text(progress, json.dumps(state, indent=1))
+    if "memory_diagnosis" not in state:
+        try:
+            state["memory_diagnosis"] = _final_memory_diagnosis(config, paths)
+        except Exception as exc:  # a trained run keeps its record; the error is in it
+            state["memory_diagnosis"] = {"error": f"{type(exc).__name__}: {exc}"}
+        atomic_write_text(progress, json.dumps(state, indent=1))
     record = build_record(run, config, state, threshold, eval_mode, commit or git_commit(), run_dir)
     atomic_write_text(out_path, json.dumps(record, indent=1) + "\n")
     return out_path
@@ -259,6 +269,39 @@ def _final_mission_sensitivity(config: ExperimentConfig, paths: RunPaths) -> dic
             )
     finally:
         env.close()
+
+
+def _final_memory_diagnosis(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any] | None:
+    """How often the run's final model looks at the cue of a MiniGrid-Memory env, its success
+    with and without having seen it, and the linear cue probe of its features
+    (:func:`agents.experiment.memory_diagnosis.summarize`), on
+    ``max(train.eval_episodes, MEMORY_DIAGNOSIS_EPISODES)`` stochastic episodes from the eval
+    seeds; None on an env that is not a Memory env, a run on trials (the diagnosis reads
+    plain episodes) or a run with no model."""
+    import envs
+    from agents.experiment.memory_diagnosis import diagnose, is_memory_env, summarize
+    from agents.experiment.model_files import load_model_file
+
+    env = envs.make_env(
+        config.env.id, trial_episodes=config.env.trial_episodes, **config.env.env_kwargs
+    )
+    try:
+        memory = is_memory_env(env)
+    finally:
+        env.close()
+    if not memory or config.env.trial_episodes != 1:
+        return None
+    model_path = paths.final_model
+    if not model_path.is_file():
+        last = latest_checkpoint(paths.checkpoints)
+        if last is None:
+            return None
+        model_path = last.model_path
+    model = load_model_file(model_path, device=config.train.device)
+    episodes = max(config.train.eval_episodes, MEMORY_DIAGNOSIS_EPISODES)
+    with global_rng_preserved():
+        result = diagnose((model, config), episodes, None, None, deterministic=False)
+    return summarize(result)
 
 
 def _recorder(
