@@ -34,7 +34,6 @@ from pathlib import Path
 
 from agents.bench.records import git_commit
 from agents.bench.runner import ray_session
-from agents.bench.schema import SchemaError
 from agents.bench.suite import REPO_ROOT
 from agents.bench.sweep import (
     SWEEP_DIR,
@@ -45,6 +44,7 @@ from agents.bench.sweep import (
     write_results,
 )
 from agents.experiment.hints import script_command
+from agents.experiment.schema import SchemaError
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2

@@ -16,8 +16,8 @@ import pytest
 
 from agents.bench import runner
 from agents.bench import sweep as bench_sweep
-from agents.bench.schema import SchemaError
 from agents.experiment.config import load_config
+from agents.experiment.schema import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -69,7 +69,6 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from agents.bench.schema import SchemaError, at_least, choice, load_structured, read_yaml
 from agents.experiment.config import (
     ConfigError,
     ExperimentConfig,
@@ -79,6 +78,7 @@ from agents.experiment.config import (
     resolve_yaml_file,
     sections_ignored_by,
 )
+from agents.experiment.schema import SchemaError, at_least, choice, load_structured, read_yaml
 from agents.registry import AGENT_KINDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +106,7 @@ class BenchmarkError(SchemaError):
 
 
 # --------------------------------------------------------------------------------------
-# The suite file's schema (OmegaConf structured configs; see agents/bench/schema.py)
+# The suite file's schema (OmegaConf structured configs; see agents/experiment/schema.py)
 # --------------------------------------------------------------------------------------
 
 

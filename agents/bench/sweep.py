@@ -57,14 +57,14 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.bench.schema import (
+from agents.bench.suite import _NAME, METRICS, REPO_ROOT
+from agents.experiment.schema import (
     SchemaError,
     at_least,
     choice,
     load_structured,
     read_yaml,
 )
-from agents.bench.suite import _NAME, METRICS, REPO_ROOT
 
 SWEEP_DIR = REPO_ROOT / "configs" / "sweeps"
 """Where sweeps live; a bare sweep name is looked up here."""

@@ -1,4 +1,7 @@
-"""Benchmark and sweep files on OmegaConf structured configs: a dataclass is the schema.
+"""Suite and sweep files on OmegaConf structured configs: a dataclass is the schema.
+
+The run config (:mod:`agents.experiment.config`) and these files are the one config system of
+the experiment layer: YAML validated into dataclasses, unknown keys rejected.
 
 :func:`load_structured` reads a YAML file, merges it over ``OmegaConf.structured(schema)``
 (unknown keys and wrongly typed values are rejected there, missing mandatory values when it
