@@ -143,6 +143,28 @@ def checked_policy_kwargs(
     return kwargs
 
 
+def _build(
+    algorithm: type[BaseAlgorithm],
+    policies: tuple[str, str],
+    kind: str,
+    env: GymEnv,
+    seed: int | None,
+    device: th.device | str,
+    policy_kwargs: dict[str, Any] | None,
+    hyperparams: dict[str, Any],
+) -> BaseAlgorithm:
+    """``algorithm`` on ``env`` with ``policies[0]`` for a Dict space, else ``policies[1]``."""
+    space = env.observation_space
+    return algorithm(
+        policies[0] if isinstance(space, spaces.Dict) else policies[1],
+        env,
+        seed=seed,
+        device=device,
+        policy_kwargs=checked_policy_kwargs(kind, space, policy_kwargs),
+        **hyperparams,
+    )
+
+
 def build_ppo(
     env: GymEnv,
     *,
@@ -152,15 +174,8 @@ def build_ppo(
     **hyperparams: Any,
 ) -> BaseAlgorithm:
     """SB3's memoryless ``PPO`` on ``env`` (``MultiInputPolicy`` for a Dict space)."""
-    space = env.observation_space
-    return PPO(
-        "MultiInputPolicy" if isinstance(space, spaces.Dict) else "MlpPolicy",
-        env,
-        seed=seed,
-        device=device,
-        policy_kwargs=checked_policy_kwargs("ppo", space, policy_kwargs),
-        **hyperparams,
-    )
+    policies = ("MultiInputPolicy", "MlpPolicy")
+    return _build(PPO, policies, "ppo", env, seed, device, policy_kwargs, hyperparams)
 
 
 def build_lstm(
@@ -172,15 +187,8 @@ def build_lstm(
     **hyperparams: Any,
 ) -> BaseAlgorithm:
     """sb3-contrib's ``RecurrentPPO`` on ``env`` (``MultiInputLstmPolicy`` for a Dict space)."""
-    space = env.observation_space
-    return RecurrentPPO(
-        "MultiInputLstmPolicy" if isinstance(space, spaces.Dict) else "MlpLstmPolicy",
-        env,
-        seed=seed,
-        device=device,
-        policy_kwargs=checked_policy_kwargs("lstm", space, policy_kwargs),
-        **hyperparams,
-    )
+    policies = ("MultiInputLstmPolicy", "MlpLstmPolicy")
+    return _build(RecurrentPPO, policies, "lstm", env, seed, device, policy_kwargs, hyperparams)
 
 
 def policy_kwargs(config: Any) -> dict[str, Any]:

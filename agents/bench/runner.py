@@ -178,17 +178,17 @@ def execute_run(
             )
         state = _finish_from_checkpoint(config, state, final)
         atomic_write_text(progress, json.dumps(state, indent=1))
-    if "mission_sensitivity" not in state:
+    final_measurements = {
+        "mission_sensitivity": _final_mission_sensitivity,
+        "memory_diagnosis": _final_memory_diagnosis,
+    }
+    for key, measure in final_measurements.items():
+        if key in state:  # measured before an interruption: kept, not measured again
+            continue
         try:
-            state["mission_sensitivity"] = _final_mission_sensitivity(config, paths)
+            state[key] = measure(config, paths)
         except Exception as exc:  # a trained run keeps its record; the error is in it
-            state["mission_sensitivity"] = {"error": f"{type(exc).__name__}: {exc}"}
-        atomic_write_text(progress, json.dumps(state, indent=1))
-    if "memory_diagnosis" not in state:
-        try:
-            state["memory_diagnosis"] = _final_memory_diagnosis(config, paths)
-        except Exception as exc:  # a trained run keeps its record; the error is in it
-            state["memory_diagnosis"] = {"error": f"{type(exc).__name__}: {exc}"}
+            state[key] = {"error": f"{type(exc).__name__}: {exc}"}
         atomic_write_text(progress, json.dumps(state, indent=1))
     record = build_record(run, config, state, threshold, eval_mode, commit or git_commit(), run_dir)
     atomic_write_text(out_path, json.dumps(record, indent=1) + "\n")
