@@ -23,6 +23,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import (
     get_flattened_obs_dim,
+    get_obs_shape,
     is_image_space,
     is_image_space_channels_first,
     preprocess_obs,
@@ -198,15 +199,19 @@ def normalizing_extractors(policy: nn.Module) -> list[FlatDictExtractor]:
 def fold_observations(policy: BasePolicy, observations: dict[str, np.ndarray]) -> int:
     """Fold a rollout buffer's observations into every normalizing extractor of ``policy``.
 
-    :param observations: ``{key: [n_steps, n_envs, *obs_shape]}`` as SB3's ``DictRolloutBuffer``
-        holds them (before SB3's preprocessing, which this applies as the update does).
+    :param observations: ``{key: [..., *obs_shape]}`` as SB3's ``DictRolloutBuffer`` holds them
+        (``[n_steps, n_envs, ...]`` while collecting, ``[n_steps * n_envs, ...]`` once its
+        ``get`` ran; before SB3's preprocessing, which this applies as the update does).
     :return: the number of observations folded in.
     """
     extractors = normalizing_extractors(policy)
     if not extractors:
         return 0
+    space = policy.observation_space
     tensors = {
-        key: th.as_tensor(np.asarray(value).reshape(-1, *np.shape(value)[2:]), device=policy.device)
+        key: th.as_tensor(
+            np.asarray(value).reshape(-1, *get_obs_shape(space[key])), device=policy.device
+        )
         for key, value in observations.items()
     }
     preprocessed = preprocess_obs(
@@ -229,10 +234,13 @@ class FoldObservationStatistics(BaseCallback):
     recomputes. The statistics therefore lag by one rollout (``VecNormalize`` folds each step
     in before the policy sees it).
 
-    Put it before :class:`agents.experiment.callbacks.PeriodicCheckpoint`: a checkpoint is
-    taken at a rollout start, and must hold the statistics the next rollout uses (a resume
-    then continues with exactly them). The last rollout of a ``learn`` call, and one a stop
-    interrupts, are not folded: the final model keeps the statistics its last update used.
+    The last rollout of a ``learn`` call is folded when training ends (after its update), so
+    a final model or end checkpoint holds what the next rollout would have used, like any
+    periodic checkpoint, and a run resumed from it folds exactly the observations an
+    uninterrupted run would have. A rollout a stop interrupts is discarded unfolded (SB3 does
+    not train on it). Put this callback before
+    :class:`agents.experiment.callbacks.PeriodicCheckpoint`: both act at a rollout start and
+    at the training end, and the checkpoint must hold the folded statistics.
     """
 
     def __init__(self) -> None:
@@ -248,6 +256,9 @@ class FoldObservationStatistics(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         self._pending = dict(self.model.rollout_buffer.observations)
+
+    def _on_training_end(self) -> None:
+        self._on_rollout_start()
 
     def _on_rollout_start(self) -> None:
         pending, self._pending = self._pending, None
