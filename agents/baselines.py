@@ -3,8 +3,10 @@
 
 SB3's default ``CombinedExtractor`` would put a NatureCNN on MiniGrid's 7x7 view, which is too
 small for it; :class:`FlatDictExtractor` flattens every entry after SB3's preprocessing
-(images scaled to ``[0, 1]``, ``Discrete`` one-hot) instead. Their registry entries are in
-:mod:`agents.registry`.
+(images scaled to ``[0, 1]``, ``Discrete`` one-hot) instead, and with ``baseline.normalize_obs``
+standardises them with running statistics kept in the policy (SB3's ``VecNormalize``, inside
+the model: :class:`FoldObservationStatistics` updates them between rollouts). Their registry
+entries are in :mod:`agents.registry`.
 """
 
 from __future__ import annotations
