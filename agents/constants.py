@@ -64,7 +64,7 @@ MODEL_SUFFIX = ".safetensors"
 ADVANTAGE_NORMALIZATIONS: tuple[str, ...] = ("rollout", "minibatch")
 
 #: Intrinsic rewards ``agents.exploration.wrap_exploration`` adds (``exploration.kind``).
-EXPLORATION_KINDS: tuple[str, ...] = ("none", "episodic_count")
+EXPLORATION_KINDS: tuple[str, ...] = ("none", "episodic_count", "episodic_first_visit")
 
 
 def check_batch_size(batch_size: int, n_steps: int, n_envs: int) -> int:

@@ -1,16 +1,23 @@
-"""Intrinsic exploration rewards, for every agent kind: a VecEnv wrapper and its logger.
+"""Intrinsic exploration rewards, for every agent kind: VecEnv wrappers and their logger.
 
-An episodic count bonus (the episodic half of NGU / NovelD's "first visit in this episode"
-restriction, and the count baseline of E3B's MiniGrid comparisons): after every step the
-algorithm sees
+Two episodic bonuses on the view counts of the current episode, ``n`` being how many times
+the new observation's key (the egocentric ``image`` and the ``direction``) has been seen in
+the *current episode*, counting this time. After every step the algorithm sees
 
-    reward = extrinsic + coef / sqrt(n)
+    episodic_count (EpisodicCountBonus):            reward = extrinsic + coef / sqrt(n)
+    episodic_first_visit (EpisodicFirstVisitBonus): reward = extrinsic + coef * [n == 1]
 
-where ``n`` is how many times the new observation's key (the egocentric ``image`` and the
-``direction``) has been seen in the *current episode*, counting this time. The counts are
-cleared whenever an episode starts: at ``reset()`` and at SB3's auto-reset, whose first
-observation opens a fresh count. Turning around to see a view not yet seen in this episode
-pays ``coef``; standing still or spinning in place pays less at every repeat.
+The first is the episodic count of NGU and of E3B's MiniGrid comparisons. It pays on every
+step (the sum over revisits diverges), so a ``coef`` large enough to matter also pays the
+agent for staying alive (``docs/exploration.md``). The second is NovelD's episodic
+restriction on its own (the lifelong novelty factor held at 1): a view pays ``coef`` once per
+episode, revisits pay 0, so an episode's intrinsic return is ``coef`` times the number of
+distinct views it reached (the first view of the episode is given, not found: it never pays),
+bounded whatever the episode's length.
+
+The counts are cleared whenever an episode starts: at ``reset()`` and at SB3's auto-reset,
+whose first observation opens a fresh count. Turning around to see a view not yet seen in
+this episode pays ``coef``.
 
 The bonus is added outside the per-env ``Monitor`` (:func:`envs.make_vec_env`), so
 ``rollout/ep_rew_mean``, ``rollout/success_rate``, the reward-feedback observations
@@ -50,6 +57,7 @@ from agents.constants import EXPLORATION_KINDS
 __all__ = [
     "EXPLORATION_KINDS",
     "EpisodicCountBonus",
+    "EpisodicFirstVisitBonus",
     "ExplorationLogger",
     "decayed_coef",
     "observation_key",
@@ -75,6 +83,9 @@ def observation_key(obs: dict[str, Any]) -> bytes:
 class EpisodicCountBonus(VecEnvWrapper):
     """Add ``coef / sqrt(n_episode(key(next_obs)))`` to each step's reward (module docstring).
 
+    Subclasses change only :meth:`bonus_of_count`; the counting, the resets and the infos
+    are shared.
+
     :param venv: the training VecEnv, Dict observations with ``image`` and ``direction``.
     :param coef: the bonus for a view seen for the first time in the episode, in reward units.
     :raises ValueError: ``coef`` is negative or not finite, or the observations lack
@@ -84,12 +95,15 @@ class EpisodicCountBonus(VecEnvWrapper):
     def __init__(self, venv: VecEnv, coef: float) -> None:
         super().__init__(venv)
         if not (np.isfinite(coef) and coef >= 0):
-            raise ValueError(f"coef = {coef!r} must be a finite number >= 0")
+            raise ValueError(
+                f"coef = {coef!r} must be a finite number >= 0 (set exploration.coef, e.g. "
+                "0.005; exploration.kind=none turns the bonus off)"
+            )
         keys = getattr(venv.observation_space, "spaces", {})
         if "image" not in keys or "direction" not in keys:
             raise ValueError(
-                "EpisodicCountBonus counts views: it needs Dict observations with 'image' and "
-                f"'direction' (envs.make_vec_env builds them), got {venv.observation_space}"
+                f"{type(self).__name__} counts views: it needs Dict observations with 'image' "
+                f"and 'direction' (envs.make_vec_env builds them), got {venv.observation_space}"
             )
         self.coef = float(coef)
         self.counts: list[dict[bytes, int]] = [{} for _ in range(self.num_envs)]
@@ -101,12 +115,16 @@ class EpisodicCountBonus(VecEnvWrapper):
         self.episode_bonus[env] = 0.0
         self.episode_length[env] = 0
 
+    def bonus_of_count(self, n: int) -> float:
+        """The bonus (times ``coef``) of a view seen for the ``n``-th time in the episode."""
+        return self.coef / float(np.sqrt(n))
+
     def _visit(self, env: int, obs: dict[str, Any]) -> float:
         """Count ``obs`` in env ``env``'s episode; its bonus (times ``coef``)."""
         key = observation_key(obs)
         n = self.counts[env].get(key, 0) + 1
         self.counts[env][key] = n
-        return self.coef / float(np.sqrt(n))
+        return self.bonus_of_count(n)
 
     def reset(self) -> VecEnvObs:
         obs = self.venv.reset()
@@ -134,6 +152,24 @@ class EpisodicCountBonus(VecEnvWrapper):
         return obs, rewards + bonus, dones, infos
 
 
+class EpisodicFirstVisitBonus(EpisodicCountBonus):
+    """Add ``coef`` to a step's reward when its new view is the first of its kind in the
+    episode, 0 on a revisit (module docstring): an episode's intrinsic return is ``coef``
+    times its distinct views less the first one, whatever its length.
+
+    >>> import envs
+    >>> venv = envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=1)
+    >>> venv = EpisodicFirstVisitBonus(venv, coef=0.1)
+    >>> _ = venv.reset()
+    >>> # Turn left 5 times: 3 new views, then the first view again, then the second.
+    >>> [round(float(venv.step(np.array([0]))[1][0]), 6) for _ in range(5)]
+    [0.1, 0.1, 0.1, 0.0, 0.0]
+    """
+
+    def bonus_of_count(self, n: int) -> float:
+        return self.coef if n == 1 else 0.0
+
+
 def _env_obs(obs: VecEnvObs, env: int) -> dict[str, Any]:
     """Env ``env``'s part of a batched Dict observation."""
     assert isinstance(obs, dict), "EpisodicCountBonus needs Dict observations"
@@ -149,6 +185,8 @@ def wrap_exploration(venv: VecEnv, kind: str, coef: float) -> VecEnv:
         return venv
     if kind == "episodic_count":
         return EpisodicCountBonus(venv, coef=coef)
+    if kind == "episodic_first_visit":
+        return EpisodicFirstVisitBonus(venv, coef=coef)
     raise ValueError(
         f"exploration kind {kind!r} is unknown; choose one of {', '.join(EXPLORATION_KINDS)}"
     )
@@ -173,7 +211,7 @@ class ExplorationLogger(BaseCallback):
     ``coef``, what was added to the reward); ``exploration/intrinsic_ep_return_mean``: the
     mean intrinsic return of the last 100 finished episodes (``rollout/ep_rew_mean`` stays
     the extrinsic one); ``exploration/coef``. Reads the infos :class:`EpisodicCountBonus`
-    writes; logs nothing for an env without them.
+    and its subclasses write; logs nothing for an env without them.
 
     :param coef: the coefficient at step 0 (``None``: leave the wrapper's as it is).
     :param decay_steps: see :func:`decayed_coef`. The coefficient follows

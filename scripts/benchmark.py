@@ -32,7 +32,7 @@ from pathlib import Path
 from agents.bench.records import record_path
 from agents.bench.report import write_report
 from agents.bench.runner import run_status, run_suite
-from agents.bench.speed import SPEED_AGENTS, SPEED_ENVS
+from agents.bench.speed import SPEED_AGENTS, SPEED_ENVS, split_overrides
 from agents.bench.suite import REPO_ROOT, SUITE_DIR, BenchmarkError, Suite, load_suite
 from agents.experiment.hints import script_command
 
@@ -199,6 +199,10 @@ def _alternated(args: argparse.Namespace) -> int:
                 f"--variant {spec!r}: expected LABEL=KEY=VALUE[,KEY=VALUE], "
                 "e.g. compiled=policy.compile_core=true"
             )
+        try:
+            variant_overrides = split_overrides(overrides)
+        except ValueError as error:
+            raise BenchmarkError(f"--variant {spec!r}: {error}") from None
         cells += [
             Cell(
                 env=env,
@@ -206,7 +210,7 @@ def _alternated(args: argparse.Namespace) -> int:
                 threads=n,
                 seed=args.seed,
                 label=label,
-                overrides=tuple(overrides.split(",")),
+                overrides=variant_overrides,
             )
             for n in threads
             for env in envs

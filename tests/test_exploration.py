@@ -1,9 +1,10 @@
-"""The episodic count bonus: its closed form, its resets, and that only training sees it."""
+"""The episodic bonuses: their closed forms, their resets, and that only training sees them."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gymnasium as gym
@@ -24,6 +25,7 @@ from agents.experiment.training import (
 )
 from agents.exploration import (
     EpisodicCountBonus,
+    EpisodicFirstVisitBonus,
     ExplorationLogger,
     decayed_coef,
     wrap_exploration,
@@ -135,14 +137,84 @@ def test_reward_feedback_observations_stay_extrinsic() -> None:
         assert obs["prev_reward"][0, 0] == 0.0 and obs["episode_return"][0, 0] == 0.0
 
 
+def first_visit_bonuses(views: list[tuple[int, int]], coef: float) -> list[float]:
+    """Closed form: after step t, coef if views[t] is not in views[0..t-1], else 0."""
+    return [coef if views[t] not in views[:t] else 0.0 for t in range(1, len(views))]
+
+
+def test_first_visit_bonus_pays_each_new_view_once_and_revisits_nothing() -> None:
+    # A long episode that keeps coming back: the count bonus would pay on every step.
+    views = [(1, 0), (2, 0), (1, 0), (2, 0), (1, 1), (1, 0), (2, 0), (3, 2), (2, 0), (1, 1)]
+    views += [(1, 0), (2, 0)] * 20 + [(4, 0)]
+    venv = EpisodicFirstVisitBonus(scripted_venv(views), coef=COEF)
+    venv.reset()
+    got = [step(venv) for _ in range(len(views) - 1)]
+    expected = first_visit_bonuses(views, COEF)
+    assert expected[:5] == [COEF, 0.0, 0.0, COEF, 0.0]
+    np.testing.assert_allclose([bonus for _, bonus, _, _ in got], expected, rtol=1e-6)
+    extrinsic = [0.0] * (len(views) - 2) + [1.0]
+    np.testing.assert_allclose([r for r, *_ in got], np.add(expected, extrinsic), rtol=1e-6)
+    # The intrinsic return is coef x the distinct views after the first, whatever the length:
+    # 4 of them ((2,0), (1,1), (3,2), (4,0)) in 52 steps.
+    info = got[-1][3]
+    assert info["exploration_episode"] == {
+        "r": pytest.approx(COEF * (len(set(views)) - 1)),
+        "l": len(views) - 1,
+    }
+    assert info["exploration_episode"]["r"] == pytest.approx(4 * COEF)
+    assert info["episode"]["r"] == pytest.approx(1.0)  # the Monitor's: extrinsic
+
+
+def test_first_visit_counts_restart_at_every_episode_start_including_auto_reset() -> None:
+    views = [(1, 0), (2, 0), (1, 0), (3, 0), (2, 0)]
+    venv = EpisodicFirstVisitBonus(scripted_venv(views, n_envs=2), coef=COEF)
+    venv.reset()
+    expected = first_visit_bonuses(views, COEF)  # [coef, 0, coef, 0]
+    for _ in range(3):  # the 2nd and 3rd episodes start at SB3's auto-reset
+        episode = [venv.step(np.zeros(2, dtype=np.int64)) for _ in range(len(views) - 1)]
+        for env in range(2):
+            bonuses = [infos[env]["exploration_bonus"] for *_, infos in episode]
+            np.testing.assert_allclose(bonuses, expected, rtol=1e-6)
+            assert episode[-1][3][env]["exploration_episode"]["r"] == pytest.approx(2 * COEF)
+    step(venv)  # (2, 0) again: new in the fresh episode, then a reset mid-episode
+    venv.reset()
+    assert step(venv)[1] == pytest.approx(COEF)
+
+
+class VecMonitorLike(VecEnvWrapper):
+    """A wrapper above the bonus, as SB3's VecMonitor / VecTransposeImage sit in a run."""
+
+    def reset(self) -> Any:
+        return self.venv.reset()
+
+    def step_wait(self) -> Any:
+        return self.venv.step_wait()
+
+
+def test_wrap_exploration_builds_each_kind_and_the_logger_sets_its_coef() -> None:
+    views = [(1, 0), (2, 0)]
+    count = wrap_exploration(scripted_venv(views), "episodic_count", 0.1)
+    first = wrap_exploration(scripted_venv(views), "episodic_first_visit", 0.1)
+    assert type(count) is EpisodicCountBonus and type(first) is EpisodicFirstVisitBonus
+    logger = ExplorationLogger(coef=0.2, decay_steps=100)
+    logger.model = SimpleNamespace(get_env=lambda: VecMonitorLike(first))  # type: ignore[assignment]
+    logger.num_timesteps = 50
+    logger._on_rollout_start()  # the decay reaches the first-visit bonus too
+    assert first.coef == pytest.approx(0.1)
+
+
 def test_errors_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="coef = -1"):
         EpisodicCountBonus(scripted_venv([(1, 0), (2, 0)]), coef=-1)
-    with pytest.raises(ValueError, match="choose one of none, episodic_count"):
+    with pytest.raises(ValueError, match="coef = -1.*set exploration.coef"):
+        EpisodicFirstVisitBonus(scripted_venv([(1, 0), (2, 0)]), coef=-1)
+    with pytest.raises(ValueError, match="choose one of none, episodic_count, episodic_first"):
         wrap_exploration(scripted_venv([(1, 0), (2, 0)]), "rnd", 0.1)
     box = DummyVecEnv([lambda: gym.make("CartPole-v1")])
     with pytest.raises(ValueError, match="'image' and 'direction'"):
         EpisodicCountBonus(box, coef=0.1)
+    with pytest.raises(ValueError, match="EpisodicFirstVisitBonus counts views"):
+        EpisodicFirstVisitBonus(box, coef=0.1)
     assert wrap_exploration(box, "none", 0.1) is box
 
 
@@ -208,8 +280,8 @@ def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
     return [INSPECTED[-1]]
 
 
-def tiny_run(tmp_path: Path, agent: str) -> list[str]:
-    """Overrides of a 64-step run with the bonus, evaluating at step 32."""
+def tiny_run(tmp_path: Path, agent: str, kind: str = "episodic_count") -> list[str]:
+    """Overrides of a 64-step run with the bonus ``kind``, evaluating at step 32."""
     overrides = [
         f"agent.kind={agent}",
         "env.id=MiniGrid-Empty-5x5-v0",
@@ -218,8 +290,8 @@ def tiny_run(tmp_path: Path, agent: str) -> list[str]:
         "ppo.n_steps=16",
         "ppo.batch_size=32",
         "ppo.n_epochs=1",
-        "exploration.kind=episodic_count",
-        "exploration.coef=1.0",  # 8 steps of it: an intrinsic return well above 1
+        f"exploration.kind={kind}",
+        "exploration.coef=1.0",  # 8 steps of it: an intrinsic return above 1
         "train.total_timesteps=64",
         "train.checkpoint_freq=0",
         "train.eval_freq=32",
@@ -235,15 +307,22 @@ def tiny_run(tmp_path: Path, agent: str) -> list[str]:
     return overrides
 
 
+BONUS_OF_KIND = {
+    "episodic_count": EpisodicCountBonus,
+    "episodic_first_visit": EpisodicFirstVisitBonus,
+}
+
+
+@pytest.mark.parametrize("kind", list(BONUS_OF_KIND))
 @pytest.mark.parametrize("agent", ["ppo", "lstm", "thalamus"])
 def test_every_agent_trains_with_the_bonus_and_reports_extrinsic_returns(
-    tmp_path: Path, agent: str, recwarn: pytest.WarningsRecorder
+    tmp_path: Path, agent: str, kind: str, recwarn: pytest.WarningsRecorder
 ) -> None:
-    overrides = tiny_run(tmp_path, agent)
+    overrides = tiny_run(tmp_path, agent, kind)
     train(load_config(DEFAULT_CONFIG, overrides), extra_callbacks=extra)
     seen = INSPECTED[-1]
-    assert EpisodicCountBonus in seen.train_chain
-    assert EpisodicCountBonus not in seen.eval_chain
+    assert BONUS_OF_KIND[kind] in seen.train_chain
+    assert not set(BONUS_OF_KIND.values()) & set(seen.eval_chain)
     assert seen.episode_returns and max(seen.episode_returns) <= 1.0  # extrinsic
     assert seen.eval_reward <= 1.0
     first = seen.logged[0]

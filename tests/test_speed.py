@@ -12,6 +12,7 @@ from agents.bench.speed import (
     fps_markdown,
     fps_ratios,
     measure_fps,
+    split_overrides,
     threshold_markdown,
 )
 
@@ -87,3 +88,19 @@ def test_measure_fps_trains_each_cell_in_turn() -> None:
 def test_a_failing_worker_names_its_cell() -> None:
     with pytest.raises(RuntimeError, match="cell 'ppo'.*ConfigError|cell 'ppo'.*not_a_key"):
         Worker(Cell(env="MiniGrid-DoorKey-5x5-v0", agent="ppo", overrides=("ppo.not_a_key=1",)))
+
+
+def test_split_overrides_keeps_flow_style_values_whole() -> None:
+    # A stream list's commas belong to the value: a plain split(",") cut it into pieces.
+    text = "thalamus.streams=[{name: visual}, {name: semantic, clock: 4}],ppo.n_epochs=4"
+    assert split_overrides(text) == (
+        "thalamus.streams=[{name: visual}, {name: semantic, clock: 4}]",
+        "ppo.n_epochs=4",
+    )
+    assert split_overrides("a=1, b='x,y'") == ("a=1", "b='x,y'")
+
+
+@pytest.mark.parametrize("text", ["a=[1, 2", "a=1]", "b='x"])
+def test_split_overrides_rejects_unbalanced_text(text: str) -> None:
+    with pytest.raises(ValueError, match="bracket|closes nothing"):
+        split_overrides(text)

@@ -55,6 +55,41 @@ SPEED_ENVS: tuple[str, ...] = (
 SPEED_AGENTS: tuple[str, ...] = ("thalamus", "lstm", "ppo")
 
 
+def split_overrides(text: str) -> tuple[str, ...]:
+    """Split ``KEY=VALUE,KEY=VALUE`` at the commas outside brackets, braces and quotes.
+
+    A value may be an OmegaConf flow-style list or mapping whose own commas belong to it, such
+    as a stream list for ``thalamus.streams``.
+
+    >>> split_overrides("ppo.n_epochs=4,thalamus.top_k=8")
+    ('ppo.n_epochs=4', 'thalamus.top_k=8')
+    >>> split_overrides("thalamus.streams=[{name: visual}, {name: slow, clock: 4}],train.seed=1")
+    ('thalamus.streams=[{name: visual}, {name: slow, clock: 4}]', 'train.seed=1')
+
+    :raises ValueError: a bracket or quote is left open or closed twice (the message names it).
+    """
+    parts: list[str] = []
+    depth, quote, start = 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"{text!r}: {char!r} at position {i} closes nothing")
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    if depth or quote:
+        raise ValueError(f"{text!r}: a bracket or quote is left open; close it")
+    parts.append(text[start:].strip())
+    return tuple(part for part in parts if part)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One measured configuration.

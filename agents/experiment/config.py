@@ -277,7 +277,9 @@ class ExplorationConfig:
         "none",
         "none: extrinsic reward only; episodic_count: add coef / sqrt(n) per step, n the visits "
         "of the new view (egocentric image and direction) in this episode, counts cleared at "
-        "each episode start.",
+        "each episode start; episodic_first_visit: add coef only when the new view is seen for "
+        "the first time in this episode (0 on revisits), so an episode's intrinsic return is at "
+        "most coef times its distinct views.",
         choices=EXPLORATION_KINDS,
     )
     coef: float = _param(
