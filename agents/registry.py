@@ -12,7 +12,7 @@ Adding a kind is one module (its builder, its policy arguments, and a stepper if
 ``docs/contributing.md`` walks through it.
 
 >>> spec("lstm").recurrent, spec("lstm").config_sections
-(True, ('lstm',))
+(True, ('lstm', 'baseline'))
 >>> AGENT_KINDS
 ('thalamus', 'ppo', 'lstm')
 """
@@ -48,8 +48,9 @@ class AgentSpec:
     :ivar stepper: ``"module:Class"``; ``Class(model)`` plays the agent one step at a time
         (:class:`agents.stepping.Stepper`: its recurrent state starts at zero, each step gets
         its episode-start flag).
-    :ivar config_sections: config sections only this kind reads (every other section is
-        shared); sections of other kinds are ignored by it.
+    :ivar config_sections: config sections that this kind reads and some others do not
+        (every other section is shared by all kinds); sections only other kinds list are
+        ignored by it.
     :ivar algorithm_sections: of those, the sections passed to the algorithm's constructor
         beside the shared ``ppo`` section.
     :ivar recurrent: the policy keeps a state across steps.
@@ -154,6 +155,7 @@ register(
         build="agents.baselines:build_ppo",
         policy_kwargs="agents.baselines:policy_kwargs",
         stepper="agents.stepping:FeedForwardStepper",
+        config_sections=("baseline",),
     )
 )
 register(
@@ -164,7 +166,7 @@ register(
         build="agents.baselines:build_lstm",
         policy_kwargs="agents.baselines:policy_kwargs",
         stepper="agents.stepping:RecurrentStepper",
-        config_sections=("lstm",),
+        config_sections=("lstm", "baseline"),
         recurrent=True,
     )
 )

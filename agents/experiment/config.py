@@ -249,6 +249,26 @@ class LSTMConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Observation handling of the PPO and LSTM baselines (``agent.kind = ppo`` or ``lstm``;
+    the thalamus agent embeds its observations with its own tokenizer and ignores this)."""
+
+    normalize_obs: bool = _param(
+        False,
+        "Standardise each observation feature with running mean and variance, as SB3's "
+        "VecNormalize does (what the baselines' users normally run them with). The statistics "
+        "are part of the policy: saved in its model files, applied on every evaluation, and "
+        "updated after each rollout's update from that rollout's observations.",
+    )
+    obs_clip: float = _param(
+        10.0,
+        "With normalize_obs, clip standardised features to [-obs_clip, obs_clip] "
+        "(VecNormalize's clip_obs).",
+        gt=0.0,
+    )
+
+
+@dataclass
 class ExplorationConfig:
     """An intrinsic reward added to the training reward, for every agent kind
     (:mod:`agents.exploration`; evaluation and the logged episode returns stay extrinsic)."""
@@ -313,10 +333,11 @@ class TrainConfig:
     runs_dir: str = _param("runs", "Where run directories are created.")
 
 
-#: The config sections that only one agent kind reads (``config_sections`` of its
-#: :class:`agents.registry.AgentSpec`); every other section is shared. A ``ppo`` run ignores
-#: all of these, an ``lstm`` run the thalamus' sections, so two configs that differ only there
-#: train the same agent.
+#: The config sections that only some agent kinds read (``config_sections`` of their
+#: :class:`agents.registry.AgentSpec`); every other section is shared by all. A ``ppo`` run
+#: ignores the thalamus' and the LSTM's, an ``lstm`` run the thalamus', a ``thalamus`` run the
+#: LSTM's and the baselines' (``baseline``), so two configs that differ only there train the
+#: same agent.
 AGENT_ONLY_SECTIONS: dict[str, tuple[str, ...]] = {
     kind: agent_spec.config_sections for kind, agent_spec in AGENT_SPECS.items()
 }
@@ -329,7 +350,7 @@ def sections_ignored_by(kind: str) -> set[str]:
         for other, sections in AGENT_ONLY_SECTIONS.items()
         if other != kind
         for section in sections
-    }
+    } - set(AGENT_ONLY_SECTIONS[kind])
 
 
 @dataclass
@@ -344,6 +365,7 @@ class ExperimentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     thalamus_ppo: ThalamusPPOConfig = field(default_factory=ThalamusPPOConfig)
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -44,6 +44,7 @@ from stable_baselines3.common.logger import HParam, configure
 from stable_baselines3.common.vec_env import VecEnv
 
 import envs
+from agents.baselines import FoldObservationStatistics, normalizing_extractors
 from agents.experiment.callbacks import (
     EvalVideo,
     NonFiniteGuard,
@@ -119,6 +120,9 @@ EVAL_SEED_OFFSET = 1_000_000
 """Eval env ``i`` gets seed ``train.seed + EVAL_SEED_OFFSET + i``: layouts unseen in training."""
 RESUMABLE_SECTIONS = ("ppo", "thalamus_ppo", "train")
 """Config sections that ``resume`` may override; the others fix the env and the network."""
+SECTIONS_ADDED_LATER = ("baseline",)
+"""Config sections newer than some runs' ``config.yaml``: a run's file without one trained with
+its schema defaults (which keep the old behaviour), so it is read with them."""
 FIXED_ON_RESUME_KEYS = ("train.seed", "train.runs_dir")
 """Keys in :data:`RESUMABLE_SECTIONS` that ``resume`` still refuses: the run's envs are seeded
 from ``train.seed`` (the eval envs too), and its directory is already chosen."""
@@ -458,6 +462,10 @@ def _callbacks(
     guard = NonFiniteGuard(hint)
     stop = StopOnSignal(on_signal=(lambda _: request_stop()) if request_stop else None)
     callbacks: list[BaseCallback] = [guard, stop, checkpoint]
+    if normalizing_extractors(model.policy):
+        # Before the checkpoint: both act at a rollout start, and the checkpoint must hold the
+        # statistics the coming rollout uses.
+        callbacks.insert(0, FoldObservationStatistics())
     if config.exploration.kind != "none":
         from agents.exploration import ExplorationLogger
 
@@ -595,8 +603,8 @@ def _checked_overrides(overrides: Iterable[str], total_timesteps: int | None) ->
             raise ConfigError(
                 f"override '{item}' cannot change a resumed run: only "
                 f"{', '.join(s + '.*' for s in RESUMABLE_SECTIONS)} may change (env.*, agent.*, "
-                "thalamus.*, tokenizer.*, policy.* and lstm.* fix the data and the network); "
-                "start a new run instead"
+                "thalamus.*, tokenizer.*, policy.*, lstm.* and baseline.* fix the data and the "
+                "network); start a new run instead"
             )
         if key in FIXED_ON_RESUME_KEYS:
             raise ConfigError(
@@ -648,7 +656,11 @@ def _read_run_config(path: Path) -> ExperimentConfig:
         raise ConfigError(f"{path} cannot be read ({exc}); {restore}") from None
     if not isinstance(layer, dict) or not layer:
         raise ConfigError(f"{path} is empty or not a mapping of sections; {restore}")
-    missing = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in layer]
+    missing = [
+        f.name
+        for f in dataclasses.fields(ExperimentConfig)
+        if f.name not in layer and f.name not in SECTIONS_ADDED_LATER
+    ]
     if missing:
         raise ConfigError(
             f"{path} is incomplete: it has no {', '.join(missing)} section(s) (a run's "
