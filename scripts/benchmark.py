@@ -279,6 +279,19 @@ def _report_suites(args: argparse.Namespace) -> list[Suite]:
     return [load_suite(name, check_configs=False) for name in names]
 
 
+def _with_reported_neighbours(named: list[Suite], out: Path) -> list[Suite]:
+    """``named`` plus every other suite with a records folder in ``out``, ordered by name.
+
+    The report is one file per ``out``: reporting one suite must not drop the sections of the
+    suites whose records sit beside it.
+    """
+    by_name = {suite.name: suite for suite in named}
+    for folder in (out / "records").glob("*"):
+        if folder.is_dir() and folder.name not in by_name:
+            by_name[folder.name] = load_suite(folder.name, check_configs=False)
+    return [by_name[name] for name in sorted(by_name)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -288,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             suites = _report_suites(args)
             outs = {_out(s, args) for s in suites}
             for out in sorted(outs):
-                path = write_report([s for s in suites if _out(s, args) == out], out)
+                named = [s for s in suites if _out(s, args) == out]
+                path = write_report(_with_reported_neighbours(named, out), out)
                 print(f"report: {path}")
             return 0
         if not args.suites:

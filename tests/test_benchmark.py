@@ -22,6 +22,7 @@ from agents.experiment.config import CONFIG_DIR, find_config_for_env
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
+BENCH_RECORDS = REPO / "docs" / "benchmarks" / "records"
 sys.path.insert(0, str(REPO / "scripts"))
 import benchmark as benchmark_script  # noqa: E402
 
@@ -386,6 +387,16 @@ def test_report_from_fixture_records(tmp_path: Path) -> None:
     benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
     assert not list((tmp_path / "plots").glob("fixture_*.png"))
     assert "0 of 10 runs have records" in squeezed((tmp_path / "README.md").read_text())
+
+
+def test_reporting_one_suite_keeps_the_other_suites_sections(tmp_path: Path) -> None:
+    # One README per output folder: naming one suite used to rewrite it with that suite alone.
+    shutil.copytree(FIXTURES / "records", tmp_path / "records" / "fixture")
+    shutil.copytree(BENCH_RECORDS / "baselines", tmp_path / "records" / "baselines")
+    benchmark_script.main([str(FIXTURES / "suite.yaml"), "--report", "--out", str(tmp_path)])
+    text = (tmp_path / "README.md").read_text()
+    assert "## Suite `baselines`" in text and "## Suite `fixture`" in text
+    assert text.index("## Suite `baselines`") < text.index("## Suite `fixture`")
 
 
 def test_report_says_when_a_target_is_judged_on_fewer_seeds_than_planned(tmp_path: Path) -> None:
