@@ -273,7 +273,7 @@ def _report_suites(args: argparse.Namespace) -> list[Suite]:
             raise BenchmarkError(f"no records under {args.storage}; name the suites to report")
         return [load_suite(name, check_configs=False) for name in names]
     out = args.out if args.out is not None else REPO_ROOT / "docs" / "benchmarks"
-    names = sorted(p.name for p in (out / "records").glob("*") if p.is_dir())
+    names = _record_folders(out)
     if not names:
         raise BenchmarkError(f"no records in {out / 'records'}; name the suites to report")
     return [load_suite(name, check_configs=False) for name in names]
@@ -286,10 +286,15 @@ def _with_reported_neighbours(named: list[Suite], out: Path) -> list[Suite]:
     suites whose records sit beside it.
     """
     by_name = {suite.name: suite for suite in named}
-    for folder in (out / "records").glob("*"):
-        if folder.is_dir() and folder.name not in by_name:
-            by_name[folder.name] = load_suite(folder.name, check_configs=False)
+    for name in _record_folders(out):
+        if name not in by_name:
+            by_name[name] = load_suite(name, check_configs=False)
     return [by_name[name] for name in sorted(by_name)]
+
+
+def _record_folders(out: Path) -> list[str]:
+    """The names of the suites with a records folder in ``out``, sorted."""
+    return sorted(p.name for p in (out / "records").glob("*") if p.is_dir())
 
 
 def main(argv: list[str] | None = None) -> int:

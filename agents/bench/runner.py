@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -238,15 +239,10 @@ def _finish_from_checkpoint(
     }
 
 
-def _final_mission_sensitivity(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any] | None:
-    """Success of the run's final model with the true and with shuffled missions
-    (:func:`agents.experiment.mission_sensitivity.mission_sensitivity`) on ``train.eval_episodes``
-    episodes from the eval seeds, in the run's own eval mode; None on an env whose mission
-    is the same in every episode (or that has none)."""
-    import envs
-    from agents.experiment.mission_sensitivity import mission_sensitivity
+def _final_model(config: ExperimentConfig, paths: RunPaths) -> BaseAlgorithm | None:
+    """The run's final model, or its latest checkpoint's if it has none (a run stopped at its
+    budget's last checkpoint); None if it has neither."""
     from agents.experiment.model_files import load_model_file
-    from agents.experiment.training import EVAL_SEED_OFFSET
 
     model_path = paths.final_model
     if not model_path.is_file():
@@ -254,7 +250,21 @@ def _final_mission_sensitivity(config: ExperimentConfig, paths: RunPaths) -> dic
         if last is None:
             return None
         model_path = last.model_path
-    model = load_model_file(model_path, device=config.train.device)
+    return load_model_file(model_path, device=config.train.device)
+
+
+def _final_mission_sensitivity(config: ExperimentConfig, paths: RunPaths) -> dict[str, Any] | None:
+    """Success of the run's final model with the true and with shuffled missions
+    (:func:`agents.experiment.mission_sensitivity.mission_sensitivity`) on ``train.eval_episodes``
+    episodes from the eval seeds, in the run's own eval mode; None on an env whose mission
+    is the same in every episode (or that has none)."""
+    import envs
+    from agents.experiment.mission_sensitivity import mission_sensitivity
+    from agents.experiment.training import EVAL_SEED_OFFSET
+
+    model = _final_model(config, paths)
+    if model is None:
+        return None
     env = envs.make_env(
         config.env.id, trial_episodes=config.env.trial_episodes, **config.env.env_kwargs
     )
@@ -280,7 +290,6 @@ def _final_memory_diagnosis(config: ExperimentConfig, paths: RunPaths) -> dict[s
     plain episodes) or a run with no model."""
     import envs
     from agents.experiment.memory_diagnosis import diagnose, is_memory_env, summarize
-    from agents.experiment.model_files import load_model_file
 
     env = envs.make_env(
         config.env.id, trial_episodes=config.env.trial_episodes, **config.env.env_kwargs
@@ -291,13 +300,9 @@ def _final_memory_diagnosis(config: ExperimentConfig, paths: RunPaths) -> dict[s
         env.close()
     if not memory or config.env.trial_episodes != 1:
         return None
-    model_path = paths.final_model
-    if not model_path.is_file():
-        last = latest_checkpoint(paths.checkpoints)
-        if last is None:
-            return None
-        model_path = last.model_path
-    model = load_model_file(model_path, device=config.train.device)
+    model = _final_model(config, paths)
+    if model is None:
+        return None
     episodes = max(config.train.eval_episodes, MEMORY_DIAGNOSIS_EPISODES)
     with global_rng_preserved():
         result = diagnose((model, config), episodes, None, None, deterministic=False)
