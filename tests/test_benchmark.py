@@ -104,10 +104,21 @@ def test_repository_suites_load_and_match_the_issue() -> None:
     assert len(one_stream.load_config().thalamus.streams) == 1
     trial = next(r for r in ablations.runs if r.task == "MemoryS7-trial2")
     # The full agent's row is the full suite's MemoryS7 runs, not a second copy of them.
+    # (the 3-stream comparison of issue 38 shares DoorKey-5x5 and MemoryS11 with it too).
+    compared = ("MiniGrid-DoorKey-5x5-v0", "MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS11-v0")
     assert {r.key: r.shared_with for r in ablations.runs if r.label == "thalamus"} == {
-        f"MiniGrid-MemoryS7-v0__thalamus__{s}": "full" for s in (0, 1, 2)
+        f"{task}__thalamus__{s}": "full" for task in compared for s in (0, 1, 2)
     }
     assert trial.load_config().env.trial_episodes == 2
+    three_streams = [r for r in ablations.runs if r.label == "three-stream"]
+    expected = {(t, s) for t in compared for s in (0, 1, 2)}
+    assert {(r.task, r.seed) for r in three_streams} == expected
+    streams = three_streams[0].load_config().thalamus.streams
+    assert [(s.name, s.kind, s.clock) for s in streams] == [
+        ("visual", "mamba", 1),
+        ("semantic", "mamba", 4),
+        ("episodic", "episodic", 1),
+    ]
 
 
 def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
