@@ -586,10 +586,26 @@ class IntrinsicValueAlgorithm:
         buffer = self.rollout_buffer
         buffer.intrinsic_rewards[buffer.pos] = intrinsic_rewards_of(infos)
 
+    def rollout_critic_inputs(self) -> tuple[Any, ...]:
+        """The arguments of the policy's ``predict_values`` that give the values of every
+        step of the rollout in the buffer (``[n_steps * n_envs]``, step-major): what the
+        rollout fed its critic, before the buffer's ``get`` reorders it."""
+        raise NotImplementedError
+
+    def next_critic_inputs(self) -> tuple[Any, ...]:
+        """The arguments of the policy's ``predict_values`` for the observations after the
+        rollout (``[n_envs]``)."""
+        raise NotImplementedError
+
     def _rollout_intrinsic_values(self) -> tuple[np.ndarray, np.ndarray]:
         """``([n_steps, n_envs], [n_envs])``: the intrinsic values of the rollout's
         observations and of the observations after it."""
-        raise NotImplementedError
+        buffer = self.rollout_buffer
+        with th.no_grad():
+            values = self.policy.predict_intrinsic_values(*self.rollout_critic_inputs())
+            last = self.policy.predict_intrinsic_values(*self.next_critic_inputs())
+        shape = (buffer.buffer_size, buffer.n_envs)
+        return values.cpu().numpy().reshape(shape), last.cpu().numpy()
 
     def train(self) -> None:
         """Mix the intrinsic advantages in, then one PPO update with both value losses."""
@@ -729,16 +745,13 @@ class IntrinsicPPO(IntrinsicValueAlgorithm, PPO):
                 f"{type(self.policy).__name__}; use IntrinsicMultiInputPolicy"
             )
 
-    def _rollout_intrinsic_values(self) -> tuple[np.ndarray, np.ndarray]:
+    def rollout_critic_inputs(self) -> tuple[Any, ...]:
         buffer = self.rollout_buffer
-        steps, n_envs = buffer.buffer_size, buffer.n_envs
-        observations = _flat_observations(buffer.observations, steps * n_envs)
-        with th.no_grad():
-            values = self.policy.predict_intrinsic_values(obs_as_tensor(observations, self.device))
-            last = self.policy.predict_intrinsic_values(
-                obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-            )
-        return values.cpu().numpy().reshape(steps, n_envs), last.cpu().numpy()
+        observations = _flat_observations(buffer.observations, buffer.buffer_size * buffer.n_envs)
+        return (obs_as_tensor(observations, self.device),)
+
+    def next_critic_inputs(self) -> tuple[Any, ...]:
+        return (obs_as_tensor(self._last_obs, self.device),)  # type: ignore[arg-type]
 
     def _evaluate(self, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
         return self.policy.evaluate_actions_and_intrinsic(samples.observations, actions)
@@ -788,29 +801,29 @@ class IntrinsicRecurrentPPO(IntrinsicValueAlgorithm, RecurrentPPO):
             n_envs=self.n_envs,
         )
 
-    def _rollout_intrinsic_values(self) -> tuple[np.ndarray, np.ndarray]:
+    def rollout_critic_inputs(self) -> tuple[Any, ...]:
+        """Every step as a sequence of one, from the critic state stored before it."""
         buffer = self.rollout_buffer
-        steps, n_envs = buffer.buffer_size, buffer.n_envs
+        n = buffer.buffer_size * buffer.n_envs
         device = self.device
-        observations = _flat_observations(buffer.observations, steps * n_envs)
 
         def states(array: np.ndarray) -> th.Tensor:  # [T, L, N, H] -> [L, T * N, H]
-            flat = array.transpose(1, 0, 2, 3).reshape(array.shape[1], steps * n_envs, -1)
+            flat = array.transpose(1, 0, 2, 3).reshape(array.shape[1], n, -1)
             return th.as_tensor(flat, device=device)
 
-        critic_states = (states(buffer.hidden_states_vf), states(buffer.cell_states_vf))
-        starts = th.as_tensor(buffer.episode_starts.reshape(-1), device=device).float()
-        last_starts = th.as_tensor(np.asarray(self._last_episode_starts), device=device).float()
-        with th.no_grad():
-            values = self.policy.predict_intrinsic_values(
-                obs_as_tensor(observations, device), critic_states, starts
-            )
-            last = self.policy.predict_intrinsic_values(
-                obs_as_tensor(self._last_obs, device),  # type: ignore[arg-type]
-                self._last_lstm_states.vf,
-                last_starts,
-            )
-        return values.cpu().numpy().reshape(steps, n_envs), last.cpu().numpy()
+        return (
+            obs_as_tensor(_flat_observations(buffer.observations, n), device),
+            (states(buffer.hidden_states_vf), states(buffer.cell_states_vf)),
+            th.as_tensor(buffer.episode_starts.reshape(-1), device=device).float(),
+        )
+
+    def next_critic_inputs(self) -> tuple[Any, ...]:
+        starts = np.asarray(self._last_episode_starts)
+        return (
+            obs_as_tensor(self._last_obs, self.device),  # type: ignore[arg-type]
+            self._last_lstm_states.vf,
+            th.as_tensor(starts, device=self.device).float(),
+        )
 
     def _evaluate(self, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
         return self.policy.evaluate_actions_and_intrinsic(
