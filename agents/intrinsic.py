@@ -132,7 +132,8 @@ def add_intrinsic_advantages(
 
     :param buffer: a rollout buffer, before its ``get`` flattened it, holding ``[T, N]``
         arrays ``advantages`` (extrinsic GAE, already computed), ``intrinsic_rewards`` and
-        ``intrinsic_values``; this sets ``intrinsic_advantages`` and ``intrinsic_returns``.
+        ``intrinsic_values``; this sets ``intrinsic_advantages``, ``intrinsic_returns`` and
+        ``extrinsic_advantages`` (the advantages before the mix).
     :param last_values: ``[N]`` intrinsic values of the observations after the rollout.
     :param gamma: the intrinsic discount.
     :param gae_lambda: GAE lambda (the extrinsic one's).
@@ -143,6 +144,7 @@ def add_intrinsic_advantages(
     )
     buffer.intrinsic_advantages = advantages
     buffer.intrinsic_returns = returns
+    buffer.extrinsic_advantages = buffer.advantages
     buffer.advantages = (buffer.advantages + adv_coef * advantages).astype(np.float32)
 
 
@@ -150,8 +152,9 @@ def log_intrinsic(logger: Logger, buffer: Any, value_losses: Sequence[float]) ->
     """Record the intrinsic head's signals of one update under ``exploration/*``.
 
     ``intrinsic_value_mean`` (the head's values over the rollout), ``intrinsic_return_mean``,
-    ``intrinsic_adv_std`` (before mixing and normalisation),
-    ``intrinsic_explained_variance`` and ``intrinsic_value_loss`` (the mean over minibatches).
+    ``intrinsic_adv_std`` and ``extrinsic_adv_std`` (before mixing and normalisation: how much
+    each stream weighs in the mix), ``intrinsic_explained_variance`` and
+    ``intrinsic_value_loss`` (the mean over minibatches).
 
     :param buffer: the rollout buffer :func:`add_intrinsic_advantages` filled (any layout).
     :param value_losses: the intrinsic value loss of each minibatch.
@@ -161,6 +164,7 @@ def log_intrinsic(logger: Logger, buffer: Any, value_losses: Sequence[float]) ->
     logger.record("exploration/intrinsic_value_mean", float(values.mean()))
     logger.record("exploration/intrinsic_return_mean", float(returns.mean()))
     logger.record("exploration/intrinsic_adv_std", float(np.std(buffer.intrinsic_advantages)))
+    logger.record("exploration/extrinsic_adv_std", float(np.std(buffer.extrinsic_advantages)))
     logger.record("exploration/intrinsic_explained_variance", explained_variance(values, returns))
     if len(value_losses):
         logger.record("exploration/intrinsic_value_loss", float(np.mean(value_losses)))

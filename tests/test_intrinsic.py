@@ -24,11 +24,18 @@ from agents.experiment.config import (
     inert_settings,
     load_config,
 )
+from agents.experiment.io import latest_checkpoint
 from agents.experiment.model_files import load_model_file, save_model
-from agents.experiment.training import _hyperparameters, _make_envs, build_agent
+from agents.experiment.training import (
+    _hyperparameters,
+    _make_envs,
+    build_agent,
+    resume,
+    train,
+)
 from agents.exploration import EpisodicFirstVisitBonus
 from agents.intrinsic import add_intrinsic_advantages, nonepisodic_gae
-from tests.test_exploration import scripted_venv
+from tests.test_exploration import extra, scripted_venv, tiny_run
 
 KINDS = ["thalamus", "ppo", "lstm"]
 
@@ -111,6 +118,7 @@ def test_advantages_are_mixed_into_the_extrinsic_ones_and_returns_stay_extrinsic
     buffer = Buffer()
     add_intrinsic_advantages(buffer, np.zeros(2), gamma=0.9, gae_lambda=0.95, adv_coef=0.5)
     np.testing.assert_allclose(buffer.advantages, [[1.5, 3.5]])
+    np.testing.assert_allclose(buffer.extrinsic_advantages, [[1.0, 2.0]])
     np.testing.assert_allclose(buffer.intrinsic_returns, [[1.0, 3.0]])
     np.testing.assert_allclose(buffer.returns, [[5.0, 6.0]])
 
@@ -183,7 +191,8 @@ def test_every_agent_learns_the_bonus_apart_across_episode_ends(kind: str) -> No
         a["intrinsic_returns"], a["intrinsic_advantages"] + a["intrinsic_values"], atol=1e-5
     )
     logged = model.logger.name_to_value
-    for key in ("intrinsic_value_mean", "intrinsic_adv_std", "intrinsic_explained_variance"):
+    names = ("intrinsic_value_mean", "intrinsic_adv_std", "extrinsic_adv_std")
+    for key in (*names, "intrinsic_explained_variance"):
         assert np.isfinite(logged[f"exploration/{key}"]), key
     assert logged["exploration/intrinsic_value_loss"] > 0
 
@@ -363,3 +372,42 @@ def test_the_head_round_trips_through_a_model_file(tmp_path: Path, kind: str) ->
         assert th.equal(value, restored[name]), name
     assert loaded.intrinsic_gamma == model.intrinsic_gamma
     assert loaded.intrinsic_adv_coef == model.intrinsic_adv_coef
+
+
+@pytest.mark.parametrize("kind", ["thalamus", "ppo"])
+def test_a_value_head_run_resumes_from_its_checkpoint_with_the_head(
+    tmp_path: Path, kind: str
+) -> None:
+    """A run stopped at its step-32 checkpoint resumes to 128 steps: the head's weights come
+    back from the checkpoint, the head keeps learning (its logs continue), and
+    exploration.mixing cannot change on resume (it fixes the network)."""
+    overrides = [
+        *tiny_run(tmp_path, kind, "episodic_first_visit"),
+        "exploration.mixing=value_head",
+        "train.checkpoint_freq=32",
+        "train.total_timesteps=64",
+    ]
+    run_dir = train(load_config(DEFAULT_CONFIG, overrides), extra_callbacks=extra)
+    with pytest.raises(ConfigError, match="exploration.mixing=reward.*cannot change a resumed run"):
+        resume(run_dir, ["exploration.mixing=reward"], total_timesteps=128)
+    checkpoint = load_model_file(latest_checkpoint(run_dir / "checkpoints").model_path)
+    resumed_head: list[th.Tensor] = []
+
+    def remember_head(callbacks: Any) -> list[Any]:
+        inspect = extra(callbacks)[0]
+        original = inspect._on_training_start
+
+        def on_training_start() -> None:
+            head = inspect.model.policy.intrinsic_value_net.weight.detach().clone()
+            resumed_head.append(head)
+            original()
+
+        inspect._on_training_start = on_training_start  # type: ignore[method-assign]
+        return [inspect]
+
+    model_dir = resume(run_dir, total_timesteps=128, extra_callbacks=remember_head)
+    assert model_dir == run_dir
+    assert th.equal(resumed_head[0], checkpoint.policy.intrinsic_value_net.weight)
+    final = load_model_file(run_dir / "final_model.safetensors")
+    assert final.num_timesteps >= 128
+    assert not th.equal(final.policy.intrinsic_value_net.weight, resumed_head[0])
