@@ -339,10 +339,18 @@ def _build(
     policy_kwargs: dict[str, Any] | None,
     hyperparams: dict[str, Any],
 ) -> BaseAlgorithm:
-    """``algorithm`` on ``env`` with ``policies[0]`` for a Dict space, else ``policies[1]``."""
+    """``algorithm`` on ``env`` with ``policies[0]`` for a Dict space, else ``policies[1]``.
+
+    :raises ValueError: ``intrinsic_*`` settings without ``intrinsic_value_head=True``.
+    """
     space = env.observation_space
     if not hyperparams.pop("intrinsic_value_head", False):
-        hyperparams = {k: v for k, v in hyperparams.items() if not k.startswith("intrinsic_")}
+        stray = sorted(key for key in hyperparams if key.startswith("intrinsic_"))
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} only apply with intrinsic_value_head=True "
+                "(exploration.mixing = value_head); pass it, or drop them"
+            )
     return algorithm(
         policies[0] if isinstance(space, spaces.Dict) else policies[1],
         env,
@@ -521,10 +529,13 @@ class IntrinsicBufferMixin:
 
     def _get_samples(self, batch_inds: np.ndarray, *args: Any, **kwargs: Any) -> IntrinsicSamples:
         samples = super()._get_samples(batch_inds, *args, **kwargs)  # type: ignore[misc]
-        if isinstance(self, RecurrentDictRolloutBuffer | RecurrentRolloutBuffer):
-            pick = self.pad_and_flatten  # set by the parent's _get_samples for this minibatch
-        else:
-            pick = lambda array: self.to_torch(array.flatten())  # type: ignore[attr-defined]  # noqa: E731
+        recurrent = isinstance(self, RecurrentDictRolloutBuffer | RecurrentRolloutBuffer)
+
+        def pick(array: np.ndarray) -> th.Tensor:
+            if recurrent:  # padded as the parent's _get_samples just padded this minibatch
+                return self.pad_and_flatten(array)  # type: ignore[attr-defined]
+            return self.to_torch(array.flatten())  # type: ignore[attr-defined]
+
         flat = self._flat_intrinsic
         return IntrinsicSamples(
             samples,

@@ -338,6 +338,15 @@ def test_intrinsic_settings_without_the_head_are_reported_inert() -> None:
     assert not [w for w in inert_settings(config) if "mixing" in w]
 
 
+def test_intrinsic_settings_without_the_head_are_refused_by_the_baselines() -> None:
+    from agents import make_agent
+
+    venv = envs.make_vec_env("MiniGrid-Empty-5x5-v0", n_envs=1, seed=0)
+    with pytest.raises(ValueError, match="intrinsic_gamma only apply with intrinsic_value_head"):
+        make_agent("ppo", venv, device="cpu", intrinsic_gamma=0.9)
+    venv.close()
+
+
 def test_an_agent_with_the_head_refuses_an_env_without_the_bonus() -> None:
     config = tiny("ppo", "exploration.mixing=value_head")
     venv = envs.make_vec_env(config.env.id, n_envs=2, seed=0, **config.env.env_kwargs)
