@@ -12,17 +12,30 @@ entries are in :mod:`agents.registry`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.buffers import (
+    RecurrentDictRolloutBuffer,
+    RecurrentRolloutBuffer,
+)
+from sb3_contrib.common.recurrent.policies import (
+    RecurrentActorCriticPolicy,
+    RecurrentMultiInputActorCriticPolicy,
+)
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.policies import (
+    ActorCriticPolicy,
+    BasePolicy,
+    MultiInputActorCriticPolicy,
+)
 from stable_baselines3.common.preprocessing import (
     get_flattened_obs_dim,
     get_obs_shape,
@@ -32,9 +45,18 @@ from stable_baselines3.common.preprocessing import (
 )
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import GymEnv, TensorDict
+from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from torch import nn
 
 import envs
+from agents.constants import INTRINSIC_DEFAULTS
+from agents.intrinsic import (
+    add_intrinsic_advantages,
+    check_intrinsic_settings,
+    clipped_value_loss,
+    intrinsic_rewards_of,
+    log_intrinsic,
+)
 from agents.registry import spec
 from agents.tokenizer import symlog
 
@@ -44,6 +66,9 @@ __all__ = [
     "THALAMUS_POLICY_KWARGS",
     "FlatDictExtractor",
     "FoldObservationStatistics",
+    "IntrinsicPPO",
+    "IntrinsicRecurrentPPO",
+    "IntrinsicValueHeadPolicy",
     "build_lstm",
     "checked_policy_kwargs",
     "build_ppo",
@@ -306,7 +331,7 @@ def checked_policy_kwargs(
 
 def _build(
     algorithm: type[BaseAlgorithm],
-    policies: tuple[str, str],
+    policies: tuple[str | type[BasePolicy], str | type[BasePolicy]],
     kind: str,
     env: GymEnv,
     seed: int | None,
@@ -314,8 +339,18 @@ def _build(
     policy_kwargs: dict[str, Any] | None,
     hyperparams: dict[str, Any],
 ) -> BaseAlgorithm:
-    """``algorithm`` on ``env`` with ``policies[0]`` for a Dict space, else ``policies[1]``."""
+    """``algorithm`` on ``env`` with ``policies[0]`` for a Dict space, else ``policies[1]``.
+
+    :raises ValueError: ``intrinsic_*`` settings without ``intrinsic_value_head=True``.
+    """
     space = env.observation_space
+    if not hyperparams.pop("intrinsic_value_head", False):
+        stray = sorted(key for key in hyperparams if key.startswith("intrinsic_"))
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} only apply with intrinsic_value_head=True "
+                "(exploration.mixing = value_head); pass it, or drop them"
+            )
     return algorithm(
         policies[0] if isinstance(space, spaces.Dict) else policies[1],
         env,
@@ -334,9 +369,15 @@ def build_ppo(
     policy_kwargs: dict[str, Any] | None,
     **hyperparams: Any,
 ) -> BaseAlgorithm:
-    """SB3's memoryless ``PPO`` on ``env`` (``MultiInputPolicy`` for a Dict space)."""
-    policies = ("MultiInputPolicy", "MlpPolicy")
-    return _build(PPO, policies, "ppo", env, seed, device, policy_kwargs, hyperparams)
+    """SB3's memoryless ``PPO`` on ``env`` (``MultiInputPolicy`` for a Dict space);
+    :class:`IntrinsicPPO` with ``intrinsic_value_head=True`` (``exploration.mixing =
+    value_head``), whose ``intrinsic_*`` arguments only it takes."""
+    if hyperparams.get("intrinsic_value_head"):
+        policies: tuple[Any, Any] = (IntrinsicMultiInputPolicy, IntrinsicMlpPolicy)
+        algorithm: type[BaseAlgorithm] = IntrinsicPPO
+    else:
+        policies, algorithm = ("MultiInputPolicy", "MlpPolicy"), PPO
+    return _build(algorithm, policies, "ppo", env, seed, device, policy_kwargs, hyperparams)
 
 
 def build_lstm(
@@ -347,9 +388,15 @@ def build_lstm(
     policy_kwargs: dict[str, Any] | None,
     **hyperparams: Any,
 ) -> BaseAlgorithm:
-    """sb3-contrib's ``RecurrentPPO`` on ``env`` (``MultiInputLstmPolicy`` for a Dict space)."""
-    policies = ("MultiInputLstmPolicy", "MlpLstmPolicy")
-    return _build(RecurrentPPO, policies, "lstm", env, seed, device, policy_kwargs, hyperparams)
+    """sb3-contrib's ``RecurrentPPO`` on ``env`` (``MultiInputLstmPolicy`` for a Dict space);
+    :class:`IntrinsicRecurrentPPO` with ``intrinsic_value_head=True`` (``exploration.mixing =
+    value_head``), whose ``intrinsic_*`` arguments only it takes."""
+    if hyperparams.get("intrinsic_value_head"):
+        policies: tuple[Any, Any] = (IntrinsicMultiInputLstmPolicy, IntrinsicMlpLstmPolicy)
+        algorithm: type[BaseAlgorithm] = IntrinsicRecurrentPPO
+    else:
+        policies, algorithm = ("MultiInputLstmPolicy", "MlpLstmPolicy"), RecurrentPPO
+    return _build(algorithm, policies, "lstm", env, seed, device, policy_kwargs, hyperparams)
 
 
 def policy_kwargs(config: Any) -> dict[str, Any]:
@@ -362,3 +409,442 @@ def policy_kwargs(config: Any) -> dict[str, Any]:
         fields = dataclasses.asdict(getattr(config, section))
         (extractor if section in EXTRACTOR_SECTIONS else kwargs).update(fields)
     return kwargs
+
+
+# --------------------------------------------------------------------------------------
+# The intrinsic value head of the baselines (exploration.mixing = value_head)
+# --------------------------------------------------------------------------------------
+
+
+class IntrinsicValueHeadPolicy:
+    """Mixin for SB3's and sb3-contrib's actor-critic policies: a second linear value head,
+    ``intrinsic_value_net``, on the critic's latent beside ``value_net`` (:mod:`agents.intrinsic`).
+
+    The head reads the very latent ``value_net`` reads in the policy's own forward passes (a
+    forward hook on ``value_net`` records it), so every policy class (feed-forward, LSTM with a
+    critic LSTM, shared or none) gets it without its passes being written again. The head is
+    built, and initialised, on a forked random stream: every other parameter, and every
+    action the agent then samples, draws what the policy without it would have drawn.
+    """
+
+    mlp_extractor: Any
+    value_net: nn.Module
+    ortho_init: bool
+    intrinsic_value_net: nn.Linear
+
+    def _build_mlp_extractor(self) -> None:
+        super()._build_mlp_extractor()  # type: ignore[misc]
+        with th.random.fork_rng(devices=[]):
+            # Before the optimizer is built (it takes self.parameters() at the end of _build).
+            self.intrinsic_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+            if self.ortho_init:
+                ActorCriticPolicy.init_weights(self.intrinsic_value_net, gain=1.0)
+
+    def _with_critic_latent(self, run: Any) -> tuple[Any, th.Tensor]:
+        """``run()``'s result and the intrinsic values ``[M]`` of the critic latent it fed
+        to ``value_net``."""
+        latents: list[th.Tensor] = []
+        handle = self.value_net.register_forward_hook(
+            lambda _module, inputs, _output: latents.append(inputs[0])
+        )
+        try:
+            result = run()
+        finally:
+            handle.remove()
+        return result, self.intrinsic_value_net(latents[-1]).flatten()
+
+    def evaluate_actions_and_intrinsic(
+        self, *args: Any
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor]:
+        """``evaluate_actions(*args)`` (values, log-probs, entropy) and the intrinsic values
+        ``[M]`` of the same observations."""
+        (values, log_prob, entropy), intrinsic = self._with_critic_latent(
+            lambda: self.evaluate_actions(*args)  # type: ignore[attr-defined]
+        )
+        return values, log_prob, entropy, intrinsic
+
+    def predict_intrinsic_values(self, *args: Any) -> th.Tensor:
+        """The intrinsic values ``[M]`` of ``predict_values(*args)``'s observations."""
+        return self._with_critic_latent(lambda: self.predict_values(*args))[1]  # type: ignore[attr-defined]
+
+
+class IntrinsicMlpPolicy(IntrinsicValueHeadPolicy, ActorCriticPolicy):
+    """SB3's ``MlpPolicy`` with the intrinsic value head."""
+
+
+class IntrinsicMultiInputPolicy(IntrinsicValueHeadPolicy, MultiInputActorCriticPolicy):
+    """SB3's ``MultiInputPolicy`` with the intrinsic value head."""
+
+
+class IntrinsicMlpLstmPolicy(IntrinsicValueHeadPolicy, RecurrentActorCriticPolicy):
+    """sb3-contrib's ``MlpLstmPolicy`` with the intrinsic value head."""
+
+
+class IntrinsicMultiInputLstmPolicy(IntrinsicValueHeadPolicy, RecurrentMultiInputActorCriticPolicy):
+    """sb3-contrib's ``MultiInputLstmPolicy`` with the intrinsic value head."""
+
+
+class IntrinsicSamples(NamedTuple):
+    """A baseline buffer's minibatch and its intrinsic part, flat ``[M]`` as the minibatch's
+    values are (padded like them for LSTM-PPO).
+
+    :param samples: what the buffer's class yields without the head.
+    :param old_intrinsic_values: the intrinsic values of the rollout.
+    :param intrinsic_returns: the non-episodic intrinsic returns.
+    """
+
+    samples: Any
+    old_intrinsic_values: th.Tensor
+    intrinsic_returns: th.Tensor
+
+
+class IntrinsicBufferMixin:
+    """Mixin for SB3's ``DictRolloutBuffer`` / ``RolloutBuffer`` and sb3-contrib's recurrent
+    ones: ``[n_steps, n_envs]`` arrays ``intrinsic_rewards``, ``intrinsic_values``,
+    ``intrinsic_returns`` and ``intrinsic_advantages`` beside the buffer's own, and minibatches
+    that carry their intrinsic part (:class:`IntrinsicSamples`)."""
+
+    buffer_size: int
+    n_envs: int
+    generator_ready: bool
+    intrinsic_rewards: np.ndarray
+    intrinsic_values: np.ndarray
+    intrinsic_returns: np.ndarray
+    intrinsic_advantages: np.ndarray
+
+    def reset(self) -> None:
+        super().reset()  # type: ignore[misc]
+        shape = (self.buffer_size, self.n_envs)
+        for name in INTRINSIC_ARRAYS:
+            setattr(self, name, np.zeros(shape, dtype=np.float32))
+        self._flat_intrinsic: dict[str, np.ndarray] = {}
+
+    def get(self, batch_size: int | None = None) -> Generator[IntrinsicSamples, None, None]:
+        if not self.generator_ready:  # laid out as the parent lays out its own arrays
+            self._flat_intrinsic = {
+                name: self.swap_and_flatten(getattr(self, name))  # type: ignore[attr-defined]
+                for name in ("intrinsic_values", "intrinsic_returns")
+            }
+        yield from super().get(batch_size)  # type: ignore[misc]
+
+    def _get_samples(self, batch_inds: np.ndarray, *args: Any, **kwargs: Any) -> IntrinsicSamples:
+        samples = super()._get_samples(batch_inds, *args, **kwargs)  # type: ignore[misc]
+        recurrent = isinstance(self, RecurrentDictRolloutBuffer | RecurrentRolloutBuffer)
+
+        def pick(array: np.ndarray) -> th.Tensor:
+            if recurrent:  # padded as the parent's _get_samples just padded this minibatch
+                return self.pad_and_flatten(array)  # type: ignore[attr-defined]
+            return self.to_torch(array.flatten())  # type: ignore[attr-defined]
+
+        flat = self._flat_intrinsic
+        return IntrinsicSamples(
+            samples,
+            pick(flat["intrinsic_values"][batch_inds]),
+            pick(flat["intrinsic_returns"][batch_inds]),
+        )
+
+
+#: The intrinsic arrays of :class:`IntrinsicBufferMixin` (and of ``ThalamusRolloutBuffer``).
+INTRINSIC_ARRAYS = (
+    "intrinsic_rewards",
+    "intrinsic_values",
+    "intrinsic_returns",
+    "intrinsic_advantages",
+)
+
+
+class IntrinsicDictRolloutBuffer(IntrinsicBufferMixin, DictRolloutBuffer):
+    """SB3's ``DictRolloutBuffer`` with the intrinsic arrays."""
+
+
+class IntrinsicRolloutBuffer(IntrinsicBufferMixin, RolloutBuffer):
+    """SB3's ``RolloutBuffer`` with the intrinsic arrays."""
+
+
+class IntrinsicRecurrentDictRolloutBuffer(IntrinsicBufferMixin, RecurrentDictRolloutBuffer):
+    """sb3-contrib's ``RecurrentDictRolloutBuffer`` with the intrinsic arrays."""
+
+
+class IntrinsicRecurrentRolloutBuffer(IntrinsicBufferMixin, RecurrentRolloutBuffer):
+    """sb3-contrib's ``RecurrentRolloutBuffer`` with the intrinsic arrays."""
+
+
+class IntrinsicValueAlgorithm:
+    """Mixin for SB3's ``PPO`` and sb3-contrib's ``RecurrentPPO``: the exploration bonus learnt
+    by the policy's intrinsic value head (:class:`IntrinsicValueHeadPolicy`) with non-episodic
+    returns, its advantage mixed into the extrinsic one (:mod:`agents.intrinsic`).
+
+    The rollout is SB3's, unchanged: each step's bonus is read from the infos SB3 hands to
+    ``_update_info_buffer`` (once per step, just before the step is added to the buffer), and
+    the intrinsic values are computed for the whole rollout when its update starts, from the
+    observations (and, for the LSTM, the critic states) the buffer stored, with the parameters
+    that acted, so they are the values the rollout would have computed. The update is SB3's
+    PPO loss with the intrinsic value loss added under ``vf_coef`` (:meth:`train`).
+    """
+
+    policy: Any
+    rollout_buffer: Any
+    intrinsic_gamma: float
+    intrinsic_adv_coef: float
+
+    def _init_intrinsic(self, intrinsic_gamma: float, intrinsic_adv_coef: float) -> None:
+        check_intrinsic_settings(intrinsic_gamma, intrinsic_adv_coef)
+        self.intrinsic_gamma = float(intrinsic_gamma)
+        self.intrinsic_adv_coef = float(intrinsic_adv_coef)
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: Any = None) -> None:
+        super()._update_info_buffer(infos, dones)  # type: ignore[misc]
+        buffer = self.rollout_buffer
+        buffer.intrinsic_rewards[buffer.pos] = intrinsic_rewards_of(infos)
+
+    def rollout_critic_inputs(self) -> tuple[Any, ...]:
+        """The arguments of the policy's ``predict_values`` that give the values of every
+        step of the rollout in the buffer (``[n_steps * n_envs]``, step-major): what the
+        rollout fed its critic, before the buffer's ``get`` reorders it."""
+        raise NotImplementedError
+
+    def next_critic_inputs(self) -> tuple[Any, ...]:
+        """The arguments of the policy's ``predict_values`` for the observations after the
+        rollout (``[n_envs]``)."""
+        raise NotImplementedError
+
+    def _rollout_intrinsic_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """``([n_steps, n_envs], [n_envs])``: the intrinsic values of the rollout's
+        observations and of the observations after it."""
+        buffer = self.rollout_buffer
+        with th.no_grad():
+            values = self.policy.predict_intrinsic_values(*self.rollout_critic_inputs())
+            last = self.policy.predict_intrinsic_values(*self.next_critic_inputs())
+        shape = (buffer.buffer_size, buffer.n_envs)
+        return values.cpu().numpy().reshape(shape), last.cpu().numpy()
+
+    def train(self) -> None:
+        """Mix the intrinsic advantages in, then one PPO update with both value losses."""
+        values, last_values = self._rollout_intrinsic_values()
+        buffer = self.rollout_buffer
+        buffer.intrinsic_values = values.astype(np.float32)
+        add_intrinsic_advantages(
+            buffer, last_values, self.intrinsic_gamma, self.gae_lambda, self.intrinsic_adv_coef
+        )
+        self._train_with_intrinsic_head()
+
+    def _evaluate(self, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        """``(values, log_prob, entropy, intrinsic_values)`` of a minibatch."""
+        raise NotImplementedError
+
+    def _train_with_intrinsic_head(self) -> None:
+        """SB3's ``PPO.train`` (and ``RecurrentPPO.train``, whose padded minibatches carry a
+        ``mask``) with the intrinsic value loss added to the extrinsic one."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        progress = self._current_progress_remaining
+        clip_range = self.clip_range(progress)
+        clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(progress)
+        entropy_losses: list[float] = []
+        pg_losses: list[float] = []
+        value_losses: list[float] = []
+        intrinsic_value_losses: list[float] = []
+        clip_fractions: list[float] = []
+        approx_kl_divs: list[float] = []
+        loss = th.zeros(())
+        continue_training = True
+        for _ in range(self.n_epochs):
+            approx_kl_divs = []
+            for batch in self.rollout_buffer.get(self.batch_size):
+                data = batch.samples
+                actions = data.actions
+                if isinstance(self.action_space, spaces.Discrete):
+                    actions = data.actions.long().flatten()
+                mask = getattr(data, "mask", None)
+                keep = (lambda x: x) if mask is None else (lambda x, m=mask > 1e-8: x[m])
+                values, log_prob, entropy, intrinsic = self._evaluate(data, actions)
+                advantages = data.advantages
+                if self.normalize_advantage and len(advantages) > 1:
+                    kept = keep(advantages)
+                    advantages = (advantages - kept.mean()) / (kept.std() + 1e-8)
+                ratio = th.exp(log_prob - data.old_log_prob)
+                policy_loss_1 = advantages * ratio
+                policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                policy_loss = -keep(th.min(policy_loss_1, policy_loss_2)).mean()
+                pg_losses.append(policy_loss.item())
+                clip_fractions.append(keep((th.abs(ratio - 1) > clip_range).float()).mean().item())
+                bool_mask = None if mask is None else mask > 1e-8
+                value_loss = clipped_value_loss(
+                    values.flatten(), data.old_values, data.returns, clip_range_vf, bool_mask
+                )
+                value_losses.append(value_loss.item())
+                intrinsic_value_loss = clipped_value_loss(
+                    intrinsic,
+                    batch.old_intrinsic_values,
+                    batch.intrinsic_returns,
+                    clip_range_vf,
+                    bool_mask,
+                )
+                intrinsic_value_losses.append(intrinsic_value_loss.item())
+                if entropy is None:
+                    entropy_loss = -th.mean(-keep(log_prob))
+                else:
+                    entropy_loss = -th.mean(keep(entropy))
+                entropy_losses.append(entropy_loss.item())
+                loss = (
+                    policy_loss
+                    + self.ent_coef * entropy_loss
+                    + self.vf_coef * (value_loss + intrinsic_value_loss)
+                )
+                with th.no_grad():
+                    log_ratio = log_prob - data.old_log_prob
+                    approx_kl_div = keep((th.exp(log_ratio) - 1) - log_ratio).mean().item()
+                    approx_kl_divs.append(approx_kl_div)
+                if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
+                    continue_training = False
+                    break
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        buffer = self.rollout_buffer
+        explained_var = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+        self.logger.record("train/value_loss", np.mean(value_losses))
+        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+        log_intrinsic(self.logger, buffer, intrinsic_value_losses)
+
+
+class IntrinsicPPO(IntrinsicValueAlgorithm, PPO):
+    """SB3's ``PPO`` with the intrinsic value head (:class:`IntrinsicValueAlgorithm`): the
+    ``ppo`` kind under ``exploration.mixing = value_head``.
+
+    :param intrinsic_gamma: the discount of the intrinsic return.
+    :param intrinsic_adv_coef: the policy trains on ``A_ext + intrinsic_adv_coef * A_int``.
+    :param kwargs: ``PPO``'s arguments; ``policy`` an :class:`IntrinsicValueHeadPolicy`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
+        intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
+        **kwargs: Any,
+    ) -> None:
+        self._init_intrinsic(intrinsic_gamma, intrinsic_adv_coef)
+        super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        if self.rollout_buffer_class is None:
+            dict_space = isinstance(self.observation_space, spaces.Dict)
+            self.rollout_buffer_class = (
+                IntrinsicDictRolloutBuffer if dict_space else IntrinsicRolloutBuffer
+            )
+        super()._setup_model()
+        if not isinstance(self.policy, IntrinsicValueHeadPolicy):
+            raise TypeError(
+                f"IntrinsicPPO needs a policy with the intrinsic value head, got "
+                f"{type(self.policy).__name__}; use IntrinsicMultiInputPolicy"
+            )
+
+    def rollout_critic_inputs(self) -> tuple[Any, ...]:
+        buffer = self.rollout_buffer
+        observations = _flat_observations(buffer.observations, buffer.buffer_size * buffer.n_envs)
+        return (obs_as_tensor(observations, self.device),)
+
+    def next_critic_inputs(self) -> tuple[Any, ...]:
+        return (obs_as_tensor(self._last_obs, self.device),)  # type: ignore[arg-type]
+
+    def _evaluate(self, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        return self.policy.evaluate_actions_and_intrinsic(samples.observations, actions)
+
+
+class IntrinsicRecurrentPPO(IntrinsicValueAlgorithm, RecurrentPPO):
+    """sb3-contrib's ``RecurrentPPO`` with the intrinsic value head
+    (:class:`IntrinsicValueAlgorithm`): the ``lstm`` kind under ``exploration.mixing =
+    value_head``. The rollout's intrinsic values are computed one step per stored critic
+    state, with its episode-start flag, as the rollout computed its values.
+
+    :param intrinsic_gamma: the discount of the intrinsic return.
+    :param intrinsic_adv_coef: the policy trains on ``A_ext + intrinsic_adv_coef * A_int``.
+    :param kwargs: ``RecurrentPPO``'s arguments; ``policy`` an :class:`IntrinsicValueHeadPolicy`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
+        intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
+        **kwargs: Any,
+    ) -> None:
+        self._init_intrinsic(intrinsic_gamma, intrinsic_adv_coef)
+        super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if not isinstance(self.policy, IntrinsicValueHeadPolicy):
+            raise TypeError(
+                f"IntrinsicRecurrentPPO needs a policy with the intrinsic value head, got "
+                f"{type(self.policy).__name__}; use IntrinsicMultiInputLstmPolicy"
+            )
+        old = self.rollout_buffer
+        dict_space = isinstance(self.observation_space, spaces.Dict)
+        buffer_class = (
+            IntrinsicRecurrentDictRolloutBuffer if dict_space else IntrinsicRecurrentRolloutBuffer
+        )
+        self.rollout_buffer = buffer_class(
+            self.n_steps,
+            self.observation_space,  # type: ignore[arg-type]
+            self.action_space,
+            old.hidden_state_shape,
+            self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+        )
+
+    def rollout_critic_inputs(self) -> tuple[Any, ...]:
+        """Every step as a sequence of one, from the critic state stored before it."""
+        buffer = self.rollout_buffer
+        n = buffer.buffer_size * buffer.n_envs
+        device = self.device
+
+        def states(array: np.ndarray) -> th.Tensor:  # [T, L, N, H] -> [L, T * N, H]
+            flat = array.transpose(1, 0, 2, 3).reshape(array.shape[1], n, -1)
+            return th.as_tensor(flat, device=device)
+
+        return (
+            obs_as_tensor(_flat_observations(buffer.observations, n), device),
+            (states(buffer.hidden_states_vf), states(buffer.cell_states_vf)),
+            th.as_tensor(buffer.episode_starts.reshape(-1), device=device).float(),
+        )
+
+    def next_critic_inputs(self) -> tuple[Any, ...]:
+        starts = np.asarray(self._last_episode_starts)
+        return (
+            obs_as_tensor(self._last_obs, self.device),  # type: ignore[arg-type]
+            self._last_lstm_states.vf,
+            th.as_tensor(starts, device=self.device).float(),
+        )
+
+    def _evaluate(self, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        return self.policy.evaluate_actions_and_intrinsic(
+            samples.observations, actions, samples.lstm_states, samples.episode_starts
+        )
+
+
+def _flat_observations(observations: Any, n: int) -> Any:
+    """A buffer's ``[T, N, ...]`` observations (a dict of them, or one array) as ``[T * N, ...]``,
+    step-major."""
+    if isinstance(observations, dict):
+        return {key: value.reshape(n, *value.shape[2:]) for key, value in observations.items()}
+    return observations.reshape(n, *observations.shape[2:])

@@ -8,6 +8,10 @@ inherited unchanged). :meth:`ThalamusRolloutBuffer.get` yields minibatches made 
 of env columns, each with its full ``n_steps`` sequence and its stored start state, so the policy
 re-runs them with the resets inside the scan (DESIGN rule 6; CleanRL's ``ppo_atari_lstm`` scheme,
 no padding).
+
+With the intrinsic value head (``exploration.mixing = value_head``) it also keeps each step's
+intrinsic reward and intrinsic value; :func:`agents.intrinsic.add_intrinsic_advantages` fills
+in the intrinsic returns and mixes the intrinsic advantages into ``advantages``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class ThalamusRolloutBufferSamples(NamedTuple):
     :param returns: ``[B, T]`` TD(lambda) returns (``advantages + old_values``).
     :param episode_starts: ``[B, T]`` bool, True where the observation starts an episode.
     :param state: the recurrent state of the ``B`` envs at the start of the rollout.
+    :param old_intrinsic_values: ``[B, T]`` intrinsic values computed during the rollout (zeros
+        without the intrinsic head).
+    :param intrinsic_returns: ``[B, T]`` non-episodic intrinsic TD(lambda) returns (zeros
+        without the intrinsic head).
     """
 
     observations: dict[str, th.Tensor]
@@ -47,6 +55,8 @@ class ThalamusRolloutBufferSamples(NamedTuple):
     returns: th.Tensor
     episode_starts: th.Tensor
     state: ThalamusState
+    old_intrinsic_values: th.Tensor | None = None
+    intrinsic_returns: th.Tensor | None = None
 
 
 def _torch_dtype(space: spaces.Space) -> th.dtype:
@@ -117,6 +127,10 @@ class ThalamusRolloutBuffer(RolloutBuffer):
         self.values = np.zeros(shape, dtype=np.float32)
         self.log_probs = np.zeros(shape, dtype=np.float32)
         self.advantages = np.zeros(shape, dtype=np.float32)
+        self.intrinsic_rewards = np.zeros(shape, dtype=np.float32)
+        self.intrinsic_values = np.zeros(shape, dtype=np.float32)
+        self.intrinsic_returns = np.zeros(shape, dtype=np.float32)
+        self.intrinsic_advantages = np.zeros(shape, dtype=np.float32)
         self.initial_state = None if initial_state is None else initial_state.detach()
         self.generator_ready = False
         BaseBuffer.reset(self)
@@ -129,6 +143,8 @@ class ThalamusRolloutBuffer(RolloutBuffer):
         episode_start: np.ndarray,
         value: th.Tensor,
         log_prob: th.Tensor,
+        intrinsic_reward: np.ndarray | None = None,
+        intrinsic_value: th.Tensor | None = None,
     ) -> None:
         """Store one step of all envs.
 
@@ -138,6 +154,8 @@ class ThalamusRolloutBuffer(RolloutBuffer):
         :param episode_start: ``[n_envs]`` True where ``obs`` starts an episode.
         :param value: ``[n_envs]`` or ``[n_envs, 1]`` values of ``obs``.
         :param log_prob: ``[n_envs]`` log-probabilities of ``action``.
+        :param intrinsic_reward: ``[n_envs]`` this step's intrinsic rewards (intrinsic head).
+        :param intrinsic_value: ``[n_envs]`` intrinsic values of ``obs`` (intrinsic head).
         """
         if self.full:
             raise RuntimeError(
@@ -150,6 +168,11 @@ class ThalamusRolloutBuffer(RolloutBuffer):
         self.episode_starts[self.pos] = episode_start
         self.values[self.pos] = value.detach().cpu().numpy().reshape(self.n_envs)
         self.log_probs[self.pos] = log_prob.detach().cpu().numpy().reshape(self.n_envs)
+        if intrinsic_reward is not None:
+            self.intrinsic_rewards[self.pos] = intrinsic_reward
+        if intrinsic_value is not None:
+            intrinsic = intrinsic_value.detach().cpu().numpy().reshape(self.n_envs)
+            self.intrinsic_values[self.pos] = intrinsic
         self.pos += 1
         if self.pos == self.buffer_size:
             self.full = True
@@ -165,7 +188,15 @@ class ThalamusRolloutBuffer(RolloutBuffer):
         self._env_major_actions = actions.contiguous()
         self._env_major_arrays = {
             name: th.as_tensor(getattr(self, name).swapaxes(0, 1), device=self.device).contiguous()
-            for name in ("values", "log_probs", "advantages", "returns", "episode_starts")
+            for name in (
+                "values",
+                "log_probs",
+                "advantages",
+                "returns",
+                "episode_starts",
+                "intrinsic_values",
+                "intrinsic_returns",
+            )
         }
         self.generator_ready = True
 
@@ -212,4 +243,6 @@ class ThalamusRolloutBuffer(RolloutBuffer):
             returns=arrays["returns"][env_indices],
             episode_starts=arrays["episode_starts"][env_indices].bool(),
             state=self.initial_state.index(env_indices),
+            old_intrinsic_values=arrays["intrinsic_values"][env_indices],
+            intrinsic_returns=arrays["intrinsic_returns"][env_indices],
         )

@@ -18,6 +18,8 @@ __all__ = [
     "AGENT_KINDS",
     "DEFAULT_CORE_LR_SCALE",
     "EXPLORATION_KINDS",
+    "EXPLORATION_MIXINGS",
+    "INTRINSIC_DEFAULTS",
     "MODEL_SUFFIX",
     "PPO_DEFAULTS",
     "THALAMUS_PPO_DEFAULTS",
@@ -65,6 +67,16 @@ ADVANTAGE_NORMALIZATIONS: tuple[str, ...] = ("rollout", "minibatch")
 
 #: Intrinsic rewards ``agents.exploration.wrap_exploration`` adds (``exploration.kind``).
 EXPLORATION_KINDS: tuple[str, ...] = ("none", "episodic_count", "episodic_first_visit")
+
+#: How the intrinsic reward reaches the policy (``exploration.mixing``): ``reward`` adds it to
+#: the extrinsic reward (one return, one value head); ``value_head`` keeps it apart, learns it
+#: with a second value head and non-episodic returns, and adds its advantage
+#: (:mod:`agents.intrinsic`).
+EXPLORATION_MIXINGS: tuple[str, ...] = ("reward", "value_head")
+
+#: Defaults of the intrinsic value head's settings (``exploration.intrinsic_gamma`` and
+#: ``exploration.intrinsic_adv_coef``; the algorithms' constructor arguments of the same names).
+INTRINSIC_DEFAULTS: dict[str, float] = {"intrinsic_gamma": 0.99, "intrinsic_adv_coef": 1.0}
 
 
 def check_batch_size(batch_size: int, n_steps: int, n_envs: int) -> int:

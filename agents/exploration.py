@@ -25,6 +25,10 @@ The bonus is added outside the per-env ``Monitor`` (:func:`envs.make_vec_env`), 
 the algorithm trains on changes. Wrapping the training VecEnv (never the eval env) is what
 makes it agent-agnostic: PPO, LSTM-PPO and ThalamusPPO all read rewards from their env.
 
+With ``add_to_reward=False`` (``exploration.mixing = value_head``) the rewards pass through
+unchanged and the bonus reaches the algorithm only through the infos: the algorithm learns it
+with a value head of its own (:mod:`agents.intrinsic`).
+
 Each step's bonus is in ``info["exploration_bonus"]`` (already times ``coef``); at the end
 of an episode ``info["exploration_episode"]`` holds its intrinsic return ``r`` and length
 ``l``. :class:`ExplorationLogger` logs them as ``exploration/*``.
@@ -88,11 +92,13 @@ class EpisodicCountBonus(VecEnvWrapper):
 
     :param venv: the training VecEnv, Dict observations with ``image`` and ``direction``.
     :param coef: the bonus for a view seen for the first time in the episode, in reward units.
+    :param add_to_reward: add the bonus to the reward (``exploration.mixing = reward``); False
+        leaves the reward extrinsic and the bonus only in the infos (``value_head``).
     :raises ValueError: ``coef`` is negative or not finite, or the observations lack
         ``image`` / ``direction``.
     """
 
-    def __init__(self, venv: VecEnv, coef: float) -> None:
+    def __init__(self, venv: VecEnv, coef: float, add_to_reward: bool = True) -> None:
         super().__init__(venv)
         if not (np.isfinite(coef) and coef >= 0):
             raise ValueError(
@@ -106,6 +112,7 @@ class EpisodicCountBonus(VecEnvWrapper):
                 f"and 'direction' (envs.make_vec_env builds them), got {venv.observation_space}"
             )
         self.coef = float(coef)
+        self.add_to_reward = bool(add_to_reward)
         self.counts: list[dict[bytes, int]] = [{} for _ in range(self.num_envs)]
         self.episode_bonus = np.zeros(self.num_envs, dtype=np.float64)
         self.episode_length = np.zeros(self.num_envs, dtype=np.int64)
@@ -149,7 +156,7 @@ class EpisodicCountBonus(VecEnvWrapper):
                     "l": int(self.episode_length[env]),
                 }
                 self._start_episode(env, _env_obs(obs, env))
-        return obs, rewards + bonus, dones, infos
+        return obs, rewards + bonus if self.add_to_reward else rewards, dones, infos
 
 
 class EpisodicFirstVisitBonus(EpisodicCountBonus):
@@ -176,17 +183,18 @@ def _env_obs(obs: VecEnvObs, env: int) -> dict[str, Any]:
     return {"image": obs["image"][env], "direction": obs["direction"][env]}
 
 
-def wrap_exploration(venv: VecEnv, kind: str, coef: float) -> VecEnv:
-    """``venv`` with the intrinsic reward ``kind`` added (``none``: ``venv`` itself).
+def wrap_exploration(venv: VecEnv, kind: str, coef: float, add_to_reward: bool = True) -> VecEnv:
+    """``venv`` with the intrinsic reward ``kind`` (``none``: ``venv`` itself), added to the
+    reward or, with ``add_to_reward=False``, only written to the infos.
 
     :raises ValueError: an unknown ``kind`` (the message lists :data:`EXPLORATION_KINDS`).
     """
     if kind == "none":
         return venv
     if kind == "episodic_count":
-        return EpisodicCountBonus(venv, coef=coef)
+        return EpisodicCountBonus(venv, coef=coef, add_to_reward=add_to_reward)
     if kind == "episodic_first_visit":
-        return EpisodicFirstVisitBonus(venv, coef=coef)
+        return EpisodicFirstVisitBonus(venv, coef=coef, add_to_reward=add_to_reward)
     raise ValueError(
         f"exploration kind {kind!r} is unknown; choose one of {', '.join(EXPLORATION_KINDS)}"
     )
@@ -208,10 +216,11 @@ class ExplorationLogger(BaseCallback):
     bonus' coefficient for each rollout from the run's step count.
 
     ``exploration/intrinsic_mean``: the mean bonus per env step of the rollout (times
-    ``coef``, what was added to the reward); ``exploration/intrinsic_ep_return_mean``: the
-    mean intrinsic return of the last 100 finished episodes (``rollout/ep_rew_mean`` stays
-    the extrinsic one); ``exploration/coef``. Reads the infos :class:`EpisodicCountBonus`
-    and its subclasses write; logs nothing for an env without them.
+    ``coef``: what was added to the reward, or what the intrinsic value head learns);
+    ``exploration/intrinsic_ep_return_mean``: the mean intrinsic return of the last 100
+    finished episodes (``rollout/ep_rew_mean`` stays the extrinsic one); ``exploration/coef``.
+    Reads the infos :class:`EpisodicCountBonus` and its subclasses write; logs nothing for an
+    env without them.
 
     :param coef: the coefficient at step 0 (``None``: leave the wrapper's as it is).
     :param decay_steps: see :func:`decayed_coef`. The coefficient follows

@@ -59,6 +59,8 @@ class PolicyStep(NamedTuple):
     :param log_probs: ``[B]`` log-probabilities of ``actions``.
     :param state: the state after this step (to feed to the next one).
     :param thalamus: the core's output for this step (leading dim ``[B]``).
+    :param intrinsic_values: ``[B]`` the intrinsic value head's estimates (``None``: the policy
+        has no intrinsic head).
     """
 
     actions: th.Tensor
@@ -66,6 +68,7 @@ class PolicyStep(NamedTuple):
     log_probs: th.Tensor
     state: ThalamusState
     thalamus: ThalamusOutput
+    intrinsic_values: th.Tensor | None = None
 
 
 class SequenceEvaluation(NamedTuple):
@@ -76,12 +79,15 @@ class SequenceEvaluation(NamedTuple):
     :param entropy: ``[B, T]`` entropies of the action distributions (``None`` where the
         distribution has no closed form).
     :param thalamus: the core's output (leading dims ``[B, T]``).
+    :param intrinsic_values: ``[B, T]`` the intrinsic value head's estimates (``None``: the
+        policy has no intrinsic head).
     """
 
     values: th.Tensor
     log_prob: th.Tensor
     entropy: th.Tensor | None
     thalamus: ThalamusOutput
+    intrinsic_values: th.Tensor | None = None
 
 
 def make_thalamus_config(
@@ -293,9 +299,14 @@ class ThalamusPolicy(ActorCriticPolicy):
         several normalisations: at PPO's usual 1e-3 one epoch moves the policy far more
         through the core than through the heads (``docs/measurements.md``, "core_lr_scale"),
         enough to fit the advantage noise of reward-free rollouts and stop exploring.
+    :param intrinsic_value_head: add a second linear value head, ``intrinsic_value_net``, on
+        the critic's latent (beside ``value_net``), for the intrinsic return of
+        ``exploration.mixing = value_head`` (:mod:`agents.intrinsic`); off, the policy is
+        exactly the one without it. :class:`agents.ThalamusPPO` sets it.
     """
 
     features_extractor: ThalamusExtractor
+    intrinsic_value_net: nn.Linear | None
 
     def __init__(
         self,
@@ -317,8 +328,10 @@ class ThalamusPolicy(ActorCriticPolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
         core_lr_scale: float = DEFAULT_CORE_LR_SCALE,
         compile_core: bool = False,
+        intrinsic_value_head: bool = False,
     ) -> None:
         self.compile_core = bool(compile_core)
+        self.intrinsic_value_head = bool(intrinsic_value_head)
         if not core_lr_scale > 0:
             raise ValueError(f"core_lr_scale must be > 0, got {core_lr_scale}.")
         self.core_lr_scale = float(core_lr_scale)
@@ -377,6 +390,14 @@ class ThalamusPolicy(ActorCriticPolicy):
                 (self.value_net, 1.0),
             ):
                 module.apply(lambda m, g=gain: self.init_weights(m, gain=g))
+        # On a forked random stream: every other parameter, and every action sampled later,
+        # draws what the policy without the head would draw.
+        self.intrinsic_value_net = None
+        if self.intrinsic_value_head:
+            with th.random.fork_rng(devices=[]):
+                self.intrinsic_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+                if ortho_init:
+                    self.init_weights(self.intrinsic_value_net, gain=1.0)
         # Two parameter groups: the core at core_lr_scale x the rate (see the class doc).
         # "lr_scale" is read by ThalamusPPO when it applies the learning-rate schedule.
         core = list(self.features_extractor.parameters())
@@ -401,6 +422,7 @@ class ThalamusPolicy(ActorCriticPolicy):
             tokenizer=self.tokenizer_kwargs,
             core_lr_scale=self.core_lr_scale,
             compile_core=self.compile_core,
+            intrinsic_value_head=self.intrinsic_value_head,
         )
         return data
 
@@ -422,8 +444,21 @@ class ThalamusPolicy(ActorCriticPolicy):
     # ------------------------------------------------------------------ heads
     def _heads(self, features: th.Tensor) -> tuple[Distribution, th.Tensor]:
         """Action distribution and values from flat features ``[M, features_dim]``."""
+        distribution, values, _ = self._all_heads(features)
+        return distribution, values
+
+    def _all_heads(self, features: th.Tensor) -> tuple[Distribution, th.Tensor, th.Tensor | None]:
+        """Action distribution, values ``[M]`` and intrinsic values ``[M]`` (``None`` without
+        the intrinsic head) from flat features ``[M, features_dim]``."""
         latent_pi, latent_vf = self.mlp_extractor(features)
-        return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf).squeeze(-1)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        return distribution, self.value_net(latent_vf).squeeze(-1), self._intrinsic(latent_vf)
+
+    def _intrinsic(self, latent_vf: th.Tensor) -> th.Tensor | None:
+        """The intrinsic head's values ``[M]`` of critic latents ``[M, latent_dim_vf]``."""
+        if self.intrinsic_value_net is None:
+            return None
+        return self.intrinsic_value_net(latent_vf).squeeze(-1)
 
     # ------------------------------------------------------------------ recurrent API
     def act(
@@ -446,11 +481,11 @@ class ThalamusPolicy(ActorCriticPolicy):
         out, state = self.features_extractor.step(
             obs, state, episode_starts, with_stats, compiled=True
         )
-        distribution, values = self._heads(out.features)
+        distribution, values, intrinsic_values = self._all_heads(out.features)
         actions = distribution.get_actions(deterministic=deterministic)
         log_probs = distribution.log_prob(actions)
         actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
-        return PolicyStep(actions, values, log_probs, state, out)
+        return PolicyStep(actions, values, log_probs, state, out, intrinsic_values)
 
     def forward(  # type: ignore[override]
         self,
@@ -470,9 +505,19 @@ class ThalamusPolicy(ActorCriticPolicy):
         episode_starts: th.Tensor | None = None,
     ) -> th.Tensor:
         """Values ``[B]`` of one step of ``B`` envs from ``state`` (``None``: zeros)."""
+        return self.predict_all_values(obs, state, episode_starts)[0]
+
+    def predict_all_values(
+        self,
+        obs: Mapping[str, th.Tensor],
+        state: ThalamusState | None = None,
+        episode_starts: th.Tensor | None = None,
+    ) -> tuple[th.Tensor, th.Tensor | None]:
+        """Values and intrinsic values (``None`` without the intrinsic head), each ``[B]``, of
+        one step of ``B`` envs from ``state`` (``None``: zeros)."""
         out, _ = self.features_extractor.step(obs, state, episode_starts, with_stats=False)
         latent_vf = self.mlp_extractor.forward_critic(out.features)
-        return self.value_net(latent_vf).squeeze(-1)
+        return self.value_net(latent_vf).squeeze(-1), self._intrinsic(latent_vf)
 
     def get_distribution(  # type: ignore[override]
         self,
@@ -498,13 +543,14 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param actions: ``[B, T]`` (discrete) or ``[B, T, action_dim]`` actions.
         :param state: the state of the ``B`` envs before step 0 (``None``: zeros).
         :param episode_starts: ``[B, T]`` bool; the core resets inside the scan.
-        :return: a :class:`SequenceEvaluation` with ``[B, T]`` values, log-probs, entropies.
+        :return: a :class:`SequenceEvaluation` with ``[B, T]`` values, log-probs, entropies
+            (and intrinsic values, with the intrinsic head).
         """
         out, _ = self.features_extractor.sequence(
             obs, state, episode_starts, with_stats=False, compiled=True
         )
         batch, steps = episode_starts.shape
-        distribution, values = self._heads(out.features.reshape(batch * steps, -1))
+        distribution, values, intrinsic = self._all_heads(out.features.reshape(batch * steps, -1))
         log_prob = distribution.log_prob(actions.reshape(batch * steps, *actions.shape[2:]))
         entropy = distribution.entropy()
         return SequenceEvaluation(
@@ -512,6 +558,7 @@ class ThalamusPolicy(ActorCriticPolicy):
             log_prob=log_prob.view(batch, steps),
             entropy=None if entropy is None else entropy.view(batch, steps),
             thalamus=out,
+            intrinsic_values=None if intrinsic is None else intrinsic.view(batch, steps),
         )
 
     def _predict(  # type: ignore[override]

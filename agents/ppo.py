@@ -13,7 +13,9 @@ from SB3. What differs from SB3's PPO:
 * the core's own signals are logged under ``thalamus/*`` (averaged over
   ``THALAMUS_STATS_STEPS`` evenly spaced steps of the rollout);
 * advantages are normalised over the whole rollout, by a standard deviation floored at
-  ``advantage_std_floor`` (SB3: per minibatch, no floor); see the class docstring.
+  ``advantage_std_floor`` (SB3: per minibatch, no floor); see the class docstring;
+* optionally, an intrinsic value head learns the exploration bonus apart from the reward, with
+  non-episodic returns (``intrinsic_value_head``, :mod:`agents.intrinsic`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,19 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
 from agents.buffer import ThalamusRolloutBuffer, check_batch_size
-from agents.constants import ADVANTAGE_NORMALIZATIONS, PPO_DEFAULTS, THALAMUS_PPO_DEFAULTS
+from agents.constants import (
+    ADVANTAGE_NORMALIZATIONS,
+    INTRINSIC_DEFAULTS,
+    PPO_DEFAULTS,
+    THALAMUS_PPO_DEFAULTS,
+)
+from agents.intrinsic import (
+    add_intrinsic_advantages,
+    check_intrinsic_settings,
+    clipped_value_loss,
+    intrinsic_rewards_of,
+    log_intrinsic,
+)
 from agents.policy import ThalamusPolicy
 from thalamus_rl import ThalamusState
 
@@ -86,6 +100,12 @@ class ThalamusPPO(OnPolicyAlgorithm):
         of it. At a rate that suits the heads, the core moves the policy 0.05-0.3 KL per update
         once rewards arrive (PPO's MLP: ~0.01). Logged as ``train/lr_factor``; saved with the
         model, so a resumed run continues at the same rate.
+    :param intrinsic_value_head: learn the exploration bonus with a second value head instead
+        of in the reward (``exploration.mixing = value_head``; :mod:`agents.intrinsic`): the
+        env must be wrapped by :func:`agents.exploration.wrap_exploration` with
+        ``add_to_reward=False``, and the policy gets ``intrinsic_value_head=True``.
+    :param intrinsic_gamma: the discount of the intrinsic return (its GAE ignores episode ends).
+    :param intrinsic_adv_coef: the policy trains on ``A_ext + intrinsic_adv_coef * A_int``.
     :param stats_window_size: episodes averaged in ``rollout/*`` logs.
     :param tensorboard_log: tensorboard log folder (``None``: no tensorboard).
     :param policy_kwargs: :class:`ThalamusPolicy` arguments, e.g.
@@ -120,6 +140,9 @@ class ThalamusPPO(OnPolicyAlgorithm):
         max_grad_norm: float = PPO_DEFAULTS["max_grad_norm"],
         target_kl: float | None = PPO_DEFAULTS["target_kl"],
         adaptive_lr_kl: float | None = THALAMUS_PPO_DEFAULTS["adaptive_lr_kl"],
+        intrinsic_value_head: bool = False,
+        intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
+        intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -184,6 +207,12 @@ class ThalamusPPO(OnPolicyAlgorithm):
         self._last_state: ThalamusState | None = None
         self._stop_requested = False
         self._rollout_start_timesteps = 0
+        check_intrinsic_settings(intrinsic_gamma, intrinsic_adv_coef)
+        self.intrinsic_value_head = bool(intrinsic_value_head)
+        self.intrinsic_gamma = float(intrinsic_gamma)
+        self.intrinsic_adv_coef = float(intrinsic_adv_coef)
+        if self.intrinsic_value_head:
+            self.policy_kwargs = {**self.policy_kwargs, "intrinsic_value_head": True}
         if _init_setup_model and self.env is not None:
             envs_per_batch = check_batch_size(batch_size, n_steps, self.n_envs)
             if self.n_envs % envs_per_batch != 0:
@@ -341,7 +370,18 @@ class ThalamusPPO(OnPolicyAlgorithm):
             n_steps += 1
 
             rewards = self._bootstrap_truncated(rewards, dones, infos, step.state)
-            rollout_buffer.add(obs, actions, rewards, starts_np, step.values, step.log_probs)  # type: ignore[arg-type]
+            rollout_buffer.add(
+                obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                starts_np,
+                step.values,
+                step.log_probs,
+                # The bonus of this step, with no bootstrap at a truncation: the intrinsic
+                # return runs on into the env's next episode.
+                intrinsic_rewards_of(infos) if self.intrinsic_value_head else None,
+                step.intrinsic_values,
+            )
 
             obs = obs_as_tensor(new_obs, device)  # type: ignore[arg-type]
             starts_np = np.asarray(dones, dtype=bool)
@@ -351,12 +391,20 @@ class ThalamusPPO(OnPolicyAlgorithm):
             self._last_state = state
 
         with th.no_grad():
-            last_values = policy.predict_values(
+            last_values, last_intrinsic = policy.predict_all_values(
                 obs,
                 state,
                 th.as_tensor(starts_np, device=device),  # type: ignore[arg-type]
             )
         rollout_buffer.compute_returns_and_advantage(last_values=last_values, dones=dones)
+        if last_intrinsic is not None:
+            add_intrinsic_advantages(
+                rollout_buffer,
+                last_intrinsic.cpu().numpy(),
+                self.intrinsic_gamma,
+                self.gae_lambda,
+                self.intrinsic_adv_coef,
+            )
         for name, total in stats_sum.items():
             self.logger.record(f"thalamus/{name}", (total / n_stats).item())
 
@@ -472,6 +520,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         entropy_losses: list[float] = []
         pg_losses: list[float] = []
         value_losses: list[float] = []
+        intrinsic_value_losses: list[float] = []
         clip_fractions: list[float] = []
         approx_kl_divs: list[float] = []
         continue_training = True
@@ -502,14 +551,21 @@ class ThalamusPPO(OnPolicyAlgorithm):
                 policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
                 policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
 
-                old_values = batch.old_values.flatten()
-                if clip_range_vf is None:
-                    values_pred = values
-                else:
-                    values_pred = old_values + th.clamp(
-                        values - old_values, -clip_range_vf, clip_range_vf
+                value_loss = clipped_value_loss(
+                    values, batch.old_values.flatten(), batch.returns.flatten(), clip_range_vf
+                )
+                value_losses.append(value_loss.item())
+                if evaluation.intrinsic_values is not None:
+                    assert batch.old_intrinsic_values is not None
+                    assert batch.intrinsic_returns is not None
+                    intrinsic_value_loss = clipped_value_loss(
+                        evaluation.intrinsic_values.flatten(),
+                        batch.old_intrinsic_values.flatten(),
+                        batch.intrinsic_returns.flatten(),
+                        clip_range_vf,
                     )
-                value_loss = th.mean((batch.returns.flatten() - values_pred) ** 2)
+                    intrinsic_value_losses.append(intrinsic_value_loss.item())
+                    value_loss = value_loss + intrinsic_value_loss
 
                 if evaluation.entropy is None:
                     entropy_loss = th.mean(log_prob)
@@ -523,7 +579,6 @@ class ThalamusPPO(OnPolicyAlgorithm):
                     approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio).item()
                     clip_fraction = th.mean((th.abs(ratio - 1) > clip_range).float()).item()
                 pg_losses.append(policy_loss.item())
-                value_losses.append(value_loss.item())
                 entropy_losses.append(entropy_loss.item())
                 clip_fractions.append(clip_fraction)
                 approx_kl_divs.append(approx_kl_div)
@@ -565,6 +620,8 @@ class ThalamusPPO(OnPolicyAlgorithm):
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
+        if self.intrinsic_value_head:
+            log_intrinsic(self.logger, self.rollout_buffer, intrinsic_value_losses)
 
     def learn(
         self: SelfThalamusPPO,

@@ -16,6 +16,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 import envs
 from agents import ThalamusPPO, ThalamusRolloutBuffer, make_agent
 from agents.buffer import check_batch_size
+from agents.exploration import wrap_exploration
 
 ENV_ID = "MiniGrid-DoorKey-5x5-v0"
 SMALL = dict(d_model=32, d_task=16, n_heads=4, top_k=8, phase_dim=4, d_workspace=32)
@@ -76,17 +77,28 @@ THREE_STREAMS = [
 ]
 
 
-@pytest.mark.parametrize("streams", [None, THREE_STREAMS], ids=["default", "three_streams"])
-def test_first_minibatch_recomputes_the_rollout(streams: list[dict[str, Any]] | None) -> None:
+@pytest.mark.parametrize(
+    ("streams", "intrinsic"),
+    [(None, False), (THREE_STREAMS, False), (None, True)],
+    ids=["default", "three_streams", "intrinsic_head"],
+)
+def test_first_minibatch_recomputes_the_rollout(
+    streams: list[dict[str, Any]] | None, intrinsic: bool
+) -> None:
     """The log-probs and values that train() recomputes for the first minibatch of the first
     epoch equal the ones stored during the rollout: rollout and training are one function.
-    With a clocked and an episodic stream, the buffer stores their phases and stores too."""
+    With a clocked and an episodic stream, the buffer stores their phases and stores too.
+    With the intrinsic value head (``exploration.mixing = value_head``), its values too."""
     thalamus = SMALL if streams is None else {**SMALL, "streams": streams}
+    venv = make_venv(n_envs=4, max_steps=10)
+    if intrinsic:
+        venv = wrap_exploration(venv, "episodic_first_visit", 0.1, add_to_reward=False)
     model = make_model(
-        make_venv(n_envs=4, max_steps=10),
+        venv,
         n_steps=24,
         batch_size=48,
         policy_kwargs=dict(thalamus=thalamus),
+        intrinsic_value_head=intrinsic,
     )
     captured: dict[str, Any] = {}
     buffer_get = model.rollout_buffer.get
@@ -114,6 +126,12 @@ def test_first_minibatch_recomputes_the_rollout(streams: list[dict[str, Any]] | 
     value_ok = (evaluation.values.detach() - batch.old_values).abs() <= 1e-5
     assert log_prob_ok.float().mean() >= 0.99, (evaluation.log_prob, batch.old_log_prob)
     assert value_ok.float().mean() >= 0.99, (evaluation.values, batch.old_values)
+    if intrinsic:
+        recomputed, stored = evaluation.intrinsic_values.detach(), batch.old_intrinsic_values
+        assert ((recomputed - stored).abs() <= 1e-5).float().mean() >= 0.99, (recomputed, stored)
+        assert batch.intrinsic_returns.abs().sum() > 0
+    else:
+        assert evaluation.intrinsic_values is None
 
 
 # ----------------------------------------------------------------------------- truncation

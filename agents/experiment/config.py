@@ -51,6 +51,8 @@ from agents.constants import (
     AGENT_KINDS,
     DEFAULT_CORE_LR_SCALE,
     EXPLORATION_KINDS,
+    EXPLORATION_MIXINGS,
+    INTRINSIC_DEFAULTS,
     PPO_DEFAULTS,
     THALAMUS_PPO_DEFAULTS,
     check_batch_size,
@@ -270,8 +272,9 @@ class BaselineConfig:
 
 @dataclass
 class ExplorationConfig:
-    """An intrinsic reward added to the training reward, for every agent kind
-    (:mod:`agents.exploration`; evaluation and the logged episode returns stay extrinsic)."""
+    """An intrinsic reward for training, for every agent kind (:mod:`agents.exploration`;
+    evaluation and the logged episode returns stay extrinsic), added to the reward or learnt
+    by a value head of its own (:mod:`agents.intrinsic`)."""
 
     kind: str = _param(
         "none",
@@ -290,6 +293,27 @@ class ExplorationConfig:
         "Lower coef linearly to 0 over this many env steps, set at each rollout start from the "
         "run's step count (so a resume continues it); 0: constant.",
         ge=0,
+    )
+    mixing: str = _param(
+        "reward",
+        "How the intrinsic reward trains the policy. reward: added to the extrinsic reward, so "
+        "its return stops at the episode's end and a coef large enough to matter also pays for "
+        "not ending (docs/exploration.md); value_head: kept apart and learnt by a second value "
+        "head whose returns run on across episode ends (RND's practice), the policy trained on "
+        "extrinsic advantage + intrinsic_adv_coef * intrinsic advantage.",
+        choices=EXPLORATION_MIXINGS,
+    )
+    intrinsic_gamma: float = _param(
+        INTRINSIC_DEFAULTS["intrinsic_gamma"],
+        "With mixing = value_head: the discount of the intrinsic return.",
+        ge=0.0,
+        le=1.0,
+    )
+    intrinsic_adv_coef: float = _param(
+        INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
+        "With mixing = value_head: the weight of the intrinsic advantage, added to the extrinsic "
+        "one before advantage normalisation (1: the scale reward mixing gives the same coef).",
+        ge=0.0,
     )
 
 
@@ -665,6 +689,12 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             check_batch_size(config.ppo.batch_size, config.ppo.n_steps, config.env.n_envs)
         except ValueError as exc:
             raise ConfigError(f"ppo.batch_size / ppo.n_steps / env.n_envs: {exc}") from None
+    if config.exploration.mixing == "value_head" and config.exploration.kind == "none":
+        raise ConfigError(
+            "exploration.mixing = 'value_head' learns an intrinsic reward, but exploration.kind "
+            "= 'none' gives none; set exploration.kind (e.g. episodic_first_visit) or "
+            "exploration.mixing = reward"
+        )
     if check_env_id:
         _validate_env_id(config.env.id)
 
@@ -694,6 +724,18 @@ def inert_settings(config: ExperimentConfig, start_timesteps: int = 0) -> list[s
             f"will be {nothing}; set train.eval_freq <= {train.total_timesteps - start_timesteps:,}"
             " to evaluate"
         )
+    exploration = config.exploration
+    if exploration.mixing == "reward":
+        changed = [
+            f"exploration.{key} = {getattr(exploration, key)}"
+            for key, default in INTRINSIC_DEFAULTS.items()
+            if getattr(exploration, key) != default
+        ]
+        if changed:
+            found.append(
+                f"{' and '.join(changed)} only apply with exploration.mixing = value_head, and "
+                "it is reward; set exploration.mixing=value_head to use them"
+            )
     return found
 
 

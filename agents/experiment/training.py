@@ -236,10 +236,18 @@ def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> P
 
 def _hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
     """Algorithm arguments of ``agents.make_agent`` / ``load``: the shared ``ppo`` section,
-    and the kind's own ``algorithm_sections`` (``thalamus_ppo`` for the thalamus agent)."""
+    the kind's own ``algorithm_sections`` (``thalamus_ppo`` for the thalamus agent) and, with
+    ``exploration.mixing = value_head``, the intrinsic value head's settings."""
     hyperparams = dataclasses.asdict(config.ppo)
     for section in spec(config.agent.kind).algorithm_sections:
         hyperparams.update(dataclasses.asdict(getattr(config, section)))
+    exploration = config.exploration
+    if exploration.mixing == "value_head":  # reward mixing: the algorithms as they always were
+        hyperparams.update(
+            intrinsic_value_head=True,
+            intrinsic_gamma=exploration.intrinsic_gamma,
+            intrinsic_adv_coef=exploration.intrinsic_adv_coef,
+        )
     return hyperparams
 
 
@@ -305,7 +313,13 @@ def _make_envs(config: ExperimentConfig) -> tuple[VecEnv, VecEnv | None]:
     if config.exploration.kind != "none":
         from agents.exploration import wrap_exploration
 
-        train_env = wrap_exploration(train_env, config.exploration.kind, config.exploration.coef)
+        exploration = config.exploration
+        train_env = wrap_exploration(
+            train_env,
+            exploration.kind,
+            exploration.coef,
+            add_to_reward=exploration.mixing == "reward",
+        )
     if config.train.eval_freq == 0:
         return train_env, None
     try:
