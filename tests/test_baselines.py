@@ -299,9 +299,16 @@ def test_a_resumed_run_continues_with_the_checkpoints_statistics(tmp_path) -> No
     assert _extractor_stats(load_model(run_dir, device="cpu").model)[0] == 128.0
 
 
-def test_a_run_from_before_the_baseline_section_still_resumes(tmp_path) -> None:
-    """config.yaml of runs older than baseline.* has no such section: they trained with its
-    defaults (no normalisation), so the run reads and resumes with them."""
+@pytest.mark.parametrize(
+    ("section", "key", "default"),
+    [("baseline", "normalize_obs", False), ("exploration", "kind", "none")],
+)
+def test_a_run_from_before_a_later_section_still_resumes(
+    tmp_path, section: str, key: str, default: object
+) -> None:
+    """config.yaml of runs older than baseline.* (or exploration.*) has no such section: they
+    trained with its defaults (no normalisation, no bonus), so the run reads and resumes with
+    them."""
     import yaml
 
     from agents.experiment.training import RunPaths, resume, train
@@ -320,7 +327,7 @@ def test_a_run_from_before_the_baseline_section_still_resumes(tmp_path) -> None:
     run_dir = train(config, tmp_path / "run")
     config_path = RunPaths(run_dir).config
     layer = yaml.safe_load(config_path.read_text())
-    del layer["baseline"]
+    del layer[section]
     config_path.write_text(yaml.safe_dump(layer))
     resume(run_dir, total_timesteps=64)
-    assert yaml.safe_load(config_path.read_text())["baseline"]["normalize_obs"] is False
+    assert yaml.safe_load(config_path.read_text())[section][key] == default

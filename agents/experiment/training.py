@@ -120,7 +120,7 @@ EVAL_SEED_OFFSET = 1_000_000
 """Eval env ``i`` gets seed ``train.seed + EVAL_SEED_OFFSET + i``: layouts unseen in training."""
 RESUMABLE_SECTIONS = ("ppo", "thalamus_ppo", "train")
 """Config sections that ``resume`` may override; the others fix the env and the network."""
-SECTIONS_ADDED_LATER = ("baseline",)
+SECTIONS_ADDED_LATER = ("baseline", "exploration")
 """Config sections newer than some runs' ``config.yaml``: a run's file without one trained with
 its schema defaults (which keep the old behaviour), so it is read with them."""
 FIXED_ON_RESUME_KEYS = ("train.seed", "train.runs_dir")
