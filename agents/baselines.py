@@ -45,7 +45,7 @@ from stable_baselines3.common.preprocessing import (
 )
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import GymEnv, TensorDict
-from stable_baselines3.common.utils import explained_variance, obs_as_tensor
+from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 import envs
@@ -55,7 +55,7 @@ from agents.intrinsic import (
     check_intrinsic_settings,
     clipped_value_loss,
     intrinsic_rewards_of,
-    log_intrinsic,
+    log_ppo_update,
 )
 from agents.registry import spec
 from agents.tokenizer import symlog
@@ -587,10 +587,17 @@ class IntrinsicValueAlgorithm:
     intrinsic_gamma: float
     intrinsic_adv_coef: float
 
-    def _init_intrinsic(self, intrinsic_gamma: float, intrinsic_adv_coef: float) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
+        intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
+        **kwargs: Any,
+    ) -> None:
         check_intrinsic_settings(intrinsic_gamma, intrinsic_adv_coef)
         self.intrinsic_gamma = float(intrinsic_gamma)
         self.intrinsic_adv_coef = float(intrinsic_adv_coef)
+        super().__init__(*args, **kwargs)
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: Any = None) -> None:
         super()._update_info_buffer(infos, dones)  # type: ignore[misc]
@@ -706,22 +713,18 @@ class IntrinsicValueAlgorithm:
             if not continue_training:
                 break
 
-        buffer = self.rollout_buffer
-        explained_var = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
-        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
-        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
-        self.logger.record("train/value_loss", np.mean(value_losses))
-        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
-        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
-        self.logger.record("train/loss", loss.item())
-        self.logger.record("train/explained_variance", explained_var)
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/clip_range", clip_range)
-        if clip_range_vf is not None:
-            self.logger.record("train/clip_range_vf", clip_range_vf)
-        log_intrinsic(self.logger, buffer, intrinsic_value_losses)
+        log_ppo_update(
+            self,
+            entropy_losses=entropy_losses,
+            pg_losses=pg_losses,
+            value_losses=value_losses,
+            approx_kl_divs=approx_kl_divs,
+            clip_fractions=clip_fractions,
+            loss=loss,
+            clip_range=clip_range,
+            clip_range_vf=clip_range_vf,
+            intrinsic_value_losses=intrinsic_value_losses,
+        )
 
 
 class IntrinsicPPO(IntrinsicValueAlgorithm, PPO):
@@ -732,16 +735,6 @@ class IntrinsicPPO(IntrinsicValueAlgorithm, PPO):
     :param intrinsic_adv_coef: the policy trains on ``A_ext + intrinsic_adv_coef * A_int``.
     :param kwargs: ``PPO``'s arguments; ``policy`` an :class:`IntrinsicValueHeadPolicy`.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
-        intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
-        **kwargs: Any,
-    ) -> None:
-        self._init_intrinsic(intrinsic_gamma, intrinsic_adv_coef)
-        super().__init__(*args, **kwargs)
 
     def _setup_model(self) -> None:
         if self.rollout_buffer_class is None:
@@ -778,16 +771,6 @@ class IntrinsicRecurrentPPO(IntrinsicValueAlgorithm, RecurrentPPO):
     :param intrinsic_adv_coef: the policy trains on ``A_ext + intrinsic_adv_coef * A_int``.
     :param kwargs: ``RecurrentPPO``'s arguments; ``policy`` an :class:`IntrinsicValueHeadPolicy`.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
-        intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
-        **kwargs: Any,
-    ) -> None:
-        self._init_intrinsic(intrinsic_gamma, intrinsic_adv_coef)
-        super().__init__(*args, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()

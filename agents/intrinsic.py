@@ -42,6 +42,7 @@ __all__ = [
     "clipped_value_loss",
     "intrinsic_rewards_of",
     "log_intrinsic",
+    "log_ppo_update",
     "nonepisodic_gae",
 ]
 
@@ -168,6 +169,53 @@ def log_intrinsic(logger: Logger, buffer: Any, value_losses: Sequence[float]) ->
     logger.record("exploration/intrinsic_explained_variance", explained_variance(values, returns))
     if len(value_losses):
         logger.record("exploration/intrinsic_value_loss", float(np.mean(value_losses)))
+
+
+def log_ppo_update(
+    algorithm: Any,
+    *,
+    entropy_losses: Sequence[float],
+    pg_losses: Sequence[float],
+    value_losses: Sequence[float],
+    approx_kl_divs: Sequence[float],
+    clip_fractions: Sequence[float],
+    loss: th.Tensor,
+    clip_range: float,
+    clip_range_vf: float | None,
+    intrinsic_value_losses: Sequence[float] | None,
+) -> None:
+    """Record one PPO update's ``train/*`` signals (SB3 PPO's set, plus ``advantage_std`` of
+    the rollout), and the intrinsic head's ``exploration/*`` ones (:func:`log_intrinsic`)
+    unless ``intrinsic_value_losses`` is None: the tail of every algorithm's ``train``.
+
+    :param algorithm: the algorithm after its update (its ``logger``, ``rollout_buffer``,
+        ``policy`` and ``_n_updates``).
+    :param entropy_losses: the entropy loss of each minibatch; ``pg_losses``,
+        ``value_losses``, ``clip_fractions`` likewise, ``approx_kl_divs`` those of the last
+        epoch.
+    :param loss: the last minibatch's total loss.
+    :param clip_range: this update's clip range; ``clip_range_vf`` the value one (None: off).
+    :param intrinsic_value_losses: the intrinsic value loss of each minibatch; None without
+        the intrinsic head.
+    """
+    logger, buffer = algorithm.logger, algorithm.rollout_buffer
+    explained_var = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
+    logger.record("train/entropy_loss", np.mean(entropy_losses))
+    logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+    logger.record("train/value_loss", np.mean(value_losses))
+    logger.record("train/approx_kl", np.mean(approx_kl_divs))
+    logger.record("train/clip_fraction", np.mean(clip_fractions))
+    logger.record("train/loss", loss.item())
+    logger.record("train/explained_variance", explained_var)
+    logger.record("train/advantage_std", float(np.std(buffer.advantages)))
+    if hasattr(algorithm.policy, "log_std"):
+        logger.record("train/std", th.exp(algorithm.policy.log_std).mean().item())
+    logger.record("train/n_updates", algorithm._n_updates, exclude="tensorboard")
+    logger.record("train/clip_range", clip_range)
+    if clip_range_vf is not None:
+        logger.record("train/clip_range_vf", clip_range_vf)
+    if intrinsic_value_losses is not None:
+        log_intrinsic(logger, buffer, intrinsic_value_losses)
 
 
 def clipped_value_loss(

@@ -34,7 +34,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 
@@ -50,7 +50,7 @@ from agents.intrinsic import (
     check_intrinsic_settings,
     clipped_value_loss,
     intrinsic_rewards_of,
-    log_intrinsic,
+    log_ppo_update,
 )
 from agents.policy import ThalamusPolicy
 from thalamus_rl import ThalamusState
@@ -603,25 +603,18 @@ class ThalamusPPO(OnPolicyAlgorithm):
 
         if self.adaptive_lr_kl is not None and approx_kl_divs:
             self._adapt_lr_factor(float(np.mean(approx_kl_divs)))
-        explained_var = explained_variance(
-            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        log_ppo_update(
+            self,
+            entropy_losses=entropy_losses,
+            pg_losses=pg_losses,
+            value_losses=value_losses,
+            approx_kl_divs=approx_kl_divs,
+            clip_fractions=clip_fractions,
+            loss=loss,
+            clip_range=clip_range,
+            clip_range_vf=clip_range_vf,
+            intrinsic_value_losses=intrinsic_value_losses if self.intrinsic_value_head else None,
         )
-        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
-        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
-        self.logger.record("train/value_loss", np.mean(value_losses))
-        self.logger.record("train/approx_kl", np.mean(approx_kl_divs))
-        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
-        self.logger.record("train/loss", loss.item())
-        self.logger.record("train/explained_variance", explained_var)
-        self.logger.record("train/advantage_std", float(np.std(self.rollout_buffer.advantages)))
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/clip_range", clip_range)
-        if clip_range_vf is not None:
-            self.logger.record("train/clip_range_vf", clip_range_vf)
-        if self.intrinsic_value_head:
-            log_intrinsic(self.logger, self.rollout_buffer, intrinsic_value_losses)
 
     def learn(
         self: SelfThalamusPPO,
