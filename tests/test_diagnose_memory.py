@@ -262,7 +262,7 @@ def test_probe_by_lag_reads_a_memory_that_decays_and_one_that_does_not() -> None
     rows = memory_diagnosis.probe_by_lag(features, labels, lags, episodes, seed=0)
     assert [r["bin"] for r in rows] == ["0", "1-2", "3-5", "6-10", "11-20", ">20"]
     acc = [r["accuracy"] for r in rows]
-    assert acc[0] > 0.9 and acc[1] > 0.75  # P(correct) = Φ(2 · 2^-lag): 0.98 at 0, ~0.9 at 1-2
+    assert acc[0] > 0.85 and acc[1] > 0.75  # P(correct) = Φ(2 · 2^-lag): 0.98 at 0, ~0.9 at 1-2
     assert all(abs(a - 0.5) < 0.1 for a in acc[3:])  # 2^-3 of the signal and less: chance
     assert acc[0] > acc[2] > acc[4] - 0.05
     for r in rows:  # every step in exactly one half; the halves split the episodes
@@ -273,7 +273,7 @@ def test_probe_by_lag_reads_a_memory_that_decays_and_one_that_does_not() -> None
     kept = memory_diagnosis.probe_by_lag(
         *_decaying_memory(120, 30, half_life=1e9)[:1], labels, lags, episodes, seed=0
     )
-    assert all(r["accuracy"] > 0.9 for r in kept)
+    assert all(r["accuracy"] > 0.85 for r in kept)
 
 
 def test_probe_by_lag_never_tests_on_steps_of_a_training_episode() -> None:
@@ -288,6 +288,34 @@ def test_probe_by_lag_never_tests_on_steps_of_a_training_episode() -> None:
     assert rows[0]["accuracy"] is not None and rows[0]["accuracy"] < 0.75
     assert rows[1]["accuracy"] < 0.75
     assert rows[2]["accuracy"] is None and rows[2]["n_train"] == 0  # nobody at lags 3-5
+
+
+def test_split_episodes_halves_each_cue() -> None:
+    import torch as th
+
+    ids, cues = np.arange(100, 131), np.arange(31) < 9  # 9 keys, 22 balls
+    train, test, inner = memory_diagnosis.split_episodes(ids, cues, th.Generator().manual_seed(0))
+    assert sorted([*train, *test]) == ids.tolist() and set(inner) <= set(train)
+    keys = set(ids[cues])
+    assert {len(keys & set(train)), len(keys & set(test))} == {4, 5}
+    assert {len(set(train) - keys), len(set(test) - keys)} == {11}
+    assert len(inner) == 3 + 8  # 3/4 of each cue's training share
+
+
+def test_probe_by_lag_weighs_each_episode_once_per_bin() -> None:
+    # 60 episodes, cues balanced, one step each at lag 0; one key episode has 400 steps
+    # there. Counted by steps, "key" would be the majority of the bin, ~0.9 of it.
+    rng = np.random.default_rng(5)
+    cues = np.arange(60) % 2 == 0
+    episodes = np.concatenate([np.arange(60), np.zeros(399, int)])
+    labels = cues[episodes]
+    features = rng.normal(size=(len(episodes), 4))
+    features[:, 0] += np.where(labels, 1.0, -1.0)  # P(correct) = Φ(1) = 0.84 per step
+    (row, *_) = memory_diagnosis.probe_by_lag(
+        features, labels, np.zeros(len(episodes), int), episodes, seed=2
+    )
+    assert row["majority"] == pytest.approx(0.5, abs=0.04)
+    assert 0.7 < row["accuracy"] < 0.95
 
 
 def test_probe_by_lag_skips_bins_with_too_few_episodes() -> None:

@@ -100,12 +100,16 @@ def _fit_and_score(
     inner_fit: Any,
     inner_val: Any,
     test: Any,
+    weights: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit the probe on rows ``train`` and score it on rows ``test`` (1-D long tensors).
 
     The features are standardised with the ``train`` rows' mean and std; the L2 weight is the
     one of :data:`PROBE_L2_GRID` whose fit on ``inner_fit`` scores best on ``inner_val``
     (ties, and an empty ``inner_val``, go to the strongest).
+
+    :param weights: ``[N]`` positive row weights in the loss, the accuracy and the majority
+        rate (None: all rows alike).
     """
     import torch as th
 
@@ -113,16 +117,22 @@ def _fit_and_score(
     y = th.as_tensor(labels, dtype=th.float64)
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
     x = (x - mean) / std
+    row_weight = None if weights is None else th.as_tensor(weights, dtype=th.float64)
+
+    def weight_of(ids: th.Tensor) -> th.Tensor | None:
+        """The rows' weights, scaled to mean 1 (None: unweighted)."""
+        return None if row_weight is None else row_weight[ids] / row_weight[ids].mean()
 
     def fit(ids: th.Tensor, l2: float) -> tuple[th.Tensor, th.Tensor]:
         w = th.zeros(x.shape[1], dtype=th.float64, requires_grad=True)
         b = th.zeros(1, dtype=th.float64, requires_grad=True)
         opt = th.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+        rows = weight_of(ids)
 
         def closure() -> th.Tensor:
             opt.zero_grad()
             logits = x[ids] @ w + b
-            loss = th.nn.functional.binary_cross_entropy_with_logits(logits, y[ids])
+            loss = th.nn.functional.binary_cross_entropy_with_logits(logits, y[ids], rows)
             loss = loss + l2 * w.square().sum()
             loss.backward()
             return loss
@@ -130,8 +140,12 @@ def _fit_and_score(
         opt.step(closure)
         return w.detach(), b.detach()
 
+    def mean_of(ids: th.Tensor, values: th.Tensor) -> float:
+        rows = weight_of(ids)
+        return float(values.mean() if rows is None else (rows * values).mean())
+
     def accuracy(ids: th.Tensor, w: th.Tensor, b: th.Tensor) -> float:
-        return float(((x[ids] @ w + b > 0).double() == y[ids]).double().mean())
+        return mean_of(ids, ((x[ids] @ w + b > 0).double() == y[ids]).double())
 
     if len(inner_val) and len(inner_fit):
         scores = [(accuracy(inner_val, *fit(inner_fit, l2)), l2) for l2 in PROBE_L2_GRID]
@@ -139,7 +153,7 @@ def _fit_and_score(
     else:
         l2 = max(PROBE_L2_GRID)
     w, b = fit(train, l2)
-    share = float(y[test].mean())
+    share = mean_of(test, y[test])
     return {
         "accuracy": accuracy(test, w, b),
         "majority": max(share, 1.0 - share),
@@ -184,6 +198,30 @@ def lag_bins(lags: np.ndarray, bins: LagBins = LAG_BINS) -> np.ndarray:
     return index
 
 
+def split_episodes(
+    ids: np.ndarray, cues: np.ndarray, generator: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split episodes in half at random, within each cue (so both halves hold the cues in the
+    same proportion, up to one episode), and the training half 3:1 the same way.
+
+    :param ids: ``[E]`` episode ids. :param cues: ``[E]`` bool, each episode's cue.
+    :param generator: a ``torch.Generator`` (the draws are its).
+    :return: the training ids, the test ids, and the training ids that fit the probe while
+        the L2 weight is chosen (the rest of the training ids score it).
+    """
+    import torch as th
+
+    train, test, inner = [], [], []
+    for n, cue in enumerate((False, True)):
+        of_cue = ids[cues == cue]
+        order = of_cue[th.randperm(len(of_cue), generator=generator).numpy()]
+        half = (len(order) + n) // 2  # an odd class's extra episode: test, then train
+        train.append(order[:half])
+        test.append(order[half:])
+        inner.append(order[: half * 3 // 4])
+    return np.concatenate(train), np.concatenate(test), np.concatenate(inner)
+
+
 def probe_by_lag(
     features: np.ndarray,
     labels: np.ndarray,
@@ -195,15 +233,18 @@ def probe_by_lag(
     """Held-out accuracy of the cue probe at each lag since the cue was last in view.
 
     The rows are steps of many episodes. The episodes (not the steps: steps of one episode
-    are alike) are split in half at random (``seed``), and the training half 3:1 for the L2
-    choice, once for all bins, so that every bin and every caller with the same ``episodes``
-    and ``seed`` uses the same split. Each bin's probe is fit on its training steps (a random
-    :data:`MAX_LAG_PROBE_ROWS` of them at most) and scored on its test steps: what the
-    features hold of the cue that many steps after it was seen, whatever the code they hold it
-    in at that lag.
+    are alike) are split in half at random (``seed``), within each cue, and the training half
+    3:1 for the L2 choice (:func:`split_episodes`), once for all bins, so that every bin and
+    every caller with the same ``episodes``, ``labels`` and ``seed`` uses the same split.
+    Each bin's probe is fit on its training steps (a random :data:`MAX_LAG_PROBE_ROWS` of them
+    at most) and scored on its test steps: what the features hold of the cue that many steps
+    after it was seen, whatever the code they hold it in at that lag. Within a bin each
+    episode weighs 1, in the fit, the accuracy and the majority rate, however many of its
+    steps fall in the bin (an agent that stands still in view of the cue for 100 steps would
+    otherwise be most of the bin ``0``).
 
     :param features: ``[N, F]`` float, one row per step.
-    :param labels: ``[N]`` bool, the step's episode's cue.
+    :param labels: ``[N]`` bool, the step's episode's cue (the same for all its steps).
     :param lags: ``[N]`` int, steps since the cue was last in view (:func:`steps_since_seen`;
         rows with -1 fall in no bin).
     :param episodes: ``[N]`` int, the step's episode.
@@ -211,17 +252,14 @@ def probe_by_lag(
     :return: per bin: ``bin`` (its label), ``train_episodes`` and ``test_episodes`` (episodes
         with a step in it), ``n_train`` and ``n_test`` (steps) and, when both halves have at
         least :data:`MIN_LAG_PROBE_EPISODES` episodes in it and the training steps hold both
-        cues, ``accuracy``, ``majority`` (the test steps' majority-class rate) and ``l2``
-        (otherwise None).
+        cues, ``accuracy`` and ``majority`` (the test episodes' majority-class rate), both
+        averaged over the test episodes, and ``l2`` (otherwise None).
     """
     import torch as th
 
     generator = th.Generator().manual_seed(seed)
-    ids = np.unique(episodes)
-    order = ids[th.randperm(len(ids), generator=generator).numpy()]
-    half = len(order) // 2
-    train_ids, test_ids = order[:half], order[half:]
-    inner_ids = train_ids[: len(train_ids) * 3 // 4]
+    ids, first = np.unique(episodes, return_index=True)
+    train_ids, test_ids, inner_ids = split_episodes(ids, labels[first], generator)
     is_train, is_test = np.isin(episodes, train_ids), np.isin(episodes, test_ids)
     is_inner = np.isin(episodes, inner_ids)
     which = lag_bins(lags, bins)
@@ -245,6 +283,11 @@ def probe_by_lag(
         enough = min(row["train_episodes"], row["test_episodes"]) >= MIN_LAG_PROBE_EPISODES
         if enough and len(np.unique(labels[train])) == 2:
             as_ids = lambda rows: th.as_tensor(rows, dtype=th.long)  # noqa: E731
+            # Each episode weighs 1 in the bin, however many of its steps fall in it.
+            weights = np.zeros(len(episodes))
+            for rows in (train, test):
+                _, where, count = np.unique(episodes[rows], return_inverse=True, return_counts=True)
+                weights[rows] = 1.0 / count[where]
             scored = _fit_and_score(
                 features,
                 labels,
@@ -252,6 +295,7 @@ def probe_by_lag(
                 as_ids(train[is_inner[train]]),
                 as_ids(train[~is_inner[train]]),
                 as_ids(test),
+                weights,
             )
             row.update(accuracy=scored["accuracy"], majority=scored["majority"], l2=scored["l2"])
         results.append(row)
