@@ -22,8 +22,9 @@ Then how long the cue survives in memory, and where: a probe per lag bin (steps 
 cue was last in view: 0, 1-2, 3-5, 6-10, 11-20, >20) on the features at every step after
 the first sighting, fit and scored on different episodes; for ThalamusPPO the same on every
 stream's readout (the control: what the current view shows) and outputs per feedback
-iteration, the mean stream weights α per bin, and each stream's parametric half-lives
-(median, p10, p90, max in env steps). ``--no-lag`` skips these.
+iteration, the mean stream weights α per bin, and each stream's half-lives (median, p10,
+p90, max over its heads, in env steps): parametric (at the learned ``dt`` bias) and in play
+(at the ``dt`` its inputs gave it after the cue was seen). ``--no-lag`` skips these.
 
 Examples::
 
@@ -123,6 +124,12 @@ def lag_table(result: dict[str, Any]) -> list[str]:
                 f"max {lives['max']:.1f} ({lives['heads']} heads{clock})"
             )
         lines.append(f"  half-lives of {name} (env steps): {text}")
+        for iteration, spread in (lives.get("in_play") or {}).items():
+            lines.append(
+                f"    in play, iteration {iteration} (first layer, steps after the cue was "
+                f"seen): median {spread['median']:.1f}, p10 {spread['p10']:.1f}, "
+                f"p90 {spread['p90']:.1f}, max {spread['max']:.1f}"
+            )
     if result.get("streams_note"):
         lines.append(f"  note: {result['streams_note']}")
     return lines

@@ -381,6 +381,9 @@ def test_recorded_streams_are_the_ones_the_policy_acts_on(tmp_path: Path) -> Non
     env.close()
     np.testing.assert_array_equal(trace.features, bare.features)
     assert set(trace.streams) == set(recorder.names)
+    assert set(trace.decay_rates) == {"visual 1", "visual 2", "semantic 1", "semantic 2"}
+    heads = core.streams.streams[0].blocks[0].nheads
+    assert trace.decay_rates["visual 1"].shape == (len(trace.features), heads)
     assert trace.streams["visual out 2"].shape == (len(trace.features), 32)
     assert not np.allclose(trace.streams["visual out 2"], trace.streams["semantic out 2"])
     # The last iteration's outputs, through the competition, give the policy's features.
@@ -396,3 +399,31 @@ def test_recorded_streams_are_the_ones_the_policy_acts_on(tmp_path: Path) -> Non
         alpha = th.as_tensor(trace.stream_weights, dtype=th.float32)
         workspace = core.streams.norm((alpha[..., None] * votes).sum(-2))
     np.testing.assert_allclose(workspace.numpy(), trace.features, atol=1e-5)
+
+
+def test_half_lives_in_play_are_the_parametric_ones_when_the_input_leaves_dt_alone(
+    tmp_path: Path,
+) -> None:
+    import torch as th
+
+    from agents.experiment.config import load_config
+    from agents.experiment.training import load_model
+
+    run = _small_run(tmp_path, "thalamus", MEMORY_ENV, THREE_STREAMS, "thalamus.n_iterations=2")
+    model = load_model(run, device="cpu").model
+    config = load_config(run / "config.yaml", defaults_file=None)
+    streams = model.policy.core.streams
+    result = memory_diagnosis.diagnose((model, config), 12, None, 7, deterministic=False)
+    lives = result["half_lives"]
+    assert set(lives["visual"]["in_play"]) == {"1", "2"} and "in_play" not in lives["episodic"]
+    with th.no_grad():  # dt = softplus(dt_bias): the input no longer moves it
+        for stream in streams.streams[:2]:
+            block = stream.blocks[0]
+            block.in_proj.weight[-block.nheads :] = 0.0
+    still = memory_diagnosis.diagnose((model, config), 12, None, 7, deterministic=False)
+    for name in ("visual", "semantic"):  # clock 4 for semantic: both count env steps
+        parametric = still["half_lives"][name]
+        for spread in parametric["in_play"].values():
+            for key in ("median", "p10", "p90", "max"):
+                assert spread[key] == pytest.approx(parametric[key], rel=1e-5)
+    assert lives["visual"]["in_play"] != still["half_lives"]["visual"]["in_play"]

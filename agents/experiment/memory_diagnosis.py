@@ -33,7 +33,7 @@ shows of the cue (at long lags, through where the policy has walked and looks).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -311,12 +311,15 @@ class EpisodeTrace:
     :ivar streams: ThalamusPPO only (else empty): per name of :class:`StreamRecorder`,
         ``[T, d_model]`` that stream vector at step ``t``.
     :ivar stream_weights: ThalamusPPO only: ``[T, M]`` the competition weights α.
+    :ivar decay_rates: with a :class:`StreamRecorder` (else empty): per name of its
+        ``rate_names``, ``[T, nheads]`` the first layer's decay rates.
     """
 
     in_view: np.ndarray
     features: np.ndarray
     streams: dict[str, np.ndarray]
     stream_weights: np.ndarray | None
+    decay_rates: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class StreamRecorder:
@@ -333,10 +336,18 @@ class StreamRecorder:
       ``n_iterations``); ``out 1`` is the stream on its readouts alone, ``out 2`` on, the
       stream also reads the previous step's workspace, which all streams write.
 
+    and per Mamba stream and iteration ``"{name} {i}"`` in :attr:`rate_names`, ``[nheads]``
+    the per-step decay rate ``dt_t * exp(A_log)`` of each head of the stream's first layer at
+    that step (its state decays by ``exp(-rate)``; ``ln 2 / rate`` is the half-life the
+    input allows at that step, where :meth:`~thalamus_rl.DistributedMamba.half_lives` gives
+    it for a zero ``dt`` input). A clocked stream's rate counts at its ticks only.
+
     :param streams: the core's :class:`~thalamus_rl.DistributedMamba`.
     """
 
     def __init__(self, streams: Any) -> None:
+        from thalamus_rl.distributed import MambaStream
+
         self.streams = streams
         self.stream_names: tuple[str, ...] = tuple(streams.stream_names)
         self.names = [
@@ -344,8 +355,30 @@ class StreamRecorder:
             for name in self.stream_names
             for part in ("readout", *(f"out {i + 1}" for i in range(streams.n_iterations)))
         ]
+        self._mamba = {
+            m: stream for m, stream in enumerate(streams.streams) if isinstance(stream, MambaStream)
+        }
+        self.rate_names = [
+            f"{self.stream_names[m]} {i + 1}"
+            for m in self._mamba
+            for i in range(streams.n_iterations)
+        ]
         self._step: dict[str, np.ndarray] = {}
         self._handle: Any = None
+
+    def _rates(self, inputs: Any) -> dict[int, np.ndarray]:
+        """Per Mamba stream ``m``: ``[nheads]`` its first layer's decay rates on ``inputs``."""
+        import torch as th
+        import torch.nn.functional as F
+
+        rates = {}
+        with th.no_grad():
+            for m, stream in self._mamba.items():
+                block = stream.blocks[0]
+                dt_raw = block.in_proj(stream.norms[0](inputs[:, m]))[..., -block.nheads :]
+                rate = F.softplus(dt_raw + block.dt_bias) * th.exp(block.A_log)
+                rates[m] = rate[0].double().cpu().numpy()
+        return rates
 
     def _hook(self, iteration: int, inputs: Any, outputs: Any) -> None:
         if inputs.ndim != 3 or inputs.shape[0] != 1:
@@ -359,13 +392,16 @@ class StreamRecorder:
         for m, name in enumerate(self.stream_names):
             out = outputs[0, m].detach().double().cpu().numpy()
             self._step[f"{name} out {iteration + 1}"] = out
+        for m, rate in self._rates(inputs).items():
+            self._step[f"{self.stream_names[m]} {iteration + 1}"] = rate
 
-    def take(self) -> dict[str, np.ndarray]:
-        """The vectors of the last step, once (an error if no complete step was recorded)."""
+    def take(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The last step's vectors (by :attr:`names`) and decay rates (by :attr:`rate_names`),
+        once (an error if no complete step was recorded since the last call)."""
         step, self._step = self._step, {}
-        if set(step) != set(self.names):
+        if set(step) != {*self.names, *self.rate_names}:
             raise RuntimeError("StreamRecorder: no complete core step since the last take()")
-        return {name: step[name] for name in self.names}
+        return {n: step[n] for n in self.names}, {n: step[n] for n in self.rate_names}
 
     def __enter__(self) -> StreamRecorder:
         self._handle = self.streams.register_stream_hook(self._hook)
@@ -401,6 +437,7 @@ def play_traced(
     features: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     streams: dict[str, list[np.ndarray]] = {}
+    rates: dict[str, list[np.ndarray]] = {}
 
     def watch_cue(_episode: Any, _obs: Any, step: Any) -> None:
         if not layout:
@@ -413,8 +450,11 @@ def play_traced(
         if step.thalamus is not None:
             weights.append(step.thalamus.stream_weights[0].detach().double().cpu().numpy())
         if recorder is not None:
-            for name, value in recorder.take().items():
+            vectors, decay = recorder.take()
+            for name, value in vectors.items():
                 streams.setdefault(name, []).append(value)
+            for name, value in decay.items():
+                rates.setdefault(name, []).append(value)
 
     episode = play_episode(
         model, env, deterministic=deterministic, seed=seed, with_features=True, on_step=watch_cue
@@ -433,6 +473,7 @@ def play_traced(
         features=np.stack(features),
         streams={name: np.stack(values) for name, values in streams.items()},
         stream_weights=np.stack(weights) if weights else None,
+        decay_rates={name: np.stack(values) for name, values in rates.items()},
     )
     return row, trace
 
@@ -459,10 +500,7 @@ def half_life_summary(core: Any) -> dict[str, dict[str, Any]]:
             "kind": "mamba",
             "heads": int(values.size),
             "clock": int(getattr(stream, "clock", 1)),
-            "median": float(np.median(values)),
-            "p10": float(np.percentile(values, 10)),
-            "p90": float(np.percentile(values, 90)),
-            "max": float(values.max()),
+            **_spread(values),
         }
     return summary
 
@@ -476,6 +514,49 @@ def is_memory_env(env: Any) -> bool:
     from minigrid.envs import MemoryEnv
 
     return isinstance(env.unwrapped, MemoryEnv)
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    """``median``, ``p10``, ``p90`` and ``max`` of ``values``."""
+    return {
+        "median": float(np.median(values)),
+        "p10": float(np.percentile(values, 10)),
+        "p90": float(np.percentile(values, 90)),
+        "max": float(values.max()),
+    }
+
+
+def half_lives_in_play(
+    rows: list[MemoryEpisode], traces: list[EpisodeTrace], clocks: dict[str, int]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The half-lives the streams' inputs gave them while the cue had to be remembered.
+
+    Over the steps of the episodes that saw the cue, from its first sighting on (a clocked
+    stream: its ticks only), each head's median half-life ``ln 2 / rate * clock`` in env
+    steps (:class:`StreamRecorder`'s rates), summarised over the heads like
+    :func:`half_life_summary`.
+
+    :param clocks: each Mamba stream's clock, by name.
+    :return: per stream name, per iteration (``"1"``, ``"2"``, ...), ``median``, ``p10``,
+        ``p90``, ``max``; empty without recorded rates or episodes that saw the cue.
+    """
+    seen = [i for i, row in enumerate(rows) if row.cue_seen and traces[i].decay_rates]
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    if not seen:
+        return summary
+    for key in traces[seen[0]].decay_rates:
+        name, iteration = key.rsplit(" ", 1)
+        clock = clocks.get(name, 1)
+        parts = []
+        for i in seen:
+            steps = np.arange(len(traces[i].in_view))
+            kept = (steps_since_seen(traces[i].in_view) >= 0) & (steps % clock == 0)
+            parts.append(traces[i].decay_rates[key][kept])
+        rates = np.concatenate(parts)  # [S, heads]
+        if len(rates):
+            per_head = np.median(np.log(2.0) / rates * clock, axis=0)
+            summary.setdefault(name, {})[iteration] = _spread(per_head)
+    return summary
 
 
 def _thalamus_core(model: Any) -> Any:
@@ -637,6 +718,9 @@ def diagnose(
         lag_probe, weights_by_lag = lag_report(rows, traces, seed, names)
         if core is not None:
             half_lives = half_life_summary(core)
+            clocks = {n: v["clock"] for n, v in half_lives.items() if v["kind"] == "mamba"}
+            for name, by_iteration in half_lives_in_play(rows, traces, clocks).items():
+                half_lives[name]["in_play"] = by_iteration
         else:
             streams_note = (
                 f"{config.agent.kind} has no thalamus streams: no per-stream probes or "
