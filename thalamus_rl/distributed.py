@@ -486,8 +486,9 @@ class DistributedMamba(nn.Module):
         """Call ``hook`` with every iteration's stream inputs and outputs (:data:`StreamHook`),
         in :meth:`forward` and :meth:`step`, until ``handle.remove()``. The tensors are the
         ones the module computes with, so a hook reads the streams without changing anything
-        (a diagnosis: which stream holds what); it runs eagerly only (not inside
-        ``torch.compile``'d calls)."""
+        (a diagnosis: which stream holds what). Register it on an eager core: what a
+        ``torch.compile``'d call does with a Python hook is not tested (the memory diagnosis
+        turns ``compile_core`` off while it records)."""
         handle = RemovableHandle(self._stream_hooks)
         self._stream_hooks[handle.id] = hook
         return handle
