@@ -586,7 +586,7 @@ def lag_report(
     seen = [i for i, row in enumerate(rows) if row.cue_seen]
     if len(seen) < 2:
         return None, None
-    lags, labels, episodes, sets = [], [], [], {}
+    lags, labels, episodes, sets, alphas = [], [], [], {}, []
     for i in seen:
         trace = traces[i]
         lag = steps_since_seen(trace.in_view)
@@ -594,14 +594,13 @@ def lag_report(
         lags.append(lag[kept])
         labels.append(np.full(int(kept.sum()), rows[i].cue == "key"))
         episodes.append(np.full(int(kept.sum()), i))
-        named = {"features": trace.features, **trace.streams}
-        if trace.stream_weights is not None:
-            named["α"] = trace.stream_weights
-        for name, values in named.items():
+        for name, values in {"features": trace.features, **trace.streams}.items():
             sets.setdefault(name, []).append(values[kept])
+        if trace.stream_weights is not None:
+            alphas.append(trace.stream_weights[kept])
     lag, label, episode = np.concatenate(lags), np.concatenate(labels), np.concatenate(episodes)
     stacked = {name: np.concatenate(parts) for name, parts in sets.items()}
-    weights = stacked.pop("α", None)
+    weights = np.concatenate(alphas) if alphas else None
     # How long the task asked the agent to remember: the lag at each episode's last step.
     decision = np.array([steps_since_seen(traces[i].in_view)[-1] for i in seen])
     report = {
