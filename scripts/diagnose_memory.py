@@ -18,6 +18,14 @@ regression) is then fit on half of the episodes that saw the cue and made a choi
 scored on the other half: its held-out accuracy at decoding the cue type at the decision,
 against the majority-class rate.
 
+Then how long the cue survives in memory, and where: a probe per lag bin (steps since the
+cue was last in view: 0, 1-2, 3-5, 6-10, 11-20, >20) on the features at every step after
+the first sighting, fit and scored on different episodes; for ThalamusPPO the same on every
+stream's readout (the control: what the current view shows) and outputs per feedback
+iteration, the mean stream weights α per bin, and each stream's half-lives (median, p10,
+p90, max over its heads, in env steps): parametric (at the learned ``dt`` bias) and in play
+(at the ``dt`` its inputs gave it after the cue was seen). ``--no-lag`` skips these.
+
 Examples::
 
     python scripts/diagnose_memory.py runs/benchmarks/full/MiniGrid-MemoryS11-v0__thalamus__2
@@ -30,6 +38,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from agents.experiment.config import ConfigError
 from agents.experiment.memory_diagnosis import diagnose
@@ -59,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--deterministic", action="store_true", help="take the most likely action (default: sample)"
     )
+    parser.add_argument(
+        "--no-lag",
+        action="store_true",
+        help="skip the cue probe by lag, per stream, and the half-lives (faster)",
+    )
     parser.add_argument("--output", metavar="PATH", help="write all runs' results as JSON here")
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     return parser
@@ -66,6 +80,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fmt(value: float | None) -> str:
     return "  -  " if value is None else f"{value:5.2f}"
+
+
+def lag_table(result: dict[str, Any]) -> list[str]:
+    """The lines of a run's cue probe by lag, stream weights and half-lives (empty: none)."""
+    report = result.get("lag_probe")
+    lines = []
+    if report:
+        width = 12
+        lines.append(
+            f"  cue probe by steps since the cue was last in view ({report['episodes']} "
+            "episodes that saw it): held-out accuracy (majority)"
+        )
+        decision = report["decision_lag"]
+        lines.append(
+            f"  lag at the last step: median {decision['median']:.0f}, p90 "
+            f"{decision['p90']:.0f}, max {decision['max']}"
+        )
+        lines.append("  " + f"{'lag':<22}" + "".join(f"{b:>{width}}" for b in report["bins"]))
+        first = next(iter(report["sets"].values()))
+        counts = [f"{r['train_episodes']}/{r['test_episodes']}" for r in first]
+        lines.append(
+            "  " + f"{'episodes train/test':<22}" + "".join(f"{c:>{width}}" for c in counts)
+        )
+        steps = [f"{r['n_train']}/{r['n_test']}" for r in first]
+        lines.append("  " + f"{'steps train/test':<22}" + "".join(f"{c:>{width}}" for c in steps))
+        for name, rows in report["sets"].items():
+            cells = [
+                "-" if r["accuracy"] is None else f"{r['accuracy']:.2f} ({r['majority']:.2f})"
+                for r in rows
+            ]
+            lines.append("  " + f"{name:<22}" + "".join(f"{c:>{width}}" for c in cells))
+        for name, means in (result.get("stream_weights_by_lag") or {}).items():
+            cells = ["-" if m is None else f"{m:.2f}" for m in means]
+            lines.append("  " + f"{'α ' + name:<22}" + "".join(f"{c:>{width}}" for c in cells))
+    for name, lives in (result.get("half_lives") or {}).items():
+        if lives["kind"] == "episodic":
+            text = f"episodic store of the last {lives['capacity']} steps (no decay)"
+        else:
+            clock = f", clock {lives['clock']}" if lives["clock"] > 1 else ""
+            text = (
+                f"median {lives['median']:.1f}, p10 {lives['p10']:.1f}, p90 {lives['p90']:.1f}, "
+                f"max {lives['max']:.1f} ({lives['heads']} heads{clock})"
+            )
+        lines.append(f"  half-lives of {name} (env steps): {text}")
+        for iteration, spread in (lives.get("in_play") or {}).items():
+            lines.append(
+                f"    in play, iteration {iteration} (first layer, steps after the cue was "
+                f"seen): median {spread['median']:.1f}, p10 {spread['p10']:.1f}, "
+                f"p90 {spread['p90']:.1f}, max {spread['max']:.1f}"
+            )
+    if result.get("streams_note"):
+        lines.append(f"  note: {result['streams_note']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.runs:
         try:
             result = diagnose(
-                target, args.episodes, args.env, args.seed, args.deterministic, args.trust_pickle
+                target,
+                args.episodes,
+                args.env,
+                args.seed,
+                args.deterministic,
+                args.trust_pickle,
+                by_lag=not args.no_lag,
             )
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -95,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{_fmt(result['success_if_seen'])}          {_fmt(result['success_if_unseen'])}"
             f"        {probe_text:<28} {target}"
         )
+        for line in lag_table(result):
+            print(line)
     if args.output:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

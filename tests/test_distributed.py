@@ -451,3 +451,38 @@ def test_bad_stream_kinds_clocks_and_capacities_are_named(change, match):
         ThalamusConfig(streams=streams)
     with pytest.raises(ValueError, match=match):
         DistributedMamba(16, [StreamConfig(name="bad", **change)])
+
+
+@pytest.mark.parametrize("streams", ["default", "three"])
+@pytest.mark.parametrize("n_iterations", [1, 2])
+def test_stream_hook_sees_every_iteration_and_changes_nothing(streams, n_iterations):
+    dm = make(n_iterations) if streams == "default" else make_three(n_iterations)
+    m = dm.n_streams
+    batch, length = 2, 9
+    x = torch.randn(batch, length, m, 16)
+    resets = random_resets(batch, length)
+    state0 = random_state(dm, batch)
+    bare = dm(x, state0, resets)
+    bare_step = dm.step(x[:, 0], state0, resets[:, 0])
+    seen = []
+    handle = dm.register_stream_hook(lambda it, u, y: seen.append((it, u.clone(), y.clone())))
+    hooked = dm(x, state0, resets)
+    hooked_step = dm.step(x[:, 0], state0, resets[:, 0])
+    handle.remove()
+    for a, b in ((bare, hooked), (bare_step, hooked_step)):
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+        torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+        torch.testing.assert_close(a[2].flatten(), b[2].flatten(), atol=0, rtol=0)
+    assert [it for it, _, _ in seen] == [*range(n_iterations)] * 2  # forward, then step
+    forward, step = seen[:n_iterations], seen[n_iterations:]
+    assert forward[0][1].shape == forward[0][2].shape == (batch, length, m, 16)
+    assert step[0][1].shape == step[0][2].shape == (batch, m, 16)
+    torch.testing.assert_close(forward[0][1], x, atol=0, rtol=0)  # iteration 0 reads x
+    torch.testing.assert_close(step[0][1], x[:, 0], atol=0, rtol=0)
+    # The last iteration's outputs are the votes that, weighted by α, make the workspace.
+    for (_, _, outputs), (workspace, alpha, _) in ((forward[-1], bare), (step[-1], bare_step)):
+        votes = torch.stack([vote(outputs[..., i, :]) for i, vote in enumerate(dm.vote)], -2)
+        mixed = dm.norm((alpha[..., None] * votes).sum(-2))
+        torch.testing.assert_close(mixed, workspace, atol=ATOL, rtol=ATOL)
+    dm(x, state0, resets)
+    assert len(seen) == 2 * n_iterations  # removed: not called any more

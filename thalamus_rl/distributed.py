@@ -11,11 +11,14 @@ function, and with ``I`` iterations information crosses streams ``I - 1`` times.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from thalamus_rl.config import StreamConfig, check_stream_config, default_streams
 from thalamus_rl.mamba2 import (
@@ -32,6 +35,7 @@ from thalamus_rl.state import ClockedStreamState, EpisodicState, StreamState, Th
 
 __all__ = [
     "StreamConfig",
+    "StreamHook",
     "MambaStream",
     "EpisodicStream",
     "DistributedMamba",
@@ -348,6 +352,14 @@ def build_stream(
     return MambaStream(d_model, config, chunk_size, backend)
 
 
+StreamHook = Callable[[int, Tensor, Tensor], None]
+"""``hook(iteration, inputs, outputs)``, called by :class:`DistributedMamba` after each feedback
+iteration has run its streams (``iteration`` from 0): ``inputs`` are what the streams read
+(the per-stream readouts ``x``, plus the workspace feedback from iteration 1 on) and
+``outputs`` what they wrote, both ``[B, T, M, d_model]`` (``[B, M, d_model]`` in a step), in
+the order of ``stream_names``. A hook must not modify them."""
+
+
 class DistributedMamba(nn.Module):
     """Named Mamba-2 streams competing for a global workspace, with workspace feedback from
     the second iteration on (``n_iterations >= 2``).
@@ -442,6 +454,8 @@ class DistributedMamba(nn.Module):
             else None
         )
         self.norm = nn.LayerNorm(d_workspace)
+        # Read-only observers of the streams (register_stream_hook); not parameters, not saved.
+        self._stream_hooks: OrderedDict[int, StreamHook] = OrderedDict()
         # Streams of the same sizes (time scales may differ) run as one set of ops, layer by
         # layer (mamba2_forward_multi); the per-stream loop is the reference and the path for
         # streams of different sizes and for the CUDA kernels. Tests compare the two.
@@ -467,6 +481,21 @@ class DistributedMamba(nn.Module):
         if self.fatigue_strength_raw is None:
             return self.temperature_raw.new_zeros(())
         return F.softplus(self.fatigue_strength_raw)
+
+    def register_stream_hook(self, hook: StreamHook) -> RemovableHandle:
+        """Call ``hook`` with every iteration's stream inputs and outputs (:data:`StreamHook`),
+        in :meth:`forward` and :meth:`step`, until ``handle.remove()``. The tensors are the
+        ones the module computes with, so a hook reads the streams without changing anything
+        (a diagnosis: which stream holds what). Register it on an eager core: what a
+        ``torch.compile``'d call does with a Python hook is not tested (the memory diagnosis
+        turns ``compile_core`` off while it records)."""
+        handle = RemovableHandle(self._stream_hooks)
+        self._stream_hooks[handle.id] = hook
+        return handle
+
+    def _call_stream_hooks(self, iteration: int, inputs: Tensor, outputs: Tensor) -> None:
+        for hook in self._stream_hooks.values():
+            hook(iteration, inputs, outputs)
 
     def half_lives(self) -> dict[str, Tensor]:
         """Per stream, the state half-lives (steps) of all its heads at the current parameters."""
@@ -598,6 +627,8 @@ class DistributedMamba(nn.Module):
                 new_prev_a.append(alpha[:, -1])
                 new_fatigue.append(fatigue[:, -1])
             outputs, stream_states = self._run_streams(inputs, state.mamba[it], starts, False)
+            if self._stream_hooks:
+                self._call_stream_hooks(it, inputs, outputs)
             new_mamba.append(stream_states)
             workspace, alpha = self._compete(outputs, fatigue)
         return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)
@@ -671,6 +702,8 @@ class DistributedMamba(nn.Module):
                 new_fatigue.append(fatigue)
             # The state is already masked; the blocks need no episode_starts.
             outputs, stream_states = self._run_streams(inputs, state.mamba[it], None, True)
+            if self._stream_hooks:
+                self._call_stream_hooks(it, inputs, outputs)
             new_mamba.append(stream_states)
             workspace, alpha = self._compete(outputs, fatigue)
         return workspace, alpha, self._pack(new_mamba, new_prev_w, new_prev_a, new_fatigue, state)

@@ -305,7 +305,8 @@ def _final_memory_diagnosis(config: ExperimentConfig, paths: RunPaths) -> dict[s
         return None
     episodes = max(config.train.eval_episodes, MEMORY_DIAGNOSIS_EPISODES)
     with global_rng_preserved():
-        result = diagnose((model, config), episodes, None, None, deterministic=False)
+        # The record keeps the summary only, which does not hold the probes by lag.
+        result = diagnose((model, config), episodes, None, None, deterministic=False, by_lag=False)
     return summarize(result)
 
 
