@@ -446,6 +446,8 @@ def test_make_agent_errors() -> None:
         make_agent("dqn", make_venv(n_envs=1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="only apply to kind='thalamus'"):
         make_agent("ppo", make_venv(n_envs=1), policy_kwargs=dict(thalamus=SMALL))
+    with pytest.raises(ValueError, match=r"\['critic_trunk'\] only apply to kind='thalamus'"):
+        make_agent("lstm", make_venv(n_envs=1), policy_kwargs=dict(critic_trunk="separate"))
     with pytest.raises(TypeError, match="env object"):
         make_agent("lstm", ENV_ID)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="torch_threads=0"):
