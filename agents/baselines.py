@@ -78,7 +78,12 @@ __all__ = [
 ]
 
 #: ``policy_kwargs`` keys that only the thalamus policy understands.
-THALAMUS_POLICY_KWARGS: tuple[str, ...] = ("thalamus", "tokenizer", "core_lr_scale")
+THALAMUS_POLICY_KWARGS: tuple[str, ...] = (
+    "thalamus",
+    "tokenizer",
+    "core_lr_scale",
+    "critic_trunk",
+)
 
 #: Config sections whose fields are :class:`FlatDictExtractor` arguments.
 EXTRACTOR_SECTIONS: tuple[str, ...] = ("baseline",)

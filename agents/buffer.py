@@ -25,7 +25,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer, RolloutBuffer
 
 from agents.constants import check_batch_size
-from thalamus_rl import ThalamusState
+from agents.policy import PolicyState
 
 __all__ = ["ThalamusRolloutBuffer", "ThalamusRolloutBufferSamples", "check_batch_size"]
 
@@ -40,7 +40,8 @@ class ThalamusRolloutBufferSamples(NamedTuple):
     :param advantages: ``[B, T]`` GAE advantages.
     :param returns: ``[B, T]`` TD(lambda) returns (``advantages + old_values``).
     :param episode_starts: ``[B, T]`` bool, True where the observation starts an episode.
-    :param state: the recurrent state of the ``B`` envs at the start of the rollout.
+    :param state: the recurrent state of the ``B`` envs at the start of the rollout (both
+        cores' with a separate critic trunk).
     :param old_intrinsic_values: ``[B, T]`` intrinsic values computed during the rollout (zeros
         without the intrinsic head).
     :param intrinsic_returns: ``[B, T]`` non-episodic intrinsic TD(lambda) returns (zeros
@@ -54,7 +55,7 @@ class ThalamusRolloutBufferSamples(NamedTuple):
     advantages: th.Tensor
     returns: th.Tensor
     episode_starts: th.Tensor
-    state: ThalamusState
+    state: PolicyState
     old_intrinsic_values: th.Tensor | None = None
     intrinsic_returns: th.Tensor | None = None
 
@@ -78,7 +79,7 @@ class ThalamusRolloutBuffer(RolloutBuffer):
     """
 
     observations: dict[str, th.Tensor]  # type: ignore[assignment]
-    initial_state: ThalamusState | None
+    initial_state: PolicyState | None
 
     def __init__(
         self,
@@ -105,7 +106,7 @@ class ThalamusRolloutBuffer(RolloutBuffer):
             n_envs=n_envs,
         )
 
-    def reset(self, initial_state: ThalamusState | None = None) -> None:
+    def reset(self, initial_state: PolicyState | None = None) -> None:
         """Empty the buffer and remember the state the coming rollout starts from.
 
         :param initial_state: the recurrent state of the ``n_envs`` envs before the first step.

@@ -15,6 +15,7 @@ from agents.registry import AGENT_KINDS as _registered_kinds
 
 __all__ = [
     "ADVANTAGE_NORMALIZATIONS",
+    "CRITIC_TRUNKS",
     "AGENT_KINDS",
     "DEFAULT_CORE_LR_SCALE",
     "EXPLORATION_KINDS",
@@ -61,6 +62,12 @@ DEFAULT_CORE_LR_SCALE = 0.25
 
 #: The extension of every model and checkpoint file (``agents.experiment.model_files``).
 MODEL_SUFFIX = ".safetensors"
+
+#: Where ThalamusPolicy's critic reads its features (``policy.critic_trunk``): ``shared``, the
+#: actor's core (the value loss trains it too); ``separate``, a tokenizer and core of its own
+#: (same config), so the value loss never reaches the actor's core; ``detached``, the actor's
+#: core with the gradient stopped (the value loss trains only the critic's heads).
+CRITIC_TRUNKS: tuple[str, ...] = ("shared", "separate", "detached")
 
 #: Scopes of the advantage normalisation (``ThalamusPPO(advantage_normalization=...)``).
 ADVANTAGE_NORMALIZATIONS: tuple[str, ...] = ("rollout", "minibatch")

@@ -1,5 +1,11 @@
 """ThalamusPolicy: tokenizer -> ThalamusCore -> actor and critic heads over one shared core.
 
+With ``critic_trunk="separate"`` the critic has a tokenizer and core of its own (PPG's and SB3's
+``share_features_extractor=False`` practice): the policy then carries an
+:class:`ActorCriticState`, the two cores' states, wherever it would carry one
+``ThalamusState``; with ``"detached"`` the critic reads the actor core's features with the
+gradient stopped.
+
 The policy reuses SB3's ``ActorCriticPolicy`` for what is not recurrent (action distributions,
 the MLP heads, the optimizer, ``obs_to_tensor``, save/load of the policy alone) and replaces the
 forward passes by recurrent ones that carry one :class:`thalamus_rl.ThalamusState`:
@@ -35,20 +41,87 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-from agents.constants import DEFAULT_CORE_LR_SCALE
+from agents.constants import CRITIC_TRUNKS, DEFAULT_CORE_LR_SCALE
 from agents.selection import slot_kind_stats
 from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
 
 __all__ = [
     "ADAM_EPS",
+    "CRITIC_TRUNKS",
+    "ActorCriticState",
     "DEFAULT_CORE_LR_SCALE",
+    "PolicyState",
     "PolicyStep",
     "SequenceEvaluation",
     "ThalamusExtractor",
     "ThalamusPolicy",
     "make_thalamus_config",
 ]
+
+
+class ActorCriticState(NamedTuple):
+    """The state of a policy whose critic has its own core (``critic_trunk="separate"``).
+
+    A pytree of two :class:`~thalamus_rl.ThalamusState` with the same methods, so the rollout,
+    the buffer (which stores it at rollout start and indexes it by env), the truncation
+    bootstrap and evaluation carry it as they carry one core's state.
+
+    :param actor: the actor core's state.
+    :param critic: the critic core's state (same batch).
+    """
+
+    actor: ThalamusState
+    critic: ThalamusState
+
+    @property
+    def batch_size(self) -> int:
+        return self.actor.batch_size
+
+    def map(self, fn: Callable[[th.Tensor], th.Tensor]) -> ActorCriticState:
+        """Apply ``fn`` to every tensor leaf of both states."""
+        return ActorCriticState(self.actor.map(fn), self.critic.map(fn))
+
+    def detach(self) -> ActorCriticState:
+        return ActorCriticState(self.actor.detach(), self.critic.detach())
+
+    def to(self, device: th.device | str) -> ActorCriticState:
+        return ActorCriticState(self.actor.to(device), self.critic.to(device))
+
+    def clone(self) -> ActorCriticState:
+        return ActorCriticState(self.actor.clone(), self.critic.clone())
+
+    def index(self, idx: th.Tensor | slice | int) -> ActorCriticState:
+        """Both states of the envs selected by ``idx`` (an int keeps the batch dim)."""
+        return ActorCriticState(self.actor.index(idx), self.critic.index(idx))
+
+    def mask(self, episode_starts: th.Tensor) -> ActorCriticState:
+        """Zero both states of the envs whose observation starts an episode (``[B]`` bool)."""
+        return ActorCriticState(self.actor.mask(episode_starts), self.critic.mask(episode_starts))
+
+    @staticmethod
+    def cat(states: list[ActorCriticState]) -> ActorCriticState:
+        """Concatenate states along the batch."""
+        return ActorCriticState(
+            ThalamusState.cat([s.actor for s in states]),
+            ThalamusState.cat([s.critic for s in states]),
+        )
+
+    def flatten(self) -> th.Tensor:
+        """``[B, S_actor + S_critic]``: the actor's flat state, then the critic's."""
+        return th.cat([self.actor.flatten(), self.critic.flatten()], dim=1)
+
+    def unflatten(self, flat: th.Tensor) -> ActorCriticState:
+        """Rebuild a state shaped like ``self`` (any batch size) from :meth:`flatten`'s output."""
+        width = self.actor.flatten().shape[1]
+        return ActorCriticState(
+            self.actor.unflatten(flat[:, :width]), self.critic.unflatten(flat[:, width:])
+        )
+
+
+#: What :class:`ThalamusPolicy` carries from step to step: one core's state, or with
+#: ``critic_trunk="separate"`` the actor's and the critic's.
+PolicyState = ThalamusState | ActorCriticState
 
 
 class PolicyStep(NamedTuple):
@@ -58,7 +131,7 @@ class PolicyStep(NamedTuple):
     :param values: ``[B]`` value estimates.
     :param log_probs: ``[B]`` log-probabilities of ``actions``.
     :param state: the state after this step (to feed to the next one).
-    :param thalamus: the core's output for this step (leading dim ``[B]``).
+    :param thalamus: the (actor's) core's output for this step (leading dim ``[B]``).
     :param intrinsic_values: ``[B]`` the intrinsic value head's estimates (``None``: the policy
         has no intrinsic head).
     """
@@ -66,7 +139,7 @@ class PolicyStep(NamedTuple):
     actions: th.Tensor
     values: th.Tensor
     log_probs: th.Tensor
-    state: ThalamusState
+    state: PolicyState
     thalamus: ThalamusOutput
     intrinsic_values: th.Tensor | None = None
 
@@ -78,7 +151,7 @@ class SequenceEvaluation(NamedTuple):
     :param log_prob: ``[B, T]`` log-probabilities of the given actions.
     :param entropy: ``[B, T]`` entropies of the action distributions (``None`` where the
         distribution has no closed form).
-    :param thalamus: the core's output (leading dims ``[B, T]``).
+    :param thalamus: the (actor's) core's output (leading dims ``[B, T]``).
     :param intrinsic_values: ``[B, T]`` the intrinsic value head's estimates (``None``: the
         policy has no intrinsic head).
     """
@@ -258,6 +331,10 @@ _COMPILED: weakref.WeakKeyDictionary[ThalamusCore, dict[str, Callable[..., Any]]
 #: and many of the core's gradients are that small (``docs/measurements.md``, "Adam eps").
 ADAM_EPS = 1e-5
 
+#: Mixed into the seed of the separate critic core's random stream (any constant would do: it
+#: only has to differ from the streams the actor's modules are drawn from).
+_CRITIC_STREAM = 0x5EED_C217
+
 
 class ThalamusPolicy(ActorCriticPolicy):
     """Actor-critic policy whose shared feature extractor is the thalamus (recurrent).
@@ -303,9 +380,18 @@ class ThalamusPolicy(ActorCriticPolicy):
         the critic's latent (beside ``value_net``), for the intrinsic return of
         ``exploration.mixing = value_head`` (:mod:`agents.intrinsic`); off, the policy is
         exactly the one without it. :class:`agents.ThalamusPPO` sets it.
+    :param critic_trunk: what the critic's heads (``value_net`` and the intrinsic head) read.
+        ``"shared"``: the actor's core, trained by the value loss too. ``"separate"``: a
+        tokenizer and core of their own, ``critic_extractor`` (same settings, both at
+        ``core_lr_scale``), so the value loss never reaches the actor's core; the state is
+        then an :class:`ActorCriticState`, and the core's cost doubles. ``"detached"``: the
+        actor core's features with the gradient stopped. The actor's parameters, and so its
+        outputs, are the same in all three at the same seed: the critic's core is initialised
+        on a random stream of its own.
     """
 
     features_extractor: ThalamusExtractor
+    critic_extractor: ThalamusExtractor | None
     intrinsic_value_net: nn.Linear | None
 
     def __init__(
@@ -329,7 +415,14 @@ class ThalamusPolicy(ActorCriticPolicy):
         core_lr_scale: float = DEFAULT_CORE_LR_SCALE,
         compile_core: bool = False,
         intrinsic_value_head: bool = False,
+        critic_trunk: str = "shared",
     ) -> None:
+        if critic_trunk not in CRITIC_TRUNKS:
+            raise ValueError(
+                f"critic_trunk must be one of {', '.join(CRITIC_TRUNKS)}, got {critic_trunk!r} "
+                "(policy.critic_trunk in a run's config)."
+            )
+        self.critic_trunk = critic_trunk
         self.compile_core = bool(compile_core)
         self.intrinsic_value_head = bool(intrinsic_value_head)
         if not core_lr_scale > 0:
@@ -398,9 +491,23 @@ class ThalamusPolicy(ActorCriticPolicy):
                 self.intrinsic_value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
                 if ortho_init:
                     self.init_weights(self.intrinsic_value_net, gain=1.0)
-        # Two parameter groups: the core at core_lr_scale x the rate (see the class doc).
+        self.critic_extractor = None
+        if self.critic_trunk == "separate":
+            # On a stream of its own, seeded from the forked one: the actor, the heads and
+            # every action sampled later draw what they draw with a shared trunk, and the
+            # critic's core does not copy the draws of the intrinsic head's (forked) init.
+            with th.random.fork_rng(devices=[]):
+                th.manual_seed(int(th.randint(2**62, ())) ^ _CRITIC_STREAM)
+                self.critic_extractor = self.make_features_extractor()
+            # SB3's vf_features_extractor is the actor's module here (we build SB3's policy
+            # with a shared extractor): drop the name, so nothing reads the wrong trunk and a
+            # state dict has only the two trunks' own keys.
+            del self.vf_features_extractor
+        # Two parameter groups: the cores at core_lr_scale x the rate (see the class doc).
         # "lr_scale" is read by ThalamusPPO when it applies the learning-rate schedule.
         core = list(self.features_extractor.parameters())
+        if self.critic_extractor is not None:
+            core += list(self.critic_extractor.parameters())
         in_core = {id(p) for p in core}
         heads = [p for p in self.parameters() if id(p) not in in_core]
         lr = lr_schedule(1)
@@ -423,6 +530,7 @@ class ThalamusPolicy(ActorCriticPolicy):
             core_lr_scale=self.core_lr_scale,
             compile_core=self.compile_core,
             intrinsic_value_head=self.intrinsic_value_head,
+            critic_trunk=self.critic_trunk,
         )
         return data
 
@@ -437,21 +545,67 @@ class ThalamusPolicy(ActorCriticPolicy):
         """The thalamus core."""
         return self.features_extractor.core
 
-    def initial_state(self, batch_size: int) -> ThalamusState:
-        """The all-zero state of ``batch_size`` envs on the policy's device."""
-        return self.core.initial_state(batch_size, device=self.device)
+    def initial_state(self, batch_size: int) -> PolicyState:
+        """The all-zero state of ``batch_size`` envs on the policy's device (an
+        :class:`ActorCriticState` with ``critic_trunk="separate"``)."""
+        actor = self.core.initial_state(batch_size, device=self.device)
+        if self.critic_extractor is None:
+            return actor
+        return ActorCriticState(
+            actor, self.critic_extractor.core.initial_state(batch_size, device=self.device)
+        )
+
+    def _split_state(
+        self, state: PolicyState | None
+    ) -> tuple[ThalamusState | None, ThalamusState | None]:
+        """``(actor state, critic state)`` of ``state`` (the critic's is ``None`` without a
+        separate critic trunk; ``None`` in, zeros: ``(None, None)``)."""
+        separate = self.critic_extractor is not None
+        if isinstance(state, ActorCriticState) and not separate:
+            raise TypeError(
+                f"got an ActorCriticState, but this policy's critic_trunk is "
+                f"{self.critic_trunk!r}: its state is one ThalamusState (pass the state this "
+                "policy returned, or None for zeros)."
+            )
+        if state is None:
+            return None, None
+        if not separate:
+            return state, None
+        if not isinstance(state, ActorCriticState):
+            raise TypeError(
+                "this policy has critic_trunk='separate': its state is an ActorCriticState "
+                f"(actor and critic), got {type(state).__name__}; pass the state this policy "
+                "returned, or None for zeros."
+            )
+        return state.actor, state.critic
+
+    @staticmethod
+    def _join_state(actor: ThalamusState, critic: ThalamusState | None) -> PolicyState:
+        return actor if critic is None else ActorCriticState(actor, critic)
 
     # ------------------------------------------------------------------ heads
-    def _heads(self, features: th.Tensor) -> tuple[Distribution, th.Tensor]:
-        """Action distribution and values from flat features ``[M, features_dim]``."""
-        distribution, values, _ = self._all_heads(features)
-        return distribution, values
+    def _action_distribution(self, features: th.Tensor) -> Distribution:
+        """The action distribution of the actor core's flat features ``[M, features_dim]``."""
+        return self._get_action_dist_from_latent(self.mlp_extractor.forward_actor(features))
 
-    def _all_heads(self, features: th.Tensor) -> tuple[Distribution, th.Tensor, th.Tensor | None]:
+    def _critic_latent(self, features: th.Tensor, critic_features: th.Tensor | None) -> th.Tensor:
+        """The critic's latent ``[M, latent_dim_vf]``: of ``critic_features`` (the critic
+        core's, with a separate trunk) or of the actor core's ``features``."""
+        if self.critic_extractor is not None:
+            assert critic_features is not None, "a separate critic trunk needs its features"
+            return self.mlp_extractor.forward_critic(critic_features)
+        if self.critic_trunk == "detached":
+            features = features.detach()
+        return self.mlp_extractor.forward_critic(features)
+
+    def _all_heads(
+        self, features: th.Tensor, critic_features: th.Tensor | None = None
+    ) -> tuple[Distribution, th.Tensor, th.Tensor | None]:
         """Action distribution, values ``[M]`` and intrinsic values ``[M]`` (``None`` without
-        the intrinsic head) from flat features ``[M, features_dim]``."""
-        latent_pi, latent_vf = self.mlp_extractor(features)
-        distribution = self._get_action_dist_from_latent(latent_pi)
+        the intrinsic head) from the actor core's flat features ``[M, features_dim]`` and,
+        with a separate critic trunk, the critic core's ``critic_features`` (same shape)."""
+        distribution = self._action_distribution(features)
+        latent_vf = self._critic_latent(features, critic_features)
         return distribution, self.value_net(latent_vf).squeeze(-1), self._intrinsic(latent_vf)
 
     def _intrinsic(self, latent_vf: th.Tensor) -> th.Tensor | None:
@@ -464,7 +618,7 @@ class ThalamusPolicy(ActorCriticPolicy):
     def act(
         self,
         obs: Mapping[str, th.Tensor],
-        state: ThalamusState | None,
+        state: PolicyState | None,
         episode_starts: th.Tensor | None,
         deterministic: bool = False,
         with_stats: bool = True,
@@ -478,22 +632,30 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param with_stats: fill ``PolicyStep.thalamus.stats`` (False: empty, faster).
         :return: a :class:`PolicyStep`.
         """
-        out, state = self.features_extractor.step(
-            obs, state, episode_starts, with_stats, compiled=True
+        actor_state, critic_state = self._split_state(state)
+        out, actor_state = self.features_extractor.step(
+            obs, actor_state, episode_starts, with_stats, compiled=True
         )
-        distribution, values, intrinsic_values = self._all_heads(out.features)
+        critic_features = None
+        if self.critic_extractor is not None:
+            critic_out, critic_state = self.critic_extractor.step(
+                obs, critic_state, episode_starts, with_stats=False, compiled=True
+            )
+            critic_features = critic_out.features
+        distribution, values, intrinsic_values = self._all_heads(out.features, critic_features)
         actions = distribution.get_actions(deterministic=deterministic)
         log_probs = distribution.log_prob(actions)
         actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        state = self._join_state(actor_state, critic_state)
         return PolicyStep(actions, values, log_probs, state, out, intrinsic_values)
 
     def forward(  # type: ignore[override]
         self,
         obs: Mapping[str, th.Tensor],
-        state: ThalamusState | None = None,
+        state: PolicyState | None = None,
         episode_starts: th.Tensor | None = None,
         deterministic: bool = False,
-    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, ThalamusState]:
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, PolicyState]:
         """sb3-contrib's recurrent ``forward``: ``(actions, values [B], log_probs [B], state)``."""
         step = self.act(obs, state, episode_starts, deterministic, with_stats=False)
         return step.actions, step.values, step.log_probs, step.state
@@ -501,7 +663,7 @@ class ThalamusPolicy(ActorCriticPolicy):
     def predict_values(  # type: ignore[override]
         self,
         obs: Mapping[str, th.Tensor],
-        state: ThalamusState | None = None,
+        state: PolicyState | None = None,
         episode_starts: th.Tensor | None = None,
     ) -> th.Tensor:
         """Values ``[B]`` of one step of ``B`` envs from ``state`` (``None``: zeros)."""
@@ -510,31 +672,46 @@ class ThalamusPolicy(ActorCriticPolicy):
     def predict_all_values(
         self,
         obs: Mapping[str, th.Tensor],
-        state: ThalamusState | None = None,
+        state: PolicyState | None = None,
         episode_starts: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor | None]:
         """Values and intrinsic values (``None`` without the intrinsic head), each ``[B]``, of
-        one step of ``B`` envs from ``state`` (``None``: zeros)."""
-        out, _ = self.features_extractor.step(obs, state, episode_starts, with_stats=False)
-        latent_vf = self.mlp_extractor.forward_critic(out.features)
+        one step of ``B`` envs from ``state`` (``None``: zeros); with a separate critic trunk
+        only the critic's core runs."""
+        actor_state, critic_state = self._split_state(state)
+        if self.critic_extractor is not None:
+            out, _ = self.critic_extractor.step(obs, critic_state, episode_starts, with_stats=False)
+            latent_vf = self._critic_latent(out.features, out.features)
+        else:
+            out, _ = self.features_extractor.step(
+                obs, actor_state, episode_starts, with_stats=False
+            )
+            latent_vf = self._critic_latent(out.features, None)
         return self.value_net(latent_vf).squeeze(-1), self._intrinsic(latent_vf)
 
     def get_distribution(  # type: ignore[override]
         self,
         obs: Mapping[str, th.Tensor],
-        state: ThalamusState | None = None,
+        state: PolicyState | None = None,
         episode_starts: th.Tensor | None = None,
-    ) -> tuple[Distribution, ThalamusState]:
-        """The action distribution of one step of ``B`` envs, and the next state."""
-        out, state = self.features_extractor.step(obs, state, episode_starts, with_stats=False)
-        latent_pi = self.mlp_extractor.forward_actor(out.features)
-        return self._get_action_dist_from_latent(latent_pi), state
+    ) -> tuple[Distribution, PolicyState]:
+        """The action distribution of one step of ``B`` envs, and the next state (with a
+        separate critic trunk the critic's core steps too, so the state stays whole)."""
+        actor_state, critic_state = self._split_state(state)
+        out, actor_state = self.features_extractor.step(
+            obs, actor_state, episode_starts, with_stats=False
+        )
+        if self.critic_extractor is not None:
+            _, critic_state = self.critic_extractor.step(
+                obs, critic_state, episode_starts, with_stats=False
+            )
+        return self._action_distribution(out.features), self._join_state(actor_state, critic_state)
 
     def evaluate_actions(  # type: ignore[override]
         self,
         obs: Mapping[str, th.Tensor],
         actions: th.Tensor,
-        state: ThalamusState | None,
+        state: PolicyState | None,
         episode_starts: th.Tensor,
     ) -> SequenceEvaluation:
         """Re-run whole sequences and evaluate the actions taken (PPO's update).
@@ -542,15 +719,24 @@ class ThalamusPolicy(ActorCriticPolicy):
         :param obs: one tensor per key, ``[B, T, *space.shape]``.
         :param actions: ``[B, T]`` (discrete) or ``[B, T, action_dim]`` actions.
         :param state: the state of the ``B`` envs before step 0 (``None``: zeros).
-        :param episode_starts: ``[B, T]`` bool; the core resets inside the scan.
+        :param episode_starts: ``[B, T]`` bool; the core(s) reset inside the scan.
         :return: a :class:`SequenceEvaluation` with ``[B, T]`` values, log-probs, entropies
             (and intrinsic values, with the intrinsic head).
         """
+        actor_state, critic_state = self._split_state(state)
         out, _ = self.features_extractor.sequence(
-            obs, state, episode_starts, with_stats=False, compiled=True
+            obs, actor_state, episode_starts, with_stats=False, compiled=True
         )
         batch, steps = episode_starts.shape
-        distribution, values, intrinsic = self._all_heads(out.features.reshape(batch * steps, -1))
+        critic_features = None
+        if self.critic_extractor is not None:
+            critic_out, _ = self.critic_extractor.sequence(
+                obs, critic_state, episode_starts, with_stats=False, compiled=True
+            )
+            critic_features = critic_out.features.reshape(batch * steps, -1)
+        distribution, values, intrinsic = self._all_heads(
+            out.features.reshape(batch * steps, -1), critic_features
+        )
         log_prob = distribution.log_prob(actions.reshape(batch * steps, *actions.shape[2:]))
         entropy = distribution.entropy()
         return SequenceEvaluation(
@@ -564,20 +750,20 @@ class ThalamusPolicy(ActorCriticPolicy):
     def _predict(  # type: ignore[override]
         self,
         observation: Mapping[str, th.Tensor],
-        state: ThalamusState | None = None,
+        state: PolicyState | None = None,
         episode_starts: th.Tensor | None = None,
         deterministic: bool = False,
-    ) -> tuple[th.Tensor, ThalamusState]:
+    ) -> tuple[th.Tensor, PolicyState]:
         distribution, state = self.get_distribution(observation, state, episode_starts)
         return distribution.get_actions(deterministic=deterministic), state
 
     def predict(  # type: ignore[override]
         self,
         observation: np.ndarray | dict[str, np.ndarray],
-        state: ThalamusState | None = None,
+        state: PolicyState | None = None,
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
-    ) -> tuple[np.ndarray, ThalamusState]:
+    ) -> tuple[np.ndarray, PolicyState]:
         """sb3-contrib's recurrent ``predict``.
 
         :param observation: one observation or a batch of ``n_envs`` (a VecEnv's).

@@ -1,4 +1,5 @@
-"""ThalamusPPO: recurrent PPO (clip) whose policy carries a ``ThalamusState``.
+"""ThalamusPPO: recurrent PPO (clip) whose policy carries a ``ThalamusState`` (two, as an
+``ActorCriticState``, when the critic has a trunk of its own).
 
 An SB3 :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm`: ``learn`` with
 SB3 callbacks, logger and progress bar, ``save`` / ``load``, ``get_env`` / ``set_env`` all come
@@ -52,8 +53,7 @@ from agents.intrinsic import (
     intrinsic_rewards_of,
     log_ppo_update,
 )
-from agents.policy import ThalamusPolicy
-from thalamus_rl import ThalamusState
+from agents.policy import PolicyState, ThalamusPolicy
 
 __all__ = ["ADVANTAGE_NORMALIZATIONS", "ThalamusPPO"]
 
@@ -204,7 +204,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         self.adaptive_lr_kl = adaptive_lr_kl
         #: Multiplier of the learning-rate schedule set by ``adaptive_lr_kl`` (1 without it).
         self.lr_factor = 1.0
-        self._last_state: ThalamusState | None = None
+        self._last_state: PolicyState | None = None
         self._stop_requested = False
         self._rollout_start_timesteps = 0
         check_intrinsic_settings(intrinsic_gamma, intrinsic_adv_coef)
@@ -417,7 +417,7 @@ class ThalamusPPO(OnPolicyAlgorithm):
         rewards: np.ndarray,
         dones: np.ndarray,
         infos: list[dict[str, Any]],
-        state: ThalamusState,
+        state: PolicyState,
     ) -> np.ndarray:
         """Add ``gamma * V(terminal_obs)`` to the rewards of truncated episodes.
 

@@ -100,7 +100,7 @@ def instrument(model: Any, clock: Clock) -> None:
         _patch(core.readout, "forward", clock, "stream readout")
         _patch(core.streams, "forward", clock, "DistributedMamba")
         _patch(core.streams, "step", clock, "DistributedMamba")
-        _patch(policy, "_heads", clock, "heads")
+        _patch(policy, "_all_heads", clock, "heads")
         _patch(policy, "evaluate_actions", clock, "update/forward")
         _patch(policy, "act", clock, "rollout/policy step")
     else:

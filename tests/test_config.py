@@ -100,6 +100,10 @@ def test_overrides_parse_yaml_values_and_reach_list_items_and_dicts() -> None:
         (["ppo.learning_rate=nan"], r"ppo\.learning_rate = nan must be a finite number"),
         (["agent.kind=rnn"], r"agent\.kind = 'rnn' is not a valid choice.*thalamus, ppo, lstm"),
         (["env.vec_env=ray"], r"env\.vec_env = 'ray'.*dummy, subproc"),
+        (
+            ["policy.critic_trunk=own"],
+            r"policy\.critic_trunk = 'own' is not a valid choice.*shared, separate, detached",
+        ),
         (["thalamus.top_k=0"], r"thalamus\.top_k must be a positive int, got 0"),
         (["thalamus.d_model=30"], r"thalamus\.d_model=30 must be divisible by n_heads=4"),
         (["train.device=tpu"], r"train\.device = 'tpu'"),

@@ -70,10 +70,16 @@ def _trained(kind: str, steps: int = 64, extra: tuple[str, ...] = ()) -> object:
     return model
 
 
-@pytest.mark.parametrize("kind", ["thalamus", "ppo", "lstm", "thalamus-three-streams"])
+@pytest.mark.parametrize(
+    "kind", ["thalamus", "ppo", "lstm", "thalamus-three-streams", "thalamus-separate-critic"]
+)
 def test_a_model_file_round_trips_weights_optimizer_and_counters(tmp_path: Path, kind: str) -> None:
-    extra = (THREE_STREAMS,) if kind == "thalamus-three-streams" else ()
-    kind = kind.removesuffix("-three-streams")
+    extra = {
+        "thalamus-three-streams": (THREE_STREAMS,),
+        "thalamus-separate-critic": ("policy.critic_trunk=separate",),
+    }.get(kind, ())
+    separate = kind == "thalamus-separate-critic"
+    kind = kind.removesuffix("-three-streams").removesuffix("-separate-critic")
     model = _trained(kind, extra=extra)
     if kind == "thalamus":
         model.lr_factor = 0.25  # the KL adaptation's state travels too
@@ -96,7 +102,11 @@ def test_a_model_file_round_trips_weights_optimizer_and_counters(tmp_path: Path,
         assert loaded.lr_factor == 0.25
     config = read_model_file(tmp_path / "m.safetensors").config
     assert config.agent.kind == kind
-    if extra:  # the clock and the episodic kind travel in the file's config
+    if separate:  # the critic's own trunk: its weights and its Adam moments
+        assert config.policy.critic_trunk == "separate"
+        assert any(n.startswith("critic_extractor.") for n in loaded.policy.state_dict())
+        assert len(saved["state"]) == len(list(model.policy.parameters()))
+    elif extra:  # the clock and the episodic kind travel in the file's config
         assert [(s.kind, s.clock, s.capacity) for s in config.thalamus.streams] == [
             ("mamba", 1, 64),
             ("mamba", 4, 64),
@@ -231,3 +241,25 @@ def test_an_old_run_converts_with_the_opt_in_and_then_resumes(tmp_path: Path) ->
     assert converted.num_timesteps == 32
     resume(run, total_timesteps=64)
     assert load_model_file(run / "final_model.safetensors").num_timesteps == 64
+
+
+def test_a_separate_critic_run_resumes_with_both_trunks(tmp_path: Path) -> None:
+    """A run with its own critic trunk, stopped at its step-32 checkpoint, resumes to 64 steps
+    from that checkpoint's two cores; policy.critic_trunk cannot change on resume."""
+    from agents.experiment.training import train
+
+    overrides = [
+        *TINY,
+        "policy.critic_trunk=separate",
+        "train.checkpoint_freq=32",
+        "train.total_timesteps=32",
+        "train.progress=none",
+        f"train.runs_dir={tmp_path}",
+    ]
+    run = train(load_config(DEFAULT_CONFIG, overrides))
+    with pytest.raises(ConfigError, match="policy.critic_trunk"):
+        resume(run, ["policy.critic_trunk=shared"], total_timesteps=64)
+    resume(run, total_timesteps=64)
+    final = load_model_file(run / "final_model.safetensors", device="cpu")
+    assert final.num_timesteps == 64 and final.policy.critic_trunk == "separate"
+    assert final.policy.critic_extractor is not None

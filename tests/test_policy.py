@@ -11,7 +11,7 @@ import torch as th
 from gymnasium import spaces
 
 import envs
-from agents.policy import ThalamusPolicy, make_thalamus_config
+from agents.policy import ActorCriticState, ThalamusPolicy, make_thalamus_config
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusState
 
 SMALL = dict(d_model=32, d_task=16, n_heads=4, top_k=8, phase_dim=4, d_workspace=32)
@@ -22,10 +22,21 @@ def observation_space() -> spaces.Dict:
     return envs.make_env("MiniGrid-DoorKey-5x5-v0").observation_space
 
 
-def make_policy(space: spaces.Dict, seed: int = 0, **thalamus: Any) -> ThalamusPolicy:
+def make_policy(
+    space: spaces.Dict,
+    seed: int = 0,
+    critic_trunk: str = "shared",
+    intrinsic_value_head: bool = False,
+    **thalamus: Any,
+) -> ThalamusPolicy:
     th.manual_seed(seed)
     return ThalamusPolicy(
-        space, spaces.Discrete(7), lambda _: 1e-3, thalamus={**SMALL, **thalamus}
+        space,
+        spaces.Discrete(7),
+        lambda _: 1e-3,
+        thalamus={**SMALL, **thalamus},
+        critic_trunk=critic_trunk,
+        intrinsic_value_head=intrinsic_value_head,
     ).eval()
 
 
@@ -68,6 +79,16 @@ def warm_state(policy: ThalamusPolicy, space: spaces.Dict, batch: int) -> Thalam
                 dict(name="episodic", kind="episodic", capacity=5),
             ]
         },
+        {"critic_trunk": "separate"},
+        {
+            "critic_trunk": "separate",
+            "streams": [
+                dict(name="visual"),
+                dict(name="semantic", dt_min=0.005, dt_max=0.05, clock=4),
+                dict(name="episodic", kind="episodic", capacity=5),
+            ],
+        },
+        {"critic_trunk": "detached"},
     ],
     ids=[
         "full",
@@ -77,13 +98,18 @@ def warm_state(policy: ThalamusPolicy, space: spaces.Dict, batch: int) -> Thalam
         "one_stream",
         "readout_bias",
         "three_streams",
+        "separate_critic",
+        "separate_critic_three_streams",
+        "detached_critic",
     ],
 )
 def test_act_step_by_step_equals_evaluate_actions(
     observation_space: spaces.Dict, ablation: dict[str, Any]
 ) -> None:
     """Rollout (act, one step at a time) and training (evaluate_actions, one scan) compute the
-    same function from a stored state, with episode starts inside the sequence."""
+    same function from a stored state, with episode starts inside the sequence. With a
+    separate critic trunk the values come from the critic's own core and state, so they check
+    its resets inside the scan."""
     policy = make_policy(observation_space, **ablation)
     batch, steps = 3, 12
     obs = random_obs(observation_space, (batch, steps))
@@ -286,3 +312,182 @@ def test_compiled_core_equals_eager_without_recompiling(observation_space: space
     assert graphs_after_first is not None and graphs_after_first > 0
     # A recompilation (a guard on the values of episode_starts, say) adds a graph.
     assert counters["stats"]["unique_graphs"] == graphs_after_first, "recompiled"
+
+
+# ----------------------------------------------------------------------------- critic trunk
+def _losses(policy: ThalamusPolicy, space: spaces.Dict) -> tuple[th.Tensor, th.Tensor]:
+    """A policy loss (log-probs only) and a value loss of one short sequence, one graph."""
+    batch, steps = 2, 5
+    obs = random_obs(space, (batch, steps), seed=3)
+    starts = th.zeros(batch, steps, dtype=th.bool)
+    starts[1, 2] = True
+    actions = th.randint(0, 7, (batch, steps), generator=th.Generator().manual_seed(0))
+    seq = policy.evaluate_actions(obs, actions, policy.initial_state(batch), starts)
+    value_loss = seq.values.square().mean()
+    if seq.intrinsic_values is not None:
+        value_loss = value_loss + seq.intrinsic_values.square().mean()
+    return seq.log_prob.mean(), value_loss
+
+
+def _reached(module: th.nn.Module) -> bool:
+    """Whether any gradient reached ``module``'s parameters."""
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+@pytest.mark.parametrize("intrinsic", [False, True], ids=["value_head", "with_intrinsic_head"])
+def test_separate_critic_trunk_splits_the_gradients(
+    observation_space: spaces.Dict, intrinsic: bool
+) -> None:
+    """With critic_trunk='separate' the value losses (the intrinsic head's too) train only
+    the critic's tokenizer and core, the policy loss only the actor's."""
+    policy = make_policy(
+        observation_space, critic_trunk="separate", intrinsic_value_head=intrinsic
+    ).train()
+    critic = policy.critic_extractor
+    assert critic is not None and critic is not policy.features_extractor
+    policy_loss, value_loss = _losses(policy, observation_space)
+    value_loss.backward(retain_graph=True)
+    assert _reached(critic) and not _reached(policy.features_extractor)
+    assert not _reached(policy.action_net)
+    if intrinsic:
+        assert policy.intrinsic_value_net is not None and _reached(policy.intrinsic_value_net)
+    policy.zero_grad(set_to_none=True)
+    policy_loss.backward()
+    assert _reached(policy.features_extractor) and not _reached(critic)
+    assert not _reached(policy.value_net)
+
+
+@pytest.mark.parametrize("trunk", ["shared", "detached"])
+def test_value_loss_reaches_the_actor_core_only_when_shared(
+    observation_space: spaces.Dict, trunk: str
+) -> None:
+    policy = make_policy(observation_space, critic_trunk=trunk, intrinsic_value_head=True).train()
+    assert policy.critic_extractor is None
+    _, value_loss = _losses(policy, observation_space)
+    value_loss.backward()
+    assert _reached(policy.features_extractor) == (trunk == "shared")
+    assert _reached(policy.value_net)
+
+
+def test_critic_trunk_keeps_the_actor_and_its_random_stream(
+    observation_space: spaces.Dict,
+) -> None:
+    """At the same seed every critic trunk gives the same actor (parameters, sampled actions,
+    log-probs: the separate critic core is drawn from a stream of its own), and the separate
+    critic core is not a copy of the actor's."""
+    obs = random_obs(observation_space, (3,))
+    steps = {}
+    for trunk in ("shared", "separate", "detached"):
+        policy = make_policy(observation_space, critic_trunk=trunk, intrinsic_value_head=True)
+        actor = {k: v for k, v in policy.state_dict().items() if not k.startswith("critic_")}
+        steps[trunk] = (policy, actor, policy.act(obs, None, None))
+        if trunk == "separate":
+            critic, actor_core = policy.critic_extractor, policy.features_extractor
+            assert not th.equal(next(critic.parameters()), next(actor_core.parameters()))
+    _, shared_actor, shared_step = steps["shared"]
+    for trunk in ("separate", "detached"):
+        policy, actor, step = steps[trunk]
+        other = {k: v for k, v in actor.items() if not k.startswith("vf_features_extractor.")}
+        base = {k: v for k, v in shared_actor.items() if not k.startswith("vf_features_")}
+        assert other.keys() == base.keys()
+        for key, value in base.items():
+            th.testing.assert_close(other[key], value, atol=0, rtol=0, msg=key)
+        th.testing.assert_close(step.actions, shared_step.actions, atol=0, rtol=0)
+        th.testing.assert_close(step.log_probs, shared_step.log_probs, atol=0, rtol=0)
+    # detached: the same critic, only its gradient differs
+    th.testing.assert_close(steps["detached"][2].values, shared_step.values, atol=0, rtol=0)
+
+
+def test_shared_critic_trunk_is_the_policy_it_was(observation_space: spaces.Dict) -> None:
+    """critic_trunk='shared' (the default) keeps the parameters, state-dict keys, random
+    draws and outputs of the policy before the option existed (numbers from commit 0d36257)."""
+    import hashlib
+
+    policy = make_policy(observation_space)
+    keys = list(policy.state_dict())
+    assert len(keys) == 242
+    assert hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == "2379e2cb2964799e"
+    total = sum(t.double().sum() for t in policy.state_dict().values())
+    assert float(total) == pytest.approx(1341.972072, abs=1e-4)
+    obs = random_obs(observation_space, (3,))
+    th.manual_seed(1)
+    with th.no_grad():
+        first = policy.act(obs, None, None)
+        second = policy.act(obs, first.state, None)
+    assert isinstance(second.state, ThalamusState)
+    assert first.actions.tolist() == [0, 4, 0] and second.actions.tolist() == [4, 2, 0]
+    th.testing.assert_close(
+        second.values, th.tensor([-0.455873, -0.487877, -0.302893]), atol=1e-5, rtol=0
+    )
+    th.testing.assert_close(
+        second.log_probs, th.tensor([-1.944679, -1.945475, -1.948158]), atol=1e-5, rtol=0
+    )
+
+
+def test_separate_critic_state_travels_with_the_actor_state(
+    observation_space: spaces.Dict,
+) -> None:
+    """The state of a separate critic trunk: both cores', through predict, indexing, flatten
+    and masking; the critic's own state drives the values, and a state of the wrong kind is
+    refused with what to pass."""
+    policy = make_policy(observation_space, critic_trunk="separate")
+    state = warm_state(policy, observation_space, 3)
+    assert isinstance(state, ActorCriticState) and state.batch_size == 3
+    assert state.critic.flatten().abs().sum() > 0
+    flat = state.flatten()
+    assert flat.shape == (3, 2 * state.actor.flatten().shape[1])
+    th.testing.assert_close(state.unflatten(flat).flatten(), flat)
+    th.testing.assert_close(state.index(1).flatten(), flat[1:2])
+    th.testing.assert_close(
+        ActorCriticState.cat([state.index(0), state.index(1)]).flatten(), flat[:2]
+    )
+    assert state.mask(th.tensor([True, False, False])).flatten()[0].abs().sum() == 0
+
+    obs = random_obs(observation_space, (3,))
+    with th.no_grad():
+        carried = policy.act(obs, state, None, deterministic=True)
+        # Only the critic's state zeroed: same actions, other values.
+        critic_fresh = ActorCriticState(state.actor, policy.initial_state(3).critic)
+        other = policy.act(obs, critic_fresh, None, deterministic=True)
+        th.testing.assert_close(other.log_probs, carried.log_probs, atol=0, rtol=0)
+        assert not th.allclose(other.values, carried.values)
+        th.testing.assert_close(policy.predict_values(obs, state), carried.values)
+
+    np_obs = {k: v.numpy() for k, v in obs.items()}
+    actions, next_state = policy.predict(np_obs, state=state, deterministic=True)
+    np.testing.assert_array_equal(actions, carried.actions.numpy())
+    th.testing.assert_close(next_state.flatten(), carried.state.flatten())
+    with pytest.raises(TypeError, match="ActorCriticState"):
+        policy.act(obs, state.actor, None)
+    shared = make_policy(observation_space)
+    with pytest.raises(TypeError, match="critic_trunk is 'shared'"):
+        shared.act(obs, state, None)
+
+
+def test_separate_critic_trunk_save_load_and_learning_rates(
+    observation_space: spaces.Dict, tmp_path: Path
+) -> None:
+    policy = make_policy(observation_space, critic_trunk="separate")
+    keys = set(policy.state_dict())
+    assert any(k.startswith("critic_extractor.") for k in keys)
+    assert not any(k.startswith("vf_features_extractor.") for k in keys)
+    core, heads = policy.optimizer.param_groups
+    in_core = {id(p) for p in core["params"]}
+    assert {id(p) for p in policy.critic_extractor.parameters()} <= in_core
+    assert {id(p) for p in policy.features_extractor.parameters()} <= in_core
+    assert core["lr_scale"] == policy.core_lr_scale and heads["lr_scale"] == 1.0
+    path = tmp_path / "policy.pt"
+    policy.save(str(path))
+    loaded = ThalamusPolicy.load(str(path), device="cpu")
+    assert loaded.critic_trunk == "separate"
+    state = warm_state(policy, observation_space, 2)
+    obs = random_obs(observation_space, (2,))
+    with th.no_grad():
+        a, b = policy.act(obs, state, None, True), loaded.act(obs, state, None, True)
+    th.testing.assert_close(a.values, b.values)
+    th.testing.assert_close(a.state.flatten(), b.state.flatten())
+
+
+def test_bad_critic_trunk_is_refused_naming_the_choices(observation_space: spaces.Dict) -> None:
+    with pytest.raises(ValueError, match="critic_trunk must be one of shared, separate, detached"):
+        make_policy(observation_space, critic_trunk="own")

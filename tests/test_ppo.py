@@ -78,17 +78,31 @@ THREE_STREAMS = [
 
 
 @pytest.mark.parametrize(
-    ("streams", "intrinsic"),
-    [(None, False), (THREE_STREAMS, False), (None, True)],
-    ids=["default", "three_streams", "intrinsic_head"],
+    ("streams", "intrinsic", "critic_trunk"),
+    [
+        (None, False, "shared"),
+        (THREE_STREAMS, False, "shared"),
+        (None, True, "shared"),
+        (None, False, "separate"),
+        (THREE_STREAMS, True, "separate"),
+    ],
+    ids=[
+        "default",
+        "three_streams",
+        "intrinsic_head",
+        "separate_critic",
+        "separate_critic_three_streams_intrinsic_head",
+    ],
 )
 def test_first_minibatch_recomputes_the_rollout(
-    streams: list[dict[str, Any]] | None, intrinsic: bool
+    streams: list[dict[str, Any]] | None, intrinsic: bool, critic_trunk: str
 ) -> None:
     """The log-probs and values that train() recomputes for the first minibatch of the first
     epoch equal the ones stored during the rollout: rollout and training are one function.
     With a clocked and an episodic stream, the buffer stores their phases and stores too.
-    With the intrinsic value head (``exploration.mixing = value_head``), its values too."""
+    With the intrinsic value head (``exploration.mixing = value_head``), its values too. With
+    a separate critic trunk, the buffer stores the critic core's start state beside the
+    actor's and the values come from it."""
     thalamus = SMALL if streams is None else {**SMALL, "streams": streams}
     venv = make_venv(n_envs=4, max_steps=10)
     if intrinsic:
@@ -97,9 +111,10 @@ def test_first_minibatch_recomputes_the_rollout(
         venv,
         n_steps=24,
         batch_size=48,
-        policy_kwargs=dict(thalamus=thalamus),
+        policy_kwargs=dict(thalamus=thalamus, critic_trunk=critic_trunk),
         intrinsic_value_head=intrinsic,
     )
+    assert (model.policy.critic_extractor is not None) == (critic_trunk == "separate")
     captured: dict[str, Any] = {}
     buffer_get = model.rollout_buffer.get
     evaluate = model.policy.evaluate_actions
@@ -431,6 +446,8 @@ def test_make_agent_errors() -> None:
         make_agent("dqn", make_venv(n_envs=1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="only apply to kind='thalamus'"):
         make_agent("ppo", make_venv(n_envs=1), policy_kwargs=dict(thalamus=SMALL))
+    with pytest.raises(ValueError, match=r"\['critic_trunk'\] only apply to kind='thalamus'"):
+        make_agent("lstm", make_venv(n_envs=1), policy_kwargs=dict(critic_trunk="separate"))
     with pytest.raises(TypeError, match="env object"):
         make_agent("lstm", ENV_ID)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="torch_threads=0"):

@@ -102,7 +102,8 @@ def test_masking_hides_the_kept_tokens_or_as_many_random_ones(env: gym.Env) -> N
         _, out_kept, _, _ = masked_policy_step(policy, obs_tensor, None, starts, hidden_kept)
     # Without a mask the step is act's.
     th.testing.assert_close(
-        full.distribution.logits, policy._heads(step.thalamus.features)[0].distribution.logits
+        full.distribution.logits,
+        policy._action_distribution(step.thalamus.features).distribution.logits,
     )
     assert mask_tokens(mask, out.indices, kept, "none") is mask
     assert hidden_kept is not None and hidden_random is not None

@@ -49,6 +49,7 @@ from omegaconf.errors import (
 from agents.constants import (
     ADVANTAGE_NORMALIZATIONS,
     AGENT_KINDS,
+    CRITIC_TRUNKS,
     DEFAULT_CORE_LR_SCALE,
     EXPLORATION_KINDS,
     EXPLORATION_MIXINGS,
@@ -210,6 +211,14 @@ class PolicyConfig:
         "reference. Compiling costs minutes on a small CPU before the first update and saves "
         "~25% of each iteration after it: worth it for long runs only "
         "(docs/benchmarks/profile.md).",
+    )
+    critic_trunk: str = _param(
+        "shared",
+        "What the critic's heads read: shared (the actor's core; the value loss trains it "
+        "too), separate (a tokenizer and core of their own, same thalamus settings: twice the "
+        "core's cost, and the value loss never reaches the actor's core), detached (the "
+        "actor's core with the gradient stopped: only the policy loss trains the core).",
+        choices=CRITIC_TRUNKS,
     )
 
 

@@ -64,7 +64,7 @@ def masked_policy_step(
         episode_starts=episode_starts,
         with_stats=False,
     )
-    distribution, _ = policy._heads(out.features)
+    distribution = policy._action_distribution(out.features)
     # SB3 reuses one Distribution object per policy and overwrites its torch distribution at
     # every call: a shallow copy keeps this step's.
     return copy.copy(distribution), out, new_state, t.token_mask
