@@ -668,7 +668,8 @@ class IntrinsicValueAlgorithm:
                 if isinstance(self.action_space, spaces.Discrete):
                     actions = data.actions.long().flatten()
                 mask = getattr(data, "mask", None)
-                keep = (lambda x: x) if mask is None else (lambda x, m=mask > 1e-8: x[m])
+                bool_mask = None if mask is None else mask > 1e-8
+                keep = (lambda x: x) if bool_mask is None else (lambda x, m=bool_mask: x[m])
                 values, log_prob, entropy, intrinsic = self._evaluate(data, actions)
                 advantages = data.advantages
                 if self.normalize_advantage and len(advantages) > 1:
@@ -680,7 +681,6 @@ class IntrinsicValueAlgorithm:
                 policy_loss = -keep(th.min(policy_loss_1, policy_loss_2)).mean()
                 pg_losses.append(policy_loss.item())
                 clip_fractions.append(keep((th.abs(ratio - 1) > clip_range).float()).mean().item())
-                bool_mask = None if mask is None else mask > 1e-8
                 value_loss = clipped_value_loss(
                     values.flatten(), data.old_values, data.returns, clip_range_vf, bool_mask
                 )
