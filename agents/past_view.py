@@ -65,11 +65,16 @@ class PastViewLoss(NamedTuple):
     :param accuracy: ``[L]`` per lag, the fraction of valid (step, cell, channel) whose most
         likely value is the true one (NaN where the lag has no valid target).
     :param n_valid: ``[L]`` per lag, the number of valid steps.
+    :param changed_accuracy: ``[L]`` per lag, the accuracy over the valid entries whose value
+        at ``t - k`` differs from the same cell and channel at ``t``: what the features must
+        remember, not read off the current view (most of a MiniGrid view is walls and floor
+        that ``accuracy`` gets right without memory). NaN where there is none.
     """
 
     loss: th.Tensor
     accuracy: th.Tensor
     n_valid: th.Tensor
+    changed_accuracy: th.Tensor | None = None
 
 
 def past_view_mask(episode_starts: th.Tensor, lag: int) -> th.Tensor:
@@ -151,7 +156,8 @@ class PastViewHead(nn.Module):
         latent = F.relu(self.cells(features)).view(
             batch, steps, len(self.lags), self.n_cells, PAST_VIEW_CELL_DIM
         )
-        losses, accuracies, counts = [], [], []
+        losses, accuracies, counts, changed_accuracies = [], [], [], []
+        nan = features.new_full((), float("nan"))
         zero = features.new_zeros(())
         for i, lag in enumerate(self.lags):
             valid, targets = past_view_targets(class_index, episode_starts, lag)
@@ -159,11 +165,14 @@ class PastViewHead(nn.Module):
             counts.append(n_valid)
             if int(n_valid) == 0:
                 losses.append(zero)
-                accuracies.append(features.new_full((), float("nan")))
+                accuracies.append(nan)
+                changed_accuracies.append(nan)
                 continue
             z = latent[:, lag:, i][valid]  # [V, cells, d]; targets: [V, cells, C]
+            changed = targets != class_index[:, lag:][valid]  # [V, cells, C]
             total = zero
             correct = zero
+            correct_changed = zero
             for c, classifier in enumerate(self.classifiers):
                 rows = present[c]
                 logits = F.linear(z, classifier.weight[rows], classifier.bias[rows])
@@ -171,12 +180,17 @@ class PastViewHead(nn.Module):
                 total = total + F.cross_entropy(
                     logits.reshape(-1, rows.numel()), target.reshape(-1), reduction="sum"
                 )
-                correct = correct + (logits.detach().argmax(-1) == target).sum()
+                hit = logits.detach().argmax(-1) == target
+                correct = correct + hit.sum()
+                correct_changed = correct_changed + (hit & changed[..., c]).sum()
             n_entries = n_valid * self.n_cells * self.n_channels
             losses.append(total / n_entries)
             accuracies.append(correct / n_entries)
+            n_changed = changed.sum()
+            changed_accuracies.append(correct_changed / n_changed if int(n_changed) else nan)
         return PastViewLoss(
             loss=th.stack(losses).mean(),
             accuracy=th.stack(accuracies).detach(),
             n_valid=th.stack(counts),
+            changed_accuracy=th.stack(changed_accuracies).detach(),
         )

@@ -114,7 +114,8 @@ class ThalamusPPO(OnPolicyAlgorithm):
         the image seen at ``t - k`` for each lag ``k``, so the core learns to keep recent views
         before the reward says they matter. 0 (the default): off, the policy has no head and
         training is exactly what it is without this argument. Logged as
-        ``train/aux_past_view_loss`` and ``aux/past_view_acc_lag{k}``.
+        ``train/aux_past_view_loss``, ``aux/past_view_acc_lag{k}`` and
+        ``aux/past_view_acc_changed_lag{k}`` (the cells that changed since ``t - k``).
     :param aux_past_view_lags: the lags ``k`` (each ``>= 1`` and ``< n_steps``); read only
         when ``aux_past_view_coef > 0``.
     :param stats_window_size: episodes averaged in ``rollout/*`` logs.
@@ -604,7 +605,10 @@ class ThalamusPPO(OnPolicyAlgorithm):
                     )
                     loss = loss + self.aux_past_view_coef * past_view.loss
                     past_view_losses.append(past_view.loss.item())
-                    past_view_accuracies.append(past_view.accuracy)
+                    assert past_view.changed_accuracy is not None
+                    past_view_accuracies.append(
+                        th.stack([past_view.accuracy, past_view.changed_accuracy])
+                    )
 
                 with th.no_grad():
                     log_ratio = log_prob - old_log_prob
@@ -651,14 +655,20 @@ class ThalamusPPO(OnPolicyAlgorithm):
             self._log_past_view(past_view_losses, past_view_accuracies)
 
     def _log_past_view(self, losses: list[float], accuracies: list[th.Tensor]) -> None:
-        """Log the update's mean past-view loss and per-lag accuracy (over the minibatches
-        where the lag had a target)."""
+        """Log the update's mean past-view loss and, per lag, the accuracy over all entries
+        and over the entries that changed since ``t - k`` (``PastViewLoss``), each averaged
+        over the minibatches where it is defined.
+
+        :param losses: the loss of each minibatch.
+        :param accuracies: per minibatch, ``[2, L]``: the accuracy and the changed accuracy.
+        """
         self.logger.record("train/aux_past_view_loss", float(np.mean(losses)))
-        per_lag = th.stack(accuracies).cpu().numpy()  # [minibatches, L]
+        per_lag = th.stack(accuracies).cpu().numpy()  # [minibatches, 2, L]
         for i, lag in enumerate(self.aux_past_view_lags):
-            column = per_lag[:, i][~np.isnan(per_lag[:, i])]
-            if column.size:
-                self.logger.record(f"aux/past_view_acc_lag{lag}", float(column.mean()))
+            for which, name in enumerate(("acc", "acc_changed")):
+                column = per_lag[:, which, i][~np.isnan(per_lag[:, which, i])]
+                if column.size:
+                    self.logger.record(f"aux/past_view_{name}_lag{lag}", float(column.mean()))
 
     def learn(
         self: SelfThalamusPPO,

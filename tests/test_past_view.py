@@ -119,7 +119,12 @@ def test_the_loss_reaches_the_core_and_changes_the_update() -> None:
     ]
     assert changed
     keys = set().union(*writer.records)
-    assert {"train/aux_past_view_loss", "aux/past_view_acc_lag1", "aux/past_view_acc_lag2"} <= keys
+    assert {
+        "train/aux_past_view_loss",
+        "aux/past_view_acc_lag1",
+        "aux/past_view_acc_lag2",
+        "aux/past_view_acc_changed_lag1",
+    } <= keys
     for record in writer.records:
         for key in ("aux/past_view_acc_lag1", "aux/past_view_acc_lag2"):
             if key in record:
@@ -320,3 +325,22 @@ def test_a_policy_without_an_image_refuses_the_head() -> None:
             thalamus={**SMALL, "top_k": 1},
             past_view_lags=(1,),
         )
+
+
+def test_changed_accuracy_counts_only_what_moved_since_the_past_view() -> None:
+    """A head that always answers 1: on a cell that always shows 1 it is right without memory
+    (in ``accuracy``, not in ``changed_accuracy``); on a cell alternating 0, 1 every step
+    every lag-1 entry changed and half are right."""
+    head = PastViewHead(4, image_space(1, 2, 1), lags=[1])
+    with th.no_grad():
+        head.cells.weight.zero_()
+        head.cells.bias.zero_()
+        head.classifiers[0].bias.zero_()
+        head.classifiers[0].bias[1] = 5.0
+    steps = 9
+    images = th.zeros(1, steps, 1, 2, 1, dtype=th.uint8)
+    images[0, :, 0, 0, 0] = 1
+    images[0, :, 0, 1, 0] = th.arange(steps) % 2
+    out = head(th.randn(1, steps, 4), images, th.zeros(1, steps, dtype=th.bool))
+    assert out.accuracy.tolist() == [0.75]
+    assert out.changed_accuracy is not None and out.changed_accuracy.tolist() == [0.5]
