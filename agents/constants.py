@@ -9,6 +9,7 @@ them, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from agents.registry import AGENT_KINDS as _registered_kinds
@@ -25,6 +26,7 @@ __all__ = [
     "PPO_DEFAULTS",
     "THALAMUS_PPO_DEFAULTS",
     "check_batch_size",
+    "check_lags",
 ]
 
 #: The agent kinds ``agents.make_agent`` builds (the kinds of :mod:`agents.registry`).
@@ -55,6 +57,8 @@ THALAMUS_PPO_DEFAULTS: dict[str, Any] = {
     "advantage_normalization": "rollout",
     "advantage_std_floor": 0.1,
     "adaptive_lr_kl": 0.02,
+    "aux_past_view_coef": 0.0,
+    "aux_past_view_lags": [1, 2, 4, 8],
 }
 
 #: Default ``core_lr_scale`` of ``ThalamusPolicy`` (and of ``policy.core_lr_scale``).
@@ -108,3 +112,30 @@ def check_batch_size(batch_size: int, n_steps: int, n_envs: int) -> int:
             f"{n_steps} * {n_envs} = {n_steps * n_envs}). Use at most {n_steps * n_envs}."
         )
     return envs_per_batch
+
+
+def check_lags(lags: Sequence[int], n_steps: int | None = None) -> tuple[int, ...]:
+    """``lags`` as a tuple, or a ``ValueError`` saying what is wrong.
+
+    :param lags: the lags ``k >= 1`` of the views to predict.
+    :param n_steps: the sequence length (``ppo.n_steps``): a lag must be shorter, else it never
+        has a target.
+    """
+    lags = tuple(lags)
+    if not lags:
+        raise ValueError(
+            "aux_past_view_lags is empty; give at least one lag (e.g. [1, 2, 4, 8]) or set "
+            "aux_past_view_coef = 0 to turn the past-view loss off."
+        )
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in lags):
+        raise ValueError(
+            f"aux_past_view_lags = {list(lags)}: every lag must be an integer >= 1 (steps back)."
+        )
+    if len(set(lags)) != len(lags):
+        raise ValueError(f"aux_past_view_lags = {list(lags)} repeats a lag; list each once.")
+    if n_steps is not None and max(lags) >= n_steps:
+        raise ValueError(
+            f"aux_past_view_lags = {list(lags)} has a lag >= n_steps = {n_steps}: a minibatch "
+            f"sequence is n_steps long, so that lag never has a target. Use lags < {n_steps}."
+        )
+    return lags

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,6 +42,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from agents.constants import CRITIC_TRUNKS, DEFAULT_CORE_LR_SCALE
+from agents.past_view import PastViewHead, PastViewLoss
 from agents.selection import slot_kind_stats
 from agents.tokenizer import TokenizedObs, Tokenizer, classify_observation_space
 from thalamus_rl import ThalamusConfig, ThalamusCore, ThalamusOutput, ThalamusState
@@ -388,11 +389,18 @@ class ThalamusPolicy(ActorCriticPolicy):
         actor core's features with the gradient stopped. The actor's parameters, and so its
         outputs, are the same in all three at the same seed: the critic's core is initialised
         on a random stream of its own.
+    :param past_view_lags: with lags, add ``past_view_head``, a :class:`agents.past_view.
+        PastViewHead` that predicts from the actor core's features the image seen that many
+        steps back (``thalamus_ppo.aux_past_view_coef``; :class:`agents.ThalamusPPO` sets it);
+        empty (the default), the policy is exactly the one without it. The head is initialised
+        on a forked random stream, so every other parameter and every sampled action stay
+        those of the policy without it, and trains at the heads' rate.
     """
 
     features_extractor: ThalamusExtractor
     critic_extractor: ThalamusExtractor | None
     intrinsic_value_net: nn.Linear | None
+    past_view_head: PastViewHead | None
 
     def __init__(
         self,
@@ -416,7 +424,9 @@ class ThalamusPolicy(ActorCriticPolicy):
         compile_core: bool = False,
         intrinsic_value_head: bool = False,
         critic_trunk: str = "shared",
+        past_view_lags: Sequence[int] = (),
     ) -> None:
+        self.past_view_lags = tuple(past_view_lags)
         if critic_trunk not in CRITIC_TRUNKS:
             raise ValueError(
                 f"critic_trunk must be one of {', '.join(CRITIC_TRUNKS)}, got {critic_trunk!r} "
@@ -503,6 +513,20 @@ class ThalamusPolicy(ActorCriticPolicy):
             # with a shared extractor): drop the name, so nothing reads the wrong trunk and a
             # state dict has only the two trunks' own keys.
             del self.vf_features_extractor
+        self.past_view_head = None
+        if self.past_view_lags:
+            image_key = self.tokenizer.image_key
+            if image_key is None:
+                raise ValueError(
+                    "past_view_lags (thalamus_ppo.aux_past_view_coef > 0) predicts past images, "
+                    "but this observation space has no integer [H, W, C] image; set "
+                    "thalamus_ppo.aux_past_view_coef = 0."
+                )
+            image_space = self.observation_space[image_key]  # type: ignore[index]
+            with th.random.fork_rng(devices=[]):
+                self.past_view_head = PastViewHead(
+                    self.features_dim, image_space, self.past_view_lags
+                )
         # Two parameter groups: the cores at core_lr_scale x the rate (see the class doc).
         # "lr_scale" is read by ThalamusPPO when it applies the learning-rate schedule.
         core = list(self.features_extractor.parameters())
@@ -531,6 +555,7 @@ class ThalamusPolicy(ActorCriticPolicy):
             compile_core=self.compile_core,
             intrinsic_value_head=self.intrinsic_value_head,
             critic_trunk=self.critic_trunk,
+            past_view_lags=self.past_view_lags,
         )
         return data
 
@@ -613,6 +638,29 @@ class ThalamusPolicy(ActorCriticPolicy):
         if self.intrinsic_value_net is None:
             return None
         return self.intrinsic_value_net(latent_vf).squeeze(-1)
+
+    def past_view_loss(
+        self,
+        features: th.Tensor,
+        observations: Mapping[str, th.Tensor],
+        episode_starts: th.Tensor,
+    ) -> PastViewLoss:
+        """The past-view loss (:mod:`agents.past_view`) of a minibatch of whole sequences.
+
+        :param features: ``[B, T, F]`` the actor core's features
+            (``SequenceEvaluation.thalamus.features``).
+        :param observations: one tensor per key, ``[B, T, *space.shape]``.
+        :param episode_starts: ``[B, T]`` bool.
+        :raises RuntimeError: the policy was built without ``past_view_lags``.
+        """
+        if self.past_view_head is None:
+            raise RuntimeError(
+                "this policy has no past-view head: build it with past_view_lags "
+                "(ThalamusPPO does when aux_past_view_coef > 0)."
+            )
+        image_key = self.tokenizer.image_key
+        assert image_key is not None
+        return self.past_view_head(features, observations[image_key], episode_starts)
 
     # ------------------------------------------------------------------ recurrent API
     def act(

@@ -16,14 +16,16 @@ from SB3. What differs from SB3's PPO:
 * advantages are normalised over the whole rollout, by a standard deviation floored at
   ``advantage_std_floor`` (SB3: per minibatch, no floor); see the class docstring;
 * optionally, an intrinsic value head learns the exploration bonus apart from the reward, with
-  non-episodic returns (``intrinsic_value_head``, :mod:`agents.intrinsic`).
+  non-episodic returns (``intrinsic_value_head``, :mod:`agents.intrinsic`);
+* optionally, a self-supervised memory loss trains the core to keep the views of the last few
+  steps (``aux_past_view_coef``, :mod:`agents.past_view`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -45,6 +47,7 @@ from agents.constants import (
     INTRINSIC_DEFAULTS,
     PPO_DEFAULTS,
     THALAMUS_PPO_DEFAULTS,
+    check_lags,
 )
 from agents.intrinsic import (
     add_intrinsic_advantages,
@@ -106,6 +109,15 @@ class ThalamusPPO(OnPolicyAlgorithm):
         ``add_to_reward=False``, and the policy gets ``intrinsic_value_head=True``.
     :param intrinsic_gamma: the discount of the intrinsic return (its GAE ignores episode ends).
     :param intrinsic_adv_coef: the policy trains on ``A_ext + intrinsic_adv_coef * A_int``.
+    :param aux_past_view_coef: weight of the past-view loss (:mod:`agents.past_view`) added to
+        the PPO loss of every minibatch: from the core's features at step ``t`` a head predicts
+        the image seen at ``t - k`` for each lag ``k``, so the core learns to keep recent views
+        before the reward says they matter. 0 (the default): off, the policy has no head and
+        training is exactly what it is without this argument. Logged as
+        ``train/aux_past_view_loss``, ``aux/past_view_acc_lag{k}`` and
+        ``aux/past_view_acc_changed_lag{k}`` (the cells that changed since ``t - k``).
+    :param aux_past_view_lags: the lags ``k`` (each ``>= 1`` and ``< n_steps``); read only
+        when ``aux_past_view_coef > 0``.
     :param stats_window_size: episodes averaged in ``rollout/*`` logs.
     :param tensorboard_log: tensorboard log folder (``None``: no tensorboard).
     :param policy_kwargs: :class:`ThalamusPolicy` arguments, e.g.
@@ -143,6 +155,8 @@ class ThalamusPPO(OnPolicyAlgorithm):
         intrinsic_value_head: bool = False,
         intrinsic_gamma: float = INTRINSIC_DEFAULTS["intrinsic_gamma"],
         intrinsic_adv_coef: float = INTRINSIC_DEFAULTS["intrinsic_adv_coef"],
+        aux_past_view_coef: float = THALAMUS_PPO_DEFAULTS["aux_past_view_coef"],
+        aux_past_view_lags: Sequence[int] = THALAMUS_PPO_DEFAULTS["aux_past_view_lags"],
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -213,6 +227,16 @@ class ThalamusPPO(OnPolicyAlgorithm):
         self.intrinsic_adv_coef = float(intrinsic_adv_coef)
         if self.intrinsic_value_head:
             self.policy_kwargs = {**self.policy_kwargs, "intrinsic_value_head": True}
+        if not aux_past_view_coef >= 0:
+            raise ValueError(
+                f"aux_past_view_coef={aux_past_view_coef} must be >= 0 (0 turns the past-view "
+                "loss off)."
+            )
+        self.aux_past_view_coef = float(aux_past_view_coef)
+        self.aux_past_view_lags = tuple(aux_past_view_lags)
+        if self.aux_past_view_coef > 0:
+            check_lags(self.aux_past_view_lags, n_steps)
+            self.policy_kwargs = {**self.policy_kwargs, "past_view_lags": self.aux_past_view_lags}
         if _init_setup_model and self.env is not None:
             envs_per_batch = check_batch_size(batch_size, n_steps, self.n_envs)
             if self.n_envs % envs_per_batch != 0:
@@ -521,6 +545,8 @@ class ThalamusPPO(OnPolicyAlgorithm):
         pg_losses: list[float] = []
         value_losses: list[float] = []
         intrinsic_value_losses: list[float] = []
+        past_view_losses: list[float] = []
+        past_view_accuracies: list[th.Tensor] = []
         clip_fractions: list[float] = []
         approx_kl_divs: list[float] = []
         continue_training = True
@@ -573,6 +599,16 @@ class ThalamusPPO(OnPolicyAlgorithm):
                     entropy_loss = -th.mean(evaluation.entropy)
 
                 loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                if self.aux_past_view_coef > 0:
+                    past_view = self.policy.past_view_loss(
+                        evaluation.thalamus.features, batch.observations, batch.episode_starts
+                    )
+                    loss = loss + self.aux_past_view_coef * past_view.loss
+                    past_view_losses.append(past_view.loss.item())
+                    assert past_view.changed_accuracy is not None
+                    past_view_accuracies.append(
+                        th.stack([past_view.accuracy, past_view.changed_accuracy])
+                    )
 
                 with th.no_grad():
                     log_ratio = log_prob - old_log_prob
@@ -615,6 +651,24 @@ class ThalamusPPO(OnPolicyAlgorithm):
             clip_range_vf=clip_range_vf,
             intrinsic_value_losses=intrinsic_value_losses if self.intrinsic_value_head else None,
         )
+        if past_view_losses:
+            self._log_past_view(past_view_losses, past_view_accuracies)
+
+    def _log_past_view(self, losses: list[float], accuracies: list[th.Tensor]) -> None:
+        """Log the update's mean past-view loss and, per lag, the accuracy over all entries
+        and over the entries that changed since ``t - k`` (``PastViewLoss``), each averaged
+        over the minibatches where it is defined.
+
+        :param losses: the loss of each minibatch.
+        :param accuracies: per minibatch, ``[2, L]``: the accuracy and the changed accuracy.
+        """
+        self.logger.record("train/aux_past_view_loss", float(np.mean(losses)))
+        per_lag = th.stack(accuracies).cpu().numpy()  # [minibatches, 2, L]
+        for i, lag in enumerate(self.aux_past_view_lags):
+            for which, name in enumerate(("acc", "acc_changed")):
+                column = per_lag[:, which, i][~np.isnan(per_lag[:, which, i])]
+                if column.size:
+                    self.logger.record(f"aux/past_view_{name}_lag{lag}", float(column.mean()))
 
     def learn(
         self: SelfThalamusPPO,

@@ -57,6 +57,7 @@ from agents.constants import (
     PPO_DEFAULTS,
     THALAMUS_PPO_DEFAULTS,
     check_batch_size,
+    check_lags,
 )
 from agents.registry import AGENT_SPECS, spec
 from thalamus_rl.config import ThalamusConfig
@@ -246,6 +247,20 @@ class ThalamusPPOConfig:
         "The core moves the policy 0.05-0.3 KL per update at ppo.learning_rate once rewards "
         "arrive; PPO's MLP moves it ~0.01.",
         gt=0.0,
+    )
+    aux_past_view_coef: float = _param(
+        THALAMUS_PPO_DEFAULTS["aux_past_view_coef"],
+        "Weight of a self-supervised memory loss added to the PPO loss: from the core's features "
+        "at step t a head predicts the image seen at t - k (each cell's category per channel, "
+        "cross-entropy) for each lag k in aux_past_view_lags, masked across episode starts and "
+        "the sequence's start, so the core learns to keep recent views before the reward says "
+        "they matter (agents/past_view.py). 0: off, and the policy has no head.",
+        ge=0.0,
+    )
+    aux_past_view_lags: list[int] = _param(
+        THALAMUS_PPO_DEFAULTS["aux_past_view_lags"],
+        "The lags k (steps back) the past-view head predicts, each >= 1 and < ppo.n_steps; "
+        "read only with aux_past_view_coef > 0.",
     )
 
 
@@ -698,6 +713,11 @@ def validate_config(config: ExperimentConfig, *, check_env_id: bool = True) -> N
             check_batch_size(config.ppo.batch_size, config.ppo.n_steps, config.env.n_envs)
         except ValueError as exc:
             raise ConfigError(f"ppo.batch_size / ppo.n_steps / env.n_envs: {exc}") from None
+    if "thalamus_ppo" in agent_spec.algorithm_sections and config.thalamus_ppo.aux_past_view_coef:
+        try:
+            check_lags(config.thalamus_ppo.aux_past_view_lags, config.ppo.n_steps)
+        except ValueError as exc:
+            raise ConfigError(f"thalamus_ppo.{exc}") from None
     if config.exploration.mixing == "value_head" and config.exploration.kind == "none":
         raise ConfigError(
             "exploration.mixing = 'value_head' learns an intrinsic reward, but exploration.kind "

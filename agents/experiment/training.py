@@ -123,9 +123,15 @@ RESUMABLE_SECTIONS = ("ppo", "thalamus_ppo", "train")
 SECTIONS_ADDED_LATER = ("baseline", "exploration")
 """Config sections newer than some runs' ``config.yaml``: a run's file without one trained with
 its schema defaults (which keep the old behaviour), so it is read with them."""
-FIXED_ON_RESUME_KEYS = ("train.seed", "train.runs_dir")
+FIXED_ON_RESUME_KEYS = (
+    "train.seed",
+    "train.runs_dir",
+    "thalamus_ppo.aux_past_view_coef",
+    "thalamus_ppo.aux_past_view_lags",
+)
 """Keys in :data:`RESUMABLE_SECTIONS` that ``resume`` still refuses: the run's envs are seeded
-from ``train.seed`` (the eval envs too), and its directory is already chosen."""
+from ``train.seed`` (the eval envs too), its directory is already chosen, and the past-view
+loss's coefficient and lags decide whether the policy has the past-view head and its shape."""
 
 
 class TrainingInterrupted(RuntimeError):
