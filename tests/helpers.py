@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from stable_baselines3.common.logger import KVWriter
 
 import envs
 from agents.experiment.config import DEFAULT_CONFIG, load_config, save_config
@@ -23,3 +26,16 @@ def save_untrained_run(root: Path, overrides: list[str]) -> Path:
     venv.close()
     save_config(config, root / "config.yaml")
     return root
+
+
+class CaptureWriter(KVWriter):
+    """Keeps every dumped key/value (SB3 logger output format)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, key_values: dict[str, Any], key_excluded: Any, step: int = 0) -> None:
+        self.records.append(dict(key_values))
+
+    def close(self) -> None:
+        pass

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.logger import KVWriter, Logger
+from stable_baselines3.common.logger import Logger
 
 import envs
 from agents import ThalamusPPO
 from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config
 from agents.experiment.model_files import load_model_file, save_model
 from agents.past_view import PastViewHead, past_view_mask, past_view_targets
+from tests.helpers import CaptureWriter
 
 SMALL = dict(d_model=32, d_task=16, n_heads=4, top_k=8, phase_dim=4, d_workspace=32)
 TINY = [
@@ -46,17 +47,6 @@ def make_model(seed: int = 0, **kwargs: Any) -> ThalamusPPO:
         policy_kwargs=dict(thalamus=SMALL),
         **kwargs,
     )
-
-
-class CaptureWriter(KVWriter):
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, key_values: dict[str, Any], key_excluded: Any, step: int = 0) -> None:
-        self.records.append(dict(key_values))
-
-    def close(self) -> None:
-        pass
 
 
 def image_space(height: int = 2, width: int = 2, channels: int = 2) -> spaces.Box:

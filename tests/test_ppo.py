@@ -10,13 +10,14 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import KVWriter, Logger
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 import envs
 from agents import ThalamusPPO, ThalamusRolloutBuffer, make_agent
 from agents.buffer import check_batch_size
 from agents.exploration import wrap_exploration
+from tests.helpers import CaptureWriter
 
 ENV_ID = "MiniGrid-DoorKey-5x5-v0"
 SMALL = dict(d_model=32, d_task=16, n_heads=4, top_k=8, phase_dim=4, d_workspace=32)
@@ -38,19 +39,6 @@ def make_model(env: VecEnv, n_steps: int = 16, batch_size: int = 32, **kwargs: A
         device="cpu",
         **kwargs,
     )
-
-
-class CaptureWriter(KVWriter):
-    """Keeps every dumped key/value (SB3 logger output format)."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, key_values: dict[str, Any], key_excluded: Any, step: int = 0) -> None:
-        self.records.append(dict(key_values))
-
-    def close(self) -> None:
-        pass
 
 
 class RecordInfos(VecEnvWrapper):
