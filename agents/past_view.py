@@ -74,7 +74,7 @@ class PastViewLoss(NamedTuple):
     loss: th.Tensor
     accuracy: th.Tensor
     n_valid: th.Tensor
-    changed_accuracy: th.Tensor | None = None
+    changed_accuracy: th.Tensor
 
 
 def past_view_mask(episode_starts: th.Tensor, lag: int) -> th.Tensor:

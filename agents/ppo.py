@@ -605,7 +605,6 @@ class ThalamusPPO(OnPolicyAlgorithm):
                     )
                     loss = loss + self.aux_past_view_coef * past_view.loss
                     past_view_losses.append(past_view.loss.item())
-                    assert past_view.changed_accuracy is not None
                     past_view_accuracies.append(
                         th.stack([past_view.accuracy, past_view.changed_accuracy])
                     )
