@@ -4,6 +4,7 @@ continues it exactly."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,13 @@ def test_a_resumed_run_continues_the_schedule_exactly(tmp_path: Path) -> None:
         "train.checkpoint_freq=32",
     ]
     run_dir = train(load_config(DEFAULT_CONFIG, overrides), extra_callbacks=record)
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
     resume(run_dir, total_timesteps=4 * ROLLOUT, extra_callbacks=record)
     first, resumed = RECORDED[-2:]
     assert first.used + resumed.used == whole.used
     assert first.logged() + resumed.logged() == whole.logged()
+
+    # Like every ppo.* key it may change on resume: from the checkpoint's step on, the
+    # coefficient follows the new schedule (0.02 over 64 steps is 0 from step 64).
+    resume(copy, ["ppo.ent_decay_steps=64"], total_timesteps=4 * ROLLOUT, extra_callbacks=record)
+    assert RECORDED[-1].used == [0.0, 0.0]
