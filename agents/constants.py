@@ -24,6 +24,7 @@ __all__ = [
     "INTRINSIC_DEFAULTS",
     "MODEL_SUFFIX",
     "PPO_DEFAULTS",
+    "PPO_SCHEDULE_DEFAULTS",
     "THALAMUS_PPO_DEFAULTS",
     "check_batch_size",
     "check_lags",
@@ -50,6 +51,14 @@ PPO_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 0.5,
     "normalize_advantage": True,
     "target_kl": None,
+}
+
+#: The ``ppo`` config section's keys that the training loop applies, not the algorithms'
+#: constructors (``agents.experiment.training`` keeps them out of the agent's arguments):
+#: ``ent_decay_steps`` lowers ``ent_coef`` linearly to 0 over that many env steps
+#: (:class:`agents.schedules.EntropySchedule`; 0: constant, as every run before it).
+PPO_SCHEDULE_DEFAULTS: dict[str, Any] = {
+    "ent_decay_steps": 0,
 }
 
 #: The defaults of ThalamusPPO's own update settings (the ``thalamus_ppo`` config section).

@@ -57,6 +57,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
 from agents.constants import EXPLORATION_KINDS
+from agents.schedules import decayed_coef  # defined here first: kept importable from here
 
 __all__ = [
     "EXPLORATION_KINDS",
@@ -200,17 +201,6 @@ def wrap_exploration(venv: VecEnv, kind: str, coef: float, add_to_reward: bool =
     )
 
 
-def decayed_coef(coef: float, decay_steps: int, timesteps: int) -> float:
-    """``coef`` lowered linearly to 0 over ``decay_steps`` env steps (0: constant).
-
-    >>> decayed_coef(0.01, 1000, 250), decayed_coef(0.01, 1000, 5000), decayed_coef(0.01, 0, 9)
-    (0.0075, 0.0, 0.01)
-    """
-    if decay_steps <= 0:
-        return coef
-    return coef * max(0.0, 1.0 - timesteps / decay_steps)
-
-
 class ExplorationLogger(BaseCallback):
     """Log the intrinsic reward apart from the extrinsic one, once per rollout, and set the
     bonus' coefficient for each rollout from the run's step count.
@@ -223,7 +213,7 @@ class ExplorationLogger(BaseCallback):
     env without them.
 
     :param coef: the coefficient at step 0 (``None``: leave the wrapper's as it is).
-    :param decay_steps: see :func:`decayed_coef`. The coefficient follows
+    :param decay_steps: see :func:`agents.schedules.decayed_coef`. The coefficient follows
         ``model.num_timesteps``, which a resume restores, so a resumed run continues the decay.
     """
 

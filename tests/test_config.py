@@ -282,11 +282,11 @@ def test_the_ppo_defaults_have_one_source() -> None:
 
     import yaml
 
-    from agents.constants import PPO_DEFAULTS, THALAMUS_PPO_DEFAULTS
+    from agents.constants import PPO_DEFAULTS, PPO_SCHEDULE_DEFAULTS, THALAMUS_PPO_DEFAULTS
     from agents.ppo import ThalamusPPO
 
     schema = ExperimentConfig()
-    assert dataclasses.asdict(schema.ppo) == PPO_DEFAULTS
+    assert dataclasses.asdict(schema.ppo) == {**PPO_DEFAULTS, **PPO_SCHEDULE_DEFAULTS}
     assert dataclasses.asdict(schema.thalamus_ppo) == THALAMUS_PPO_DEFAULTS
     constructor = inspect.signature(ThalamusPPO).parameters
     for key, value in {**PPO_DEFAULTS, **THALAMUS_PPO_DEFAULTS}.items():

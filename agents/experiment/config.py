@@ -55,6 +55,7 @@ from agents.constants import (
     EXPLORATION_MIXINGS,
     INTRINSIC_DEFAULTS,
     PPO_DEFAULTS,
+    PPO_SCHEDULE_DEFAULTS,
     THALAMUS_PPO_DEFAULTS,
     check_batch_size,
     check_lags,
@@ -159,7 +160,13 @@ class AgentConfig:
 
 @dataclass
 class PPOConfig:
-    """PPO hyperparameters, shared by all three agents (stable-baselines3 names)."""
+    """PPO hyperparameters, shared by all three agents (stable-baselines3 names), and the
+    entropy coefficient's schedule, which the training loop applies to each of them.
+
+    ``ent_decay_steps > 0`` with ``ent_coef = 0`` is allowed: the schedule keeps a coefficient
+    of 0 at 0, which is the run without it (a sweep may draw ``ent_coef = 0`` under a decay
+    set for every trial); :func:`inert_settings` warns of it.
+    """
 
     n_steps: int = _param(PPO_DEFAULTS["n_steps"], "Rollout length per env between updates.", ge=1)
     batch_size: int = _param(PPO_DEFAULTS["batch_size"], "Minibatch size in env steps.", ge=1)
@@ -169,6 +176,12 @@ class PPOConfig:
     gae_lambda: float = _param(PPO_DEFAULTS["gae_lambda"], "GAE lambda.", ge=0.0, le=1.0)
     clip_range: float = _param(PPO_DEFAULTS["clip_range"], "PPO ratio clip.", gt=0.0)
     ent_coef: float = _param(PPO_DEFAULTS["ent_coef"], "Entropy bonus coefficient.", ge=0.0)
+    ent_decay_steps: int = _param(
+        PPO_SCHEDULE_DEFAULTS["ent_decay_steps"],
+        "Lower ent_coef linearly to 0 over this many env steps, set at each rollout start from "
+        "the run's step count (so a resume continues it; train/ent_coef logs it); 0: constant.",
+        ge=0,
+    )
     vf_coef: float = _param(PPO_DEFAULTS["vf_coef"], "Value loss coefficient.", ge=0.0)
     max_grad_norm: float = _param(PPO_DEFAULTS["max_grad_norm"], "Gradient norm clip.", gt=0.0)
     normalize_advantage: bool = _param(
@@ -752,6 +765,13 @@ def inert_settings(config: ExperimentConfig, start_timesteps: int = 0) -> list[s
             f"it trains from step {start_timesteps:,} to {train.total_timesteps:,}, so there "
             f"will be {nothing}; set train.eval_freq <= {train.total_timesteps - start_timesteps:,}"
             " to evaluate"
+        )
+    ppo = config.ppo
+    if ppo.ent_decay_steps > 0 and ppo.ent_coef == 0:
+        found.append(
+            f"ppo.ent_decay_steps = {ppo.ent_decay_steps:,} decays ppo.ent_coef, and it is 0: "
+            "the run trains without an entropy bonus throughout; set ppo.ent_coef > 0 (e.g. "
+            "0.01) to decay it, or ppo.ent_decay_steps=0"
         )
     exploration = config.exploration
     if exploration.mixing == "reward":

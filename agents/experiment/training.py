@@ -45,6 +45,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import envs
 from agents.baselines import FoldObservationStatistics, normalizing_extractors
+from agents.constants import PPO_SCHEDULE_DEFAULTS
 from agents.experiment.callbacks import (
     EvalVideo,
     NonFiniteGuard,
@@ -92,6 +93,7 @@ from agents.experiment.model_files import (
 )
 from agents.registry import AGENT_SPECS, spec
 from agents.runtime import tune_allocator
+from agents.schedules import EntropySchedule
 
 __all__ = [
     "EVAL_SEED_OFFSET",
@@ -243,8 +245,14 @@ def make_run_dir(config: ExperimentConfig, now: _dt.datetime | None = None) -> P
 def _hyperparameters(config: ExperimentConfig) -> dict[str, Any]:
     """Algorithm arguments of ``agents.make_agent`` / ``load``: the shared ``ppo`` section,
     the kind's own ``algorithm_sections`` (``thalamus_ppo`` for the thalamus agent) and, with
-    ``exploration.mixing = value_head``, the intrinsic value head's settings."""
-    hyperparams = dataclasses.asdict(config.ppo)
+    ``exploration.mixing = value_head``, the intrinsic value head's settings. The ``ppo``
+    keys the training loop applies itself (:data:`PPO_SCHEDULE_DEFAULTS`: the entropy
+    schedule, :func:`_callbacks`) are left out."""
+    hyperparams = {
+        key: value
+        for key, value in dataclasses.asdict(config.ppo).items()
+        if key not in PPO_SCHEDULE_DEFAULTS
+    }
     for section in spec(config.agent.kind).algorithm_sections:
         hyperparams.update(dataclasses.asdict(getattr(config, section)))
     exploration = config.exploration
@@ -494,6 +502,8 @@ def _callbacks(
                 coef=config.exploration.coef, decay_steps=config.exploration.decay_steps
             )
         )
+    if config.ppo.ent_decay_steps > 0:
+        callbacks.append(EntropySchedule(config.ppo.ent_coef, config.ppo.ent_decay_steps))
     if evaluation is not None:
         callbacks.append(evaluation)
     callbacks.append(
