@@ -39,3 +39,37 @@ class CaptureWriter(KVWriter):
 
     def close(self) -> None:
         pass
+
+
+def tiny_run_overrides(tmp_path: Path, agent: str, total: int, eval_freq: int) -> list[str]:
+    """Overrides of a run small enough for a unit test: 2 envs of MiniGrid-Empty-5x5 whose
+    episodes end after 8 steps, rollouts of 32 env steps (16 per env) in one minibatch and
+    epoch, no checkpoints, 2-episode evaluations every ``eval_freq`` steps, run directories
+    under ``tmp_path``, and for the thalamus agent a core of width 32 keeping 8 tokens.
+
+    :param agent: the agent kind (``agent.kind``).
+    :param total: ``train.total_timesteps``.
+    :param eval_freq: ``train.eval_freq`` (env steps).
+    """
+    overrides = [
+        f"agent.kind={agent}",
+        "env.id=MiniGrid-Empty-5x5-v0",
+        "env.n_envs=2",
+        "env.env_kwargs.max_steps=8",
+        "ppo.n_steps=16",
+        "ppo.batch_size=32",
+        "ppo.n_epochs=1",
+        f"train.total_timesteps={total}",
+        "train.checkpoint_freq=0",
+        f"train.eval_freq={eval_freq}",
+        "train.eval_episodes=2",
+        "train.eval_n_envs=2",
+        "train.device=cpu",
+        "train.torch_threads=1",
+        "train.progress=none",
+        f"train.runs_dir={tmp_path}",
+    ]
+    if agent == "thalamus":
+        overrides += ["thalamus.d_model=32", "thalamus.d_task=32", "thalamus.d_workspace=32"]
+        overrides += ["thalamus.top_k=8"]
+    return overrides

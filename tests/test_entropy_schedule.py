@@ -15,7 +15,7 @@ from agents.constants import PPO_DEFAULTS
 from agents.experiment.config import DEFAULT_CONFIG, ConfigError, inert_settings, load_config
 from agents.experiment.training import RunCallbacks, _hyperparameters, resume, train
 from agents.schedules import EntropySchedule, decayed_coef
-from tests.helpers import CaptureWriter
+from tests.helpers import CaptureWriter, tiny_run_overrides
 
 ENT_COEF = 0.02
 ROLLOUT = 32  # env steps per rollout: 2 envs x 16 steps
@@ -85,29 +85,7 @@ def record(callbacks: RunCallbacks) -> list[BaseCallback]:
 def tiny_run(tmp_path: Path, agent: str, total: int = 4 * ROLLOUT) -> list[str]:
     """Overrides of a run of ``total`` env steps in rollouts of 32, with an evaluation inside
     the third rollout (it dumps the log mid-rollout)."""
-    overrides = [
-        f"agent.kind={agent}",
-        "env.id=MiniGrid-Empty-5x5-v0",
-        "env.n_envs=2",
-        "env.env_kwargs.max_steps=8",
-        "ppo.n_steps=16",
-        "ppo.batch_size=32",
-        "ppo.n_epochs=1",
-        f"ppo.ent_coef={ENT_COEF}",
-        f"train.total_timesteps={total}",
-        "train.checkpoint_freq=0",
-        "train.eval_freq=80",
-        "train.eval_episodes=2",
-        "train.eval_n_envs=2",
-        "train.device=cpu",
-        "train.torch_threads=1",
-        "train.progress=none",
-        f"train.runs_dir={tmp_path}",
-    ]
-    if agent == "thalamus":
-        overrides += ["thalamus.d_model=32", "thalamus.d_task=32", "thalamus.d_workspace=32"]
-        overrides += ["thalamus.top_k=8"]
-    return overrides
+    return [*tiny_run_overrides(tmp_path, agent, total, eval_freq=80), f"ppo.ent_coef={ENT_COEF}"]
 
 
 @pytest.mark.parametrize("agent", ["thalamus", "ppo", "lstm"])

@@ -30,6 +30,7 @@ from agents.exploration import (
     decayed_coef,
     wrap_exploration,
 )
+from tests.helpers import tiny_run_overrides
 
 COEF = 0.5
 
@@ -282,29 +283,11 @@ def extra(callbacks: RunCallbacks) -> list[BaseCallback]:
 
 def tiny_run(tmp_path: Path, agent: str, kind: str = "episodic_count") -> list[str]:
     """Overrides of a 64-step run with the bonus ``kind``, evaluating at step 32."""
-    overrides = [
-        f"agent.kind={agent}",
-        "env.id=MiniGrid-Empty-5x5-v0",
-        "env.n_envs=2",
-        "env.env_kwargs.max_steps=8",
-        "ppo.n_steps=16",
-        "ppo.batch_size=32",
-        "ppo.n_epochs=1",
+    return [
+        *tiny_run_overrides(tmp_path, agent, total=64, eval_freq=32),
         f"exploration.kind={kind}",
         "exploration.coef=1.0",  # 8 steps of it: an intrinsic return above 1
-        "train.total_timesteps=64",
-        "train.checkpoint_freq=0",
-        "train.eval_freq=32",
-        "train.eval_episodes=2",
-        "train.eval_n_envs=2",
-        "train.device=cpu",
-        "train.progress=none",
-        f"train.runs_dir={tmp_path}",
     ]
-    if agent == "thalamus":
-        overrides += ["thalamus.d_model=32", "thalamus.d_task=32", "thalamus.d_workspace=32"]
-        overrides += ["thalamus.top_k=8"]
-    return overrides
 
 
 BONUS_OF_KIND = {
