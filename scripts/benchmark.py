@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="SUITE",
         help=(
-            f"suite files or names in {SUITE_DIR.relative_to(REPO_ROOT)}/ (quick, full, "
-            "ablations, speed). With --report and none given: every suite with records in --out"
+            f"suite files or names in {SUITE_DIR.relative_to(REPO_ROOT)}/ "
+            f"({', '.join(sorted(path.stem for path in SUITE_DIR.glob('*.yaml')))}). "
+            "With --report and none given: every suite with records in --out"
         ),
     )
     parser.add_argument(
