@@ -41,6 +41,18 @@ class CaptureWriter(KVWriter):
         pass
 
 
+#: Rollouts of 32 env steps (2 envs x 16) trained in one minibatch and one epoch.
+TINY_ROLLOUT = ["env.n_envs=2", "ppo.n_steps=16", "ppo.batch_size=32", "ppo.n_epochs=1"]
+
+#: A thalamus core of width 32 that keeps 8 tokens.
+TINY_THALAMUS = [
+    "thalamus.d_model=32",
+    "thalamus.d_task=32",
+    "thalamus.d_workspace=32",
+    "thalamus.top_k=8",
+]
+
+
 def tiny_run_overrides(tmp_path: Path, agent: str, total: int, eval_freq: int) -> list[str]:
     """Overrides of a run small enough for a unit test: 2 envs of MiniGrid-Empty-5x5 whose
     episodes end after 8 steps, rollouts of 32 env steps (16 per env) in one minibatch and
@@ -54,11 +66,8 @@ def tiny_run_overrides(tmp_path: Path, agent: str, total: int, eval_freq: int) -
     overrides = [
         f"agent.kind={agent}",
         "env.id=MiniGrid-Empty-5x5-v0",
-        "env.n_envs=2",
         "env.env_kwargs.max_steps=8",
-        "ppo.n_steps=16",
-        "ppo.batch_size=32",
-        "ppo.n_epochs=1",
+        *TINY_ROLLOUT,
         f"train.total_timesteps={total}",
         "train.checkpoint_freq=0",
         f"train.eval_freq={eval_freq}",
@@ -70,6 +79,5 @@ def tiny_run_overrides(tmp_path: Path, agent: str, total: int, eval_freq: int) -
         f"train.runs_dir={tmp_path}",
     ]
     if agent == "thalamus":
-        overrides += ["thalamus.d_model=32", "thalamus.d_task=32", "thalamus.d_workspace=32"]
-        overrides += ["thalamus.top_k=8"]
+        overrides += TINY_THALAMUS
     return overrides

@@ -30,17 +30,12 @@ from agents.experiment.training import (
     load_model,
     resume,
 )
+from tests.helpers import TINY_ROLLOUT, TINY_THALAMUS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "env.n_envs=2",
-    "ppo.n_steps=16",
-    "ppo.batch_size=32",
-    "ppo.n_epochs=1",
-    "thalamus.d_model=32",
-    "thalamus.d_task=32",
-    "thalamus.d_workspace=32",
-    "thalamus.top_k=8",
+    *TINY_ROLLOUT,
+    *TINY_THALAMUS,
     "lstm.lstm_hidden_size=16",
     "train.device=cpu",
     "train.eval_freq=0",

@@ -17,18 +17,12 @@ from agents import ThalamusPPO
 from agents.experiment.config import DEFAULT_CONFIG, ConfigError, load_config
 from agents.experiment.model_files import load_model_file, save_model
 from agents.past_view import PastViewHead, past_view_mask, past_view_targets
-from tests.helpers import CaptureWriter
+from tests.helpers import TINY_ROLLOUT, TINY_THALAMUS, CaptureWriter
 
 SMALL = dict(d_model=32, d_task=16, n_heads=4, top_k=8, phase_dim=4, d_workspace=32)
 TINY = [
-    "env.n_envs=2",
-    "ppo.n_steps=16",
-    "ppo.batch_size=32",
-    "ppo.n_epochs=1",
-    "thalamus.d_model=32",
-    "thalamus.d_task=32",
-    "thalamus.d_workspace=32",
-    "thalamus.top_k=8",
+    *TINY_ROLLOUT,
+    *TINY_THALAMUS,
     "train.device=cpu",
     "train.eval_freq=0",
 ]
