@@ -51,6 +51,27 @@ def test_every_per_env_file_validates_and_states_its_budget(path: Path) -> None:
     assert config.train.total_timesteps == round(float(budget.group(1)) * scale)
 
 
+RECIPE_FILES = sorted((CONFIG_DIR / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_every_recipe_validates_for_its_agent_and_task(path: Path) -> None:
+    """A recipe is ``<agent>_<task file>.yaml``: it sets that agent kind, trains that task
+    file's env, and its header names how it was chosen (a sweep file that exists, or the
+    candidates fixed in advance)."""
+    config = load_config(path)
+    agent, _, task_file = path.stem.partition("_")
+    assert config.agent.kind == agent
+    assert config.env.id == load_config(CONFIG_DIR / f"{task_file}.yaml").env.id
+    header = path.read_text().split("\n\n", 1)[0]
+    sweep = re.search(r"configs/sweeps/(\w+)\.yaml", header)
+    if sweep is not None:
+        assert (CONFIG_DIR / "sweeps" / f"{sweep.group(1)}.yaml").is_file()
+        assert sweep.group(1) == path.stem
+    else:
+        assert "candidates" in header, f"{path.name}'s header must say how it was chosen"
+
+
 def test_layers_merge_in_order_schema_defaults_file_overrides() -> None:
     schema = ExperimentConfig()
     config = load_config(DEFAULT_CONFIG, ["ppo.n_steps=64", "train.seed=7"])
