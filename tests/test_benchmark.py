@@ -502,6 +502,37 @@ def test_stale_records_compare_the_resolved_config_and_defaults_for_newer_keys(
     assert stale(ppo={"retired_knob": 3}) == []
 
 
+def test_stale_records_with_a_config_are_judged_on_it_not_on_the_overrides(
+    tmp_path: Path,
+) -> None:
+    """Overrides spelled differently but resolving to the same config (``exploration.kind=none``
+    added where a per-env file gained a bonus the run did not have) leave a record current; a
+    resolved difference is named; a record without its config still goes by the overrides."""
+    suite = bench_suite.load_suite(write_suite(tmp_path, valid_text()))
+    (spec,) = suite.runs
+    record = {
+        "task": spec.task,
+        "agent": spec.label,
+        "seed": spec.seed,
+        "budget": spec.budget,
+        # The suite's config, reached without its last override (as if the suite had since
+        # added one that restates what the run had).
+        "overrides": list(spec.overrides[:-1]),
+        "config": dataclasses.asdict(spec.load_config()),
+    }
+    assert report._stale_records(suite, [record]) == []
+    assert report._stale_records(suite, [{**record, "overrides": []}]) == []
+    changed = copy.deepcopy(record["config"])
+    changed["ppo"]["n_epochs"] = 10  # what the dropped ppo.n_epochs=1 override leaves
+    assert report._stale_records(suite, [{**record, "config": changed}]) == [
+        f"{spec.key} (ppo.n_epochs)"
+    ]
+    assert report._stale_records(suite, [{**record, "budget": 256}]) == [spec.key]
+    without_config = {k: v for k, v in record.items() if k != "config"}
+    assert report._stale_records(suite, [without_config]) == [spec.key]
+    assert report._stale_records(suite, [{**without_config, "overrides": spec.overrides}]) == []
+
+
 def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None:
     def config(kind: str, **sections: dict) -> dict:
         base = {"agent": {"kind": kind}, "ppo": {"n_epochs": 10}, "thalamus": {"top_k": 16}}
