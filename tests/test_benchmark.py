@@ -18,7 +18,7 @@ import agents.experiment.training
 from agents.bench import records as bench_records
 from agents.bench import report, runner
 from agents.bench import suite as bench_suite
-from agents.experiment.config import CONFIG_DIR, find_config_for_env
+from agents.experiment.config import CONFIG_DIR, ExplorationConfig, find_config_for_env
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
@@ -119,6 +119,26 @@ def test_repository_suites_load_and_match_the_issue() -> None:
         ("semantic", "mamba", 4),
         ("episodic", "episodic", 1),
     ]
+
+
+def test_recorded_keycorridor_runs_still_resolve_to_what_they_ran() -> None:
+    """configs/keycorridor_s3r1.yaml gained an exploration bonus (issue 36) after the full
+    suite's KeyCorridor runs and the baselines' recipes ran without one: both still resolve to
+    the schema's ``exploration`` (no bonus), the exploration suite to its bonus, and the full
+    suite's committed KeyCorridor records are not stale."""
+    task = "MiniGrid-KeyCorridorS3R1-v0"
+    full = bench_suite.load_suite("full")
+    for suite in (full, bench_suite.load_suite("baselines")):
+        runs = [r for r in suite.runs if r.task == task]
+        assert runs and all(r.load_config().exploration == ExplorationConfig() for r in runs)
+    (exploration,) = {
+        dataclasses.astuple(r.load_config().exploration)
+        for r in bench_suite.load_suite("exploration").runs
+    }
+    assert exploration[:2] == ("episodic_first_visit", 0.01)
+    records = [r for r in bench_records.load_records(BENCH_RECORDS / "full") if r["task"] == task]
+    assert all("config" in r for r in records)
+    assert report._stale_records(full, records) == []
 
 
 def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
