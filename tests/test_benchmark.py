@@ -18,7 +18,7 @@ import agents.experiment.training
 from agents.bench import records as bench_records
 from agents.bench import report, runner
 from agents.bench import suite as bench_suite
-from agents.experiment.config import CONFIG_DIR, find_config_for_env
+from agents.experiment.config import CONFIG_DIR, ExplorationConfig, find_config_for_env
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
@@ -119,6 +119,26 @@ def test_repository_suites_load_and_match_the_issue() -> None:
         ("semantic", "mamba", 4),
         ("episodic", "episodic", 1),
     ]
+
+
+def test_recorded_keycorridor_runs_still_resolve_to_what_they_ran() -> None:
+    """configs/keycorridor_s3r1.yaml gained an exploration bonus (issue 36) after the full
+    suite's KeyCorridor runs and the baselines' recipes ran without one: both still resolve to
+    the schema's ``exploration`` (no bonus), the exploration suite to its bonus, and the full
+    suite's committed KeyCorridor records are not stale."""
+    task = "MiniGrid-KeyCorridorS3R1-v0"
+    full = bench_suite.load_suite("full")
+    for suite in (full, bench_suite.load_suite("baselines")):
+        runs = [r for r in suite.runs if r.task == task]
+        assert runs and all(r.load_config().exploration == ExplorationConfig() for r in runs)
+    (exploration,) = {
+        dataclasses.astuple(r.load_config().exploration)
+        for r in bench_suite.load_suite("exploration").runs
+    }
+    assert exploration[:2] == ("episodic_first_visit", 0.01)
+    records = [r for r in bench_records.load_records(BENCH_RECORDS / "full") if r["task"] == task]
+    assert all("config" in r for r in records)
+    assert report._stale_records(full, records) == []
 
 
 def test_speed_suite_measures_issue_4s_setting_side_by_side() -> None:
@@ -500,6 +520,37 @@ def test_stale_records_compare_the_resolved_config_and_defaults_for_newer_keys(
     assert stale(ppo={"n_epochs": None}) == [f"{spec.key} (ppo.n_epochs)"]
     # A key since removed from the schema is not compared.
     assert stale(ppo={"retired_knob": 3}) == []
+
+
+def test_stale_records_with_a_config_are_judged_on_it_not_on_the_overrides(
+    tmp_path: Path,
+) -> None:
+    """Overrides spelled differently but resolving to the same config (``exploration.kind=none``
+    added where a per-env file gained a bonus the run did not have) leave a record current; a
+    resolved difference is named; a record without its config still goes by the overrides."""
+    suite = bench_suite.load_suite(write_suite(tmp_path, valid_text()))
+    (spec,) = suite.runs
+    record = {
+        "task": spec.task,
+        "agent": spec.label,
+        "seed": spec.seed,
+        "budget": spec.budget,
+        # The suite's config, reached without its last override (as if the suite had since
+        # added one that restates what the run had).
+        "overrides": list(spec.overrides[:-1]),
+        "config": dataclasses.asdict(spec.load_config()),
+    }
+    assert report._stale_records(suite, [record]) == []
+    assert report._stale_records(suite, [{**record, "overrides": []}]) == []
+    changed = copy.deepcopy(record["config"])
+    changed["ppo"]["n_epochs"] = 10  # what the dropped ppo.n_epochs=1 override leaves
+    assert report._stale_records(suite, [{**record, "config": changed}]) == [
+        f"{spec.key} (ppo.n_epochs)"
+    ]
+    assert report._stale_records(suite, [{**record, "budget": 256}]) == [spec.key]
+    without_config = {k: v for k, v in record.items() if k != "config"}
+    assert report._stale_records(suite, [without_config]) == [spec.key]
+    assert report._stale_records(suite, [{**without_config, "overrides": spec.overrides}]) == []
 
 
 def test_config_differences_ignore_the_sections_an_agent_does_not_read() -> None:

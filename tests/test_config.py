@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from agents.constants import AGENT_KINDS
 from agents.experiment.config import (
     CONFIG_DIR,
     DEFAULT_CONFIG,
     DEFAULTS_FILE,
     ConfigError,
     ExperimentConfig,
+    ExplorationConfig,
     config_reference,
     config_reference_markdown,
     config_to_yaml,
@@ -49,6 +51,21 @@ def test_every_per_env_file_validates_and_states_its_budget(path: Path) -> None:
     assert budget is not None, f"{path.name} must state its budget in a '# Budget:' comment"
     scale = {"k": 1_000, "M": 1_000_000}[budget.group(2)]
     assert config.train.total_timesteps == round(float(budget.group(1)) * scale)
+
+
+@pytest.mark.parametrize("kind", AGENT_KINDS)
+def test_keycorridor_alone_defaults_to_the_first_visit_bonus(kind: str) -> None:
+    """Issue 36: the evidence supports a per-task exploration default on KeyCorridorS3R1 only
+    (docs/exploration.md, "Per-task defaults"); every other per-env file trains without one,
+    and ``exploration.kind=none`` turns KeyCorridor's off."""
+    keycorridor = find_config_for_env("MiniGrid-KeyCorridorS3R1-v0")
+    config = load_config(keycorridor, [f"agent.kind={kind}"])
+    assert (config.exploration.kind, config.exploration.coef) == ("episodic_first_visit", 0.01)
+    assert config.exploration.mixing == "reward" and config.exploration.decay_steps == 0
+    assert load_config(keycorridor, ["exploration.kind=none"]).exploration.kind == "none"
+    for path in PER_ENV_FILES:
+        if path != keycorridor:
+            assert load_config(path, [f"agent.kind={kind}"]).exploration == ExplorationConfig()
 
 
 RECIPE_FILES = sorted((CONFIG_DIR / "recipes").glob("*.yaml"))

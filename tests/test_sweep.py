@@ -16,7 +16,7 @@ import pytest
 
 from agents.bench import runner
 from agents.bench import sweep as bench_sweep
-from agents.experiment.config import load_config
+from agents.experiment.config import ExplorationConfig, load_config
 from agents.experiment.schema import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,19 @@ def test_the_keycorridor_sweeps_share_one_space_and_budget() -> None:
     assert sweeps["ppo"].file.scheduler.kind == "asha" and sweeps["ppo"].file.searcher.kind == (
         "optuna"
     )
+
+
+def test_the_keycorridor_sweeps_trials_still_train_without_a_bonus(tmp_path: Path) -> None:
+    """Their trials ran before configs/keycorridor_s3r1.yaml made the first-visit bonus the
+    task's default (issue 36): ``base.overrides`` keep the schema's ``exploration``, so a trial
+    and the best.yaml of a re-run resolve to what the recorded trials ran."""
+    for agent in ("ppo", "thalamus", "lstm"):
+        sweep = bench_sweep.load_sweep(f"{agent}_keycorridor_s3r1", check_configs=False)
+        params = sweep.file.points_to_evaluate[0]
+        assert sweep.load_trial_config(params).exploration == ExplorationConfig()
+        best = tmp_path / f"{agent}.yaml"
+        best.write_text(bench_sweep.best_config_yaml(sweep, params, "best"))
+        assert load_config(best).exploration == ExplorationConfig()
 
 
 @pytest.mark.slow

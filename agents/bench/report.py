@@ -350,7 +350,16 @@ def _suite_records(
 
 
 def _stale_records(suite: Suite, records: Sequence[dict[str, Any]]) -> list[str]:
-    """Records of the suite's runs that no longer match it: ``key`` or ``key (changed keys)``."""
+    """Records of the suite's runs that no longer match it: ``key`` or ``key (changed keys)``.
+
+    What decides is the budget and what the run trained with: a record that holds its
+    resolved ``config`` is stale when that differs from the config the suite now resolves to
+    (:func:`agents.bench.suite._config_differences`, which leaves out the keys that do not
+    change what a run computes), however the suite spells it: overrides rewritten to the same
+    config (e.g. ``exploration.kind=none`` added where a per-env file gained a default the
+    run did not have) leave it current. A record written before records held the config is
+    stale when the suite's overrides are no longer the ones it ran with.
+    """
     specs = {(r.task, r.label, r.seed): r for r in suite.runs}
     stale = []
     for record in records:
@@ -358,10 +367,12 @@ def _stale_records(suite: Suite, records: Sequence[dict[str, Any]]) -> list[str]
         spec = specs.get((record["task"], record["agent"], record["seed"]))
         if spec is None:
             continue  # not a run of the suite: _suite_records leaves it out
-        if spec.budget != record["budget"] or list(spec.overrides) != list(record["overrides"]):
+        if spec.budget != record["budget"]:
             stale.append(key)
             continue
         if "config" not in record:  # written before records held the resolved config
+            if list(spec.overrides) != list(record["overrides"]):
+                stale.append(key)
             continue
         try:
             changed = _config_differences(
@@ -407,9 +418,10 @@ def report_markdown(
     if stale:
         lines += [
             "",
-            "**Records that do not match the suite file** (its budget, overrides or resolved "
-            "config changed since they ran; they are counted below until you delete them and "
-            f"run again): {', '.join(stale)}.",
+            "**Records that do not match the suite file** (its budget or the config it "
+            "resolves to changed since they ran, or for records without their config its "
+            "overrides; they are counted below until you delete them and run again): "
+            f"{', '.join(stale)}.",
         ]
     if missing:
         shown = ", ".join(missing[:12]) + (
