@@ -34,6 +34,7 @@ from agents.bench.report import write_report
 from agents.bench.runner import run_status, run_suite
 from agents.bench.speed import SPEED_AGENTS, SPEED_ENVS, split_overrides
 from agents.bench.suite import REPO_ROOT, SUITE_DIR, BenchmarkError, Suite, load_suite
+from agents.experiment.config import yaml_file_names
 from agents.experiment.hints import script_command
 
 EXIT_FAILED = 1
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SUITE",
         help=(
             f"suite files or names in {SUITE_DIR.relative_to(REPO_ROOT)}/ "
-            f"({', '.join(sorted(path.stem for path in SUITE_DIR.glob('*.yaml')))}). "
+            f"({yaml_file_names(SUITE_DIR)}). "
             "With --report and none given: every suite with records in --out"
         ),
     )

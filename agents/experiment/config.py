@@ -436,6 +436,12 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------
 
 
+def yaml_file_names(folder: Path) -> str:
+    """The names of the YAML files directly in ``folder``, sorted, comma-separated (what a
+    name-or-path argument accepts there), e.g. ``"ablations, baselines, full"``."""
+    return ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
+
+
 def resolve_yaml_file(
     name_or_path: str | os.PathLike[str],
     folder: Path,
@@ -456,10 +462,9 @@ def resolve_yaml_file(
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    available = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
     raise error(
         f"{what} '{name_or_path}' not found. Give a path, or one of the names in "
-        f"{folder}: {available}"
+        f"{folder}: {yaml_file_names(folder)}"
     )
 
 
