@@ -121,12 +121,12 @@ def test_repository_suites_load_and_match_the_issue() -> None:
     ]
 
 
-def test_recorded_keycorridor_runs_still_resolve_to_what_they_ran() -> None:
-    """configs/keycorridor_s3r1.yaml gained an exploration bonus (issue 36) after the full
-    suite's KeyCorridor runs and the baselines' recipes ran without one: both still resolve to
-    the schema's ``exploration`` (no bonus), the exploration suite to its bonus, and the full
-    suite's committed KeyCorridor records are not stale."""
-    task = "MiniGrid-KeyCorridorS3R1-v0"
+@pytest.mark.parametrize("task", ["MiniGrid-KeyCorridorS3R1-v0", "MiniGrid-RedBlueDoors-6x6-v0"])
+def test_recorded_runs_of_tasks_with_a_bonus_still_resolve_to_what_they_ran(task: str) -> None:
+    """configs/keycorridor_s3r1.yaml and redbluedoors_6x6.yaml gained an exploration bonus
+    (issue 36) after the full suite's runs and the baselines' recipes ran without one: both
+    still resolve to the schema's ``exploration`` (no bonus), the exploration suite to its
+    bonus, and the full suite's committed records of the task are not stale."""
     full = bench_suite.load_suite("full")
     for suite in (full, bench_suite.load_suite("baselines")):
         runs = [r for r in suite.runs if r.task == task]
@@ -134,6 +134,7 @@ def test_recorded_keycorridor_runs_still_resolve_to_what_they_ran() -> None:
     (exploration,) = {
         dataclasses.astuple(r.load_config().exploration)
         for r in bench_suite.load_suite("exploration").runs
+        if r.task == task
     }
     assert exploration[:2] == ("episodic_first_visit", 0.01)
     records = [r for r in bench_records.load_records(BENCH_RECORDS / "full") if r["task"] == task]
