@@ -19,6 +19,7 @@ from agents.bench import records as bench_records
 from agents.bench import report, runner
 from agents.bench import suite as bench_suite
 from agents.experiment.config import CONFIG_DIR, ExplorationConfig, find_config_for_env
+from tests.helpers import TASKS_WITH_A_BONUS
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
@@ -121,7 +122,7 @@ def test_repository_suites_load_and_match_the_issue() -> None:
     ]
 
 
-@pytest.mark.parametrize("task", ["MiniGrid-KeyCorridorS3R1-v0", "MiniGrid-RedBlueDoors-6x6-v0"])
+@pytest.mark.parametrize("task", TASKS_WITH_A_BONUS)
 def test_recorded_runs_of_tasks_with_a_bonus_still_resolve_to_what_they_ran(task: str) -> None:
     """configs/keycorridor_s3r1.yaml and redbluedoors_6x6.yaml gained an exploration bonus
     (issue 36) after the full suite's runs and the baselines' recipes ran without one: both

@@ -25,6 +25,7 @@ from agents.experiment.config import (
     parse_overrides,
     save_config,
 )
+from tests.helpers import TASKS_WITH_A_BONUS
 
 PER_ENV_FILES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p != DEFAULTS_FILE)
 REQUIRED_ENVS = {
@@ -51,11 +52,6 @@ def test_every_per_env_file_validates_and_states_its_budget(path: Path) -> None:
     assert budget is not None, f"{path.name} must state its budget in a '# Budget:' comment"
     scale = {"k": 1_000, "M": 1_000_000}[budget.group(2)]
     assert config.train.total_timesteps == round(float(budget.group(1)) * scale)
-
-
-#: The tasks whose per-env file turns the first-visit bonus on (issue 36): those where the
-#: `exploration` suite showed the baselines learn with it and not without it.
-TASKS_WITH_A_BONUS = ("MiniGrid-KeyCorridorS3R1-v0", "MiniGrid-RedBlueDoors-6x6-v0")
 
 
 @pytest.mark.parametrize("kind", AGENT_KINDS)
